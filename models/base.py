@@ -1,0 +1,40 @@
+"""What every reward model kind offers the worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from models.errors import ItemError
+from models.trajectory import Trajectory, has_images
+
+
+@dataclass(frozen=True)
+class Reward:
+    score: float
+    # All head outputs when the head has several labels (multi-aspect reward models).
+    scores: list[float] | None = None
+    # Process reward models: one score per step; None for a step cut off by truncation.
+    step_scores: list[float | None] | None = None
+    prompt_tokens: int = 0
+    truncated_tokens: int = 0
+
+
+class RewardModel(Protocol):
+    name: str
+    kind: str
+    max_model_len: int
+
+    async def score(self, item: Trajectory) -> Reward:
+        """Score one item; raise ItemError when this item cannot be scored."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+def require_text_only(item: Trajectory, model_name: str) -> None:
+    if has_images(item):
+        raise ItemError(
+            "unsupported_content",
+            f"model {model_name!r} scores text only, but the item has image_url parts",
+        )

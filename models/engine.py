@@ -1,0 +1,96 @@
+"""Pooling engines: the part that turns token ids into reward-head outputs.
+
+`VllmPoolingEngine` wraps one long-lived vLLM `AsyncLLM` with the pooling runner. vLLM runs the
+model in its own engine-core process; concurrent `pool` calls from many requests are batched
+by its scheduler (continuous batching), so callers simply await one call per item.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from models.errors import ModelLoadError
+from models.spec import EngineOptions
+
+PoolingTask = Literal["classify", "token_classify"]
+
+_GIB = 1 << 30
+
+
+class PoolingEngine(Protocol):
+    """Raw (no activation) head outputs for one tokenized input."""
+
+    max_model_len: int
+
+    async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
+        """Rows of head outputs: one row for `classify`, one per token for `token_classify`."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+def engine_args(model_dir: Path, tokenizer_dir: Path, options: EngineOptions) -> Any:
+    """vLLM engine arguments for a pooling model (shared with the benchmark's baseline)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=str(model_dir),
+        tokenizer=str(tokenizer_dir),
+        runner="pooling",
+        max_model_len=options.max_model_len,
+        dtype=options.dtype,
+        kv_cache_memory_bytes=int(options.kv_cache_gib * _GIB) if options.kv_cache_gib else None,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        enforce_eager=options.enforce_eager,
+        tensor_parallel_size=options.tensor_parallel_size,
+        trust_remote_code=options.trust_remote_code,
+        seed=options.seed,
+        disable_log_stats=True,
+    )
+
+
+class VllmPoolingEngine:
+    def __init__(self, llm: Any, max_model_len: int) -> None:
+        self._llm = llm
+        self.max_model_len = max_model_len
+        self._ids = itertools.count()
+
+    @classmethod
+    def start(
+        cls, model_dir: Path, tokenizer_dir: Path, options: EngineOptions
+    ) -> VllmPoolingEngine:
+        """Start the engine (blocking, tens of seconds: call it from a thread)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            llm = AsyncLLM.from_engine_args(engine_args(model_dir, tokenizer_dir, options))
+        except Exception as exc:
+            raise ModelLoadError(f"the vLLM engine failed to start: {_root_cause(exc)}") from exc
+        return cls(llm, llm.model_config.max_model_len)
+
+    async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
+        from vllm import PoolingParams
+
+        params = PoolingParams(task=task, use_activation=False)
+        final = None
+        async for output in self._llm.encode(
+            {"prompt_token_ids": token_ids}, params, f"rm-{next(self._ids)}"
+        ):
+            final = output
+        assert final is not None, "vLLM finished a request without output"
+        data = final.outputs.data
+        rows: list[list[float]] = data.reshape(-1, data.shape[-1]).tolist()
+        return rows
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"

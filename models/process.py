@@ -1,0 +1,135 @@
+"""Process reward models: a score per step and an aggregate over the steps.
+
+Steps are marked with the model's step tag token, and the PRM's token-classification head is
+read at each tag position:
+
+- `steps: separator` splits the final assistant message on `separator` and ends each segment
+  with the tag (the Qwen2.5-Math-PRM convention: "step1<tag>step2<tag>");
+- `steps: assistant_turns` treats each assistant message (an agent action, tool calls included)
+  as a step and places the tag right after that turn as the chat template renders it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from models.base import Reward, require_text_only
+from models.engine import PoolingEngine
+from models.errors import ItemError, ModelLoadError
+from models.rendering import ChatRenderer, template_messages
+from models.spec import Aggregate, ProcessOptions, ProcessSpec
+from models.trajectory import Trajectory
+
+AGGREGATES: dict[Aggregate, Callable[[Sequence[float]], float]] = {
+    "min": min,
+    "last": lambda scores: scores[-1],
+    "prod": math.prod,
+    "mean": lambda scores: math.fsum(scores) / len(scores),
+}
+
+
+def step_score(row: Sequence[float], options: ProcessOptions) -> float:
+    """Turn one tag position's head outputs into the step's score."""
+    logit = row[options.positive_label]
+    if options.activation == "none":
+        return logit
+    if options.activation == "sigmoid":
+        return 1.0 / (1.0 + math.exp(-logit))
+    top = max(row)
+    return math.exp(logit - top) / math.fsum(math.exp(x - top) for x in row)
+
+
+def step_tag_id(tokenizer: Any, step_tag: str) -> int:
+    ids = tokenizer.encode(step_tag, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ModelLoadError(
+            f"step_tag {step_tag!r} is {len(ids)} tokens for this tokenizer; it must be one token"
+        )
+    return int(ids[0])
+
+
+class ProcessModel:
+    kind = "process"
+
+    def __init__(self, spec: ProcessSpec, renderer: ChatRenderer, engine: PoolingEngine):
+        self.name = spec.name
+        self.max_model_len = renderer.max_model_len
+        self._options = spec.options
+        self._tag_id = step_tag_id(renderer.tokenizer, spec.options.step_tag)
+        self._renderer = renderer
+        self._engine = engine
+
+    async def score(self, item: Trajectory) -> Reward:
+        require_text_only(item, self.name)
+        text, n_steps = self._tagged_text(item)
+        token_ids = self._renderer.encode(text)
+        positions = [i for i, token in enumerate(token_ids) if token == self._tag_id]
+        if len(positions) != n_steps:
+            raise ItemError(
+                "step_tag_in_content",
+                f"the step tag {self._options.step_tag!r} also occurs in the trajectory text; "
+                f"expected {n_steps} tags, found {len(positions)}",
+            )
+        engine_input = self._renderer.fit(token_ids)
+        kept = [p - engine_input.truncated_tokens for p in positions]
+        if all(p < 0 for p in kept):
+            raise ItemError("too_long", "truncation to max_model_len removed every step")
+        rows = await self._engine.pool(engine_input.token_ids, "token_classify")
+        step_scores = [step_score(rows[p], self._options) if p >= 0 else None for p in kept]
+        scored = [s for s in step_scores if s is not None]
+        return Reward(
+            score=AGGREGATES[self._options.aggregate](scored),
+            step_scores=step_scores,
+            prompt_tokens=len(engine_input.token_ids),
+            truncated_tokens=engine_input.truncated_tokens,
+        )
+
+    def _tagged_text(self, item: Trajectory) -> tuple[str, int]:
+        chat = template_messages(item.messages)
+        if self._options.steps == "separator":
+            return self._tag_final_answer(chat)
+        return self._tag_assistant_turns(chat)
+
+    def _tag_final_answer(self, chat: list[dict[str, Any]]) -> tuple[str, int]:
+        tag, separator = self._options.step_tag, self._options.separator
+        last = _last_assistant(chat)
+        steps = [s.strip() for s in chat[last]["content"].split(separator) if s.strip()]
+        if not steps:
+            raise ItemError(
+                "no_steps", "the final assistant message has no text to split into steps"
+            )
+        chat[last] = {**chat[last], "content": tag.join(steps) + tag}
+        return self._renderer.render(chat), len(steps)
+
+    def _tag_assistant_turns(self, chat: list[dict[str, Any]]) -> tuple[str, int]:
+        full = self._renderer.render(chat)
+        cuts = []
+        for index, message in enumerate(chat):
+            if message["role"] != "assistant":
+                continue
+            prefix = self._renderer.render(chat[: index + 1])
+            if not full.startswith(prefix):
+                raise ItemError(
+                    "template_error",
+                    "the chat template renders conversation prefixes differently from the whole "
+                    "conversation, so assistant turns cannot be tagged; use steps: separator",
+                )
+            cuts.append(len(prefix))
+        if not cuts:
+            raise ItemError("no_steps", "the trajectory has no assistant message to score")
+        pieces = [
+            full[start:end] for start, end in zip([0, *cuts], [*cuts, len(full)], strict=True)
+        ]
+        return self._options.step_tag.join(pieces), len(cuts)
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+def _last_assistant(chat: list[dict[str, Any]]) -> int:
+    for index in range(len(chat) - 1, -1, -1):
+        if chat[index]["role"] == "assistant":
+            return index
+    raise ItemError("no_steps", "the trajectory has no assistant message to score")

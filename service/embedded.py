@@ -1,0 +1,104 @@
+"""Embedded mode: gateway, in-process queue and one worker per model in one process tree.
+
+The gateway answers at once (/healthz, /v1/models with status "loading"); models load in the
+background one after another. Each vLLM engine runs in its own engine-core process, created once
+and kept warm. A model that cannot load is marked unavailable with the reason; the rest serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models.base import RewardModel
+from models.errors import ModelLoadError
+from models.loader import load_model
+from models.spec import ModelSpec, Registry
+from service.config import Settings
+from service.directory import ModelDirectory
+from service.gateway import create_app
+from service.metrics import Metrics
+from service.queue import InProcessQueue
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+_DRAIN_GRACE_S = 30.0
+
+
+class EmbeddedRuntime:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.directory = ModelDirectory(registry.models.values())
+        self.queue = InProcessQueue(settings.queue_capacity)
+        self.metrics = Metrics()
+        self._workers: dict[str, Worker] = {}
+        self._loader: asyncio.Task[None] | None = None
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    def app(self) -> FastAPI:
+        return create_app(
+            self.settings, self.queue, self.directory, self.metrics, lifespan=self.lifespan
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self._loader = asyncio.create_task(self._load_all())
+        try:
+            yield
+        finally:
+            await self._shutdown()
+
+    async def _load_all(self) -> None:
+        for spec in self.registry.models.values():
+            model = await self._load(spec)
+            if model is not None:
+                self._start_worker(model)
+
+    async def _load(self, spec: ModelSpec) -> RewardModel | None:
+        self.metrics.model_ready.labels(spec.name).set(0)
+        try:
+            model = await asyncio.to_thread(load_model, spec)
+        except ModelLoadError as exc:
+            reason = str(exc)
+        except Exception as exc:  # never let one model take the service down
+            log.exception("loading %s failed unexpectedly", spec.name)
+            reason = f"unexpected error while loading: {type(exc).__name__}: {exc}"
+        else:
+            self.directory.mark_ready(spec.name)
+            self.metrics.model_ready.labels(spec.name).set(1)
+            log.info("model %s is ready", spec.name)
+            return model
+        self.directory.mark_unavailable(spec.name, reason)
+        log.warning("model %s is unavailable: %s", spec.name, reason)
+        return None
+
+    def _start_worker(self, model: RewardModel) -> None:
+        worker = Worker(model, self.queue, self.metrics, self.settings.worker_concurrency)
+        self._workers[model.name] = worker
+        self._supervisors.append(asyncio.create_task(self._supervise(worker)))
+
+    async def _supervise(self, worker: Worker) -> None:
+        await worker.run()
+        if worker.failure is not None:
+            self.directory.mark_unavailable(worker.model.name, worker.failure)
+            self.metrics.model_ready.labels(worker.model.name).set(0)
+            log.error("model %s taken out of service: %s", worker.model.name, worker.failure)
+
+    async def _shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+        await asyncio.gather(
+            *(worker.stop(_DRAIN_GRACE_S) for worker in self._workers.values()),
+            return_exceptions=True,
+        )
+        for worker in self._workers.values():
+            worker.model.shutdown()
+        for task in self._supervisors:
+            task.cancel()
+        await self.queue.close()

@@ -1,0 +1,139 @@
+"""Typed API errors and the one function that turns any failure into the error envelope.
+
+Every error response is `{"error": {"type", "message", "param"}}` with the right status code.
+Handlers raise `ApiError` subclasses; validation errors name the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.protocol import ErrorBody, ErrorDetail
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+class BadRequest(ApiError):
+    status, type = 400, "invalid_request"
+
+
+class NotFound(ApiError):
+    status, type = 404, "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, type = 413, "payload_too_large"
+
+
+class QueueFull(ApiError):
+    status, type = 429, "overloaded"
+
+
+class Unavailable(ApiError):
+    status, type = 503, "unavailable"
+
+
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(type=type_, message=message, param=param))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# Parts of a pydantic error location that name a union member, not a field.
+_NOT_FIELDS = {
+    "str",
+    "int",
+    "float",
+    "bool",
+    "dict",
+    "list",
+    "none",
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "text",
+}
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """The field a pydantic error location names, without union-member parts.
+
+    ("body", "items", 0, "messages", 1, "user", "content", "str") -> items.0.messages.1.content
+    """
+    parts: list[str] = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        text = str(part)
+        if isinstance(part, str) and ("[" in text or text in _NOT_FIELDS):
+            continue
+        if parts and parts[-1] == text and not isinstance(part, int):
+            continue  # image_url (union tag) followed by image_url (field)
+        parts.append(text)
+    return ".".join(parts)
+
+
+def validation_response(errors: Sequence[Any]) -> JSONResponse:
+    if errors and errors[0].get("type") == "json_invalid":
+        ctx = errors[0].get("ctx") or {}
+        return error_response(
+            400,
+            "invalid_json",
+            f"request body is not valid JSON: {ctx.get('error', 'parse error')}",
+        )
+    by_field: dict[str, list[str]] = {}
+    for err in errors:
+        messages = by_field.setdefault(field_path(err["loc"]) or "body", [])
+        if err["msg"] not in messages:
+            messages.append(err["msg"])
+    first = next(iter(by_field))
+    message = "; ".join(
+        f"{field}: {' or '.join(msgs)}" for field, msgs in list(by_field.items())[:5]
+    )
+    return error_response(422, "invalid_request", message, param=first)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.type, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, kind, str(exc.detail), headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error; see the server log")

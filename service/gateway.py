@@ -1,0 +1,124 @@
+"""The HTTP gateway: routes only. Logic lives in ScoringService; errors in service.errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.directory import ModelDirectory
+from service.errors import Unavailable, error_response, install_error_handlers
+from service.metrics import Metrics
+from service.protocol import ErrorBody, ModelList, ScoreRequest, ScoreResponse
+from service.queue.base import JobQueue, QueueUnavailableError
+from service.scoring import ScoringService
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 413, 422, 429, 503)
+}
+
+
+def create_app(
+    settings: Settings,
+    queue: JobQueue,
+    directory: ModelDirectory,
+    metrics: Metrics,
+    lifespan: Lifespan | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="rmserve",
+        summary="Reward-model inference: score agent trajectories with reward models on vLLM.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    scoring = ScoringService(settings, queue, directory, metrics)
+
+    @app.post("/v1/score", responses=_ERRORS, tags=["scoring"])
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        """Score trajectories with one model. An item that cannot be scored gets an `error`;
+        the other items of the batch are still scored."""
+        return await scoring.score(request)
+
+    @app.get("/v1/models", tags=["models"])
+    async def models() -> ModelList:
+        """Every model in the registry, with its status and, when unavailable, the reason."""
+        return ModelList(data=directory.infos())
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorBody}}, tags=["health"])
+    async def readyz() -> dict[str, Any]:
+        """Ready to serve (readiness): the queue answers, no model is still loading, and at
+        least one model is ready."""
+        try:
+            await queue.ping()
+        except QueueUnavailableError as exc:
+            raise Unavailable(f"the job queue is unreachable: {exc}") from None
+        states = {info.name: info.status for info in directory.infos()}
+        loading = [name for name, status in states.items() if status == "loading"]
+        if loading:
+            raise Unavailable(f"models still loading: {', '.join(loading)}")
+        if "ready" not in states.values():
+            raise Unavailable("no model is ready; GET /v1/models says why")
+        return {"status": "ready", "models": states}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = {getattr(route, "path", "") for route in app.routes}
+    app.add_middleware(
+        LimitsAndMetrics, metrics=metrics, routes=routes, max_bytes=settings.max_request_bytes
+    )
+    return app
+
+
+class LimitsAndMetrics:
+    """Refuses bodies over the size limit (413) and counts requests by route and status.
+
+    Pure ASGI (no BaseHTTPMiddleware) to keep the per-request overhead small.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str], max_bytes: int) -> None:
+        self.app, self.metrics, self.routes, self.max_bytes = app, metrics, routes, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        started, status = time.perf_counter(), 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and int(length) > self.max_bytes:
+                response: JSONResponse = error_response(
+                    413,
+                    "payload_too_large",
+                    f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
+                )
+                await response(scope, receive, send_counted)
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+            self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)

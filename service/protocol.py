@@ -1,0 +1,84 @@
+"""Wire models of the HTTP API (request and response bodies)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.trajectory import Trajectory
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreOptions(_Request):
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="give up on items not scored by then (per-item error)"
+    )
+
+
+class ScoreRequest(_Request):
+    model: str = Field(min_length=1, description="a model name from GET /v1/models")
+    items: list[Trajectory] = Field(min_length=1)
+    options: ScoreOptions = ScoreOptions()
+
+
+class ItemErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    truncated_tokens: int = 0
+
+
+class Timing(BaseModel):
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class ItemResult(BaseModel):
+    id: str | None = None
+    index: int
+    score: float | None = None
+    scores: list[float] | None = None
+    step_scores: list[float | None] | None = None
+    error: ItemErrorBody | None = None
+    usage: Usage = Usage()
+    timing: Timing = Timing()
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[ItemResult]
+
+
+ModelStatus = Literal["loading", "ready", "unavailable"]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    status: ModelStatus
+    reason: str | None = None
+    weights: str
+    revision: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,52 @@
+"""What a job queue must do. The in-process queue (embedded mode) and the Redis Streams queue
+(distributed mode) both implement it, so gateway and worker code do not know which one runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from service.jobs import Job
+from service.protocol import ItemResult
+
+
+class QueueFullError(Exception):
+    """The model's queue is at capacity; the client should retry after `retry_after_s`."""
+
+    def __init__(self, model: str, retry_after_s: int) -> None:
+        super().__init__(f"the queue for model {model!r} is full")
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+
+class QueueUnavailableError(Exception):
+    """The queue backend cannot be reached."""
+
+
+class JobQueue(Protocol):
+    # Gateway side.
+    async def enqueue(self, jobs: Sequence[Job]) -> None:
+        """Accept all jobs (of one model) or none: raise QueueFullError."""
+        ...
+
+    def results(
+        self, job_ids: Sequence[str], deadline: float
+    ) -> AsyncGenerator[tuple[str, ItemResult], None]:
+        """Yield (job id, result) as each job finishes, until all are done or `deadline`
+        (time.time()) passes. Results of jobs still unfinished then are not yielded."""
+        ...
+
+    # Worker side.
+    async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
+        """Up to `max_jobs` jobs for `model`, waiting at most `wait_s` for the first one."""
+        ...
+
+    async def complete(self, job: Job, result: ItemResult) -> None:
+        """Store the result of a job and release it to the waiting gateway."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise QueueUnavailableError when the backend cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...

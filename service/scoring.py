@@ -1,0 +1,88 @@
+"""The gateway's scoring logic: check the model, split a request into jobs, gather results."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+from service.config import Settings
+from service.directory import ModelDirectory
+from service.errors import NotFound, PayloadTooLarge, QueueFull, Unavailable
+from service.jobs import Job
+from service.metrics import Metrics
+from service.protocol import ItemErrorBody, ItemResult, ScoreRequest, ScoreResponse
+from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+
+
+class ScoringService:
+    def __init__(
+        self, settings: Settings, queue: JobQueue, directory: ModelDirectory, metrics: Metrics
+    ) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._directory = directory
+        self._metrics = metrics
+
+    def check_model(self, name: str) -> None:
+        entry = self._directory.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._directory.names())) or "none"
+            raise NotFound(f"model {name!r} does not exist (models: {known})", param="model")
+        if entry.status == "loading":
+            raise Unavailable(
+                f"model {name!r} is still loading", param="model", headers={"Retry-After": "10"}
+            )
+        if entry.status == "unavailable":
+            raise Unavailable(f"model {name!r} is unavailable: {entry.reason}", param="model")
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        self.check_model(request.model)
+        limit = self._settings.max_items_per_request
+        if len(request.items) > limit:
+            raise PayloadTooLarge(
+                f"{len(request.items)} items in one request; the limit is {limit}", param="items"
+            )
+        now = time.time()
+        timeout = min(
+            request.options.timeout_s or self._settings.default_timeout_s,
+            self._settings.max_timeout_s,
+        )
+        request_id = uuid.uuid4().hex
+        jobs = [
+            Job(
+                id=f"{request_id}:{index}",
+                model=request.model,
+                index=index,
+                item=item,
+                enqueued_at=now,
+                deadline=now + timeout,
+            )
+            for index, item in enumerate(request.items)
+        ]
+        try:
+            await self._queue.enqueue(jobs)
+        except QueueFullError as exc:
+            raise QueueFull(
+                f"{exc}; retry later", headers={"Retry-After": str(exc.retry_after_s)}
+            ) from None
+        except QueueUnavailableError as exc:
+            raise Unavailable(f"the job queue is unreachable: {exc}") from None
+        self._metrics.jobs_enqueued.labels(request.model).inc(len(jobs))
+        results: dict[str, ItemResult] = {}
+        async with contextlib.aclosing(
+            self._queue.results([job.id for job in jobs], now + timeout)
+        ) as finished:
+            async for job_id, result in finished:
+                results[job_id] = result
+        return ScoreResponse(
+            model=request.model, results=[results.get(job.id) or _timed_out(job) for job in jobs]
+        )
+
+
+def _timed_out(job: Job) -> ItemResult:
+    return ItemResult(
+        id=job.item.id,
+        index=job.index,
+        error=ItemErrorBody(type="timeout", message="the item was not scored within timeout_s"),
+    )
