@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from models.errors import ItemError
+from models.spec import Aggregate
 from models.trajectory import Trajectory, has_images
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request choices that override the model's registry options."""
+
+    aggregate: Aggregate | None = None
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,7 @@ class RewardModel(Protocol):
     kind: str
     max_model_len: int
 
-    async def score(self, item: Trajectory) -> Reward:
+    async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         """Score one item; raise ItemError when this item cannot be scored."""
         ...
 

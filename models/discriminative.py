@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.base import Reward, require_text_only
+from models.base import RequestOptions, Reward, require_text_only
 from models.engine import PoolingEngine
 from models.rendering import ChatRenderer, template_messages
 from models.spec import DiscriminativeSpec
@@ -19,7 +19,7 @@ class DiscriminativeModel:
         self._renderer = renderer
         self._engine = engine
 
-    async def score(self, item: Trajectory) -> Reward:
+    async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         require_text_only(item, self.name)
         text = self._renderer.render(template_messages(item.messages))
         engine_input = self._renderer.fit(self._renderer.encode(text))

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from models.base import Reward, require_text_only
+from models.base import RequestOptions, Reward, require_text_only
 from models.engine import PoolingEngine
 from models.errors import ItemError, ModelLoadError
 from models.rendering import ChatRenderer, template_messages
@@ -61,7 +61,7 @@ class ProcessModel:
         self._renderer = renderer
         self._engine = engine
 
-    async def score(self, item: Trajectory) -> Reward:
+    async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         require_text_only(item, self.name)
         text, n_steps = self._tagged_text(item)
         token_ids = self._renderer.encode(text)
@@ -80,7 +80,7 @@ class ProcessModel:
         step_scores = [step_score(rows[p], self._options) if p >= 0 else None for p in kept]
         scored = [s for s in step_scores if s is not None]
         return Reward(
-            score=AGGREGATES[self._options.aggregate](scored),
+            score=AGGREGATES[options.aggregate or self._options.aggregate](scored),
             step_scores=step_scores,
             prompt_tokens=len(engine_input.token_ids),
             truncated_tokens=engine_input.truncated_tokens,

@@ -45,6 +45,10 @@ class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
 
 
+class UnprocessableEntity(ApiError):
+    status, type = 422, "invalid_request"
+
+
 class QueueFull(ApiError):
     status, type = 429, "overloaded"
 
@@ -108,14 +112,25 @@ def validation_response(errors: Sequence[Any]) -> JSONResponse:
         )
     by_field: dict[str, list[str]] = {}
     for err in errors:
-        messages = by_field.setdefault(field_path(err["loc"]) or "body", [])
-        if err["msg"] not in messages:
-            messages.append(err["msg"])
-    first = next(iter(by_field))
-    message = "; ".join(
-        f"{field}: {' or '.join(msgs)}" for field, msgs in list(by_field.items())[:5]
-    )
-    return error_response(422, "invalid_request", message, param=first)
+        path = field_path(err["loc"])
+        discriminator = (err.get("ctx") or {}).get("discriminator")
+        if err.get("type") in ("union_tag_invalid", "union_tag_not_found") and discriminator:
+            path = ".".join(filter(None, [path, discriminator.strip("'")]))
+        messages = by_field.setdefault(path or "body", [])
+        text = err["msg"] + _got(err.get("input"))
+        if text not in messages:
+            messages.append(text)
+    # A union (str | list of parts) fails once per member; the deepest path is the precise one.
+    fields = sorted(by_field, key=lambda field: -field.count("."))
+    message = "; ".join(f"{field}: {' or '.join(by_field[field])}" for field in fields[:5])
+    return error_response(422, "invalid_request", message, param=fields[0])
+
+
+def _got(value: Any) -> str:
+    """The offending value, when it is short enough to quote."""
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 40):
+        return f" (got {value!r})"
+    return ""
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from models.spec import Aggregate
 from models.trajectory import Trajectory
 
 
@@ -15,3 +16,4 @@ class Job(BaseModel):
     enqueued_at: float
     # Wall-clock time (time.time()) after which the client no longer waits for the result.
     deadline: float
+    aggregate: Aggregate | None = None

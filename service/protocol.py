@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.spec import Aggregate
 from models.trajectory import Trajectory
 
 
@@ -14,6 +15,11 @@ class _Request(BaseModel):
 
 
 class ScoreOptions(_Request):
+    aggregate: Aggregate | None = Field(
+        default=None,
+        description="process models: how step scores combine (min, last, prod, mean); "
+        "overrides the registry's choice",
+    )
     timeout_s: float | None = Field(
         default=None, gt=0, description="give up on items not scored by then (per-item error)"
     )

@@ -8,7 +8,13 @@ import uuid
 
 from service.config import Settings
 from service.directory import ModelDirectory
-from service.errors import NotFound, PayloadTooLarge, QueueFull, Unavailable
+from service.errors import (
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    Unavailable,
+    UnprocessableEntity,
+)
 from service.jobs import Job
 from service.metrics import Metrics
 from service.protocol import ItemErrorBody, ItemResult, ScoreRequest, ScoreResponse
@@ -24,7 +30,8 @@ class ScoringService:
         self._directory = directory
         self._metrics = metrics
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, request: ScoreRequest) -> None:
+        name = request.model
         entry = self._directory.get(name)
         if entry is None:
             known = ", ".join(sorted(self._directory.names())) or "none"
@@ -35,9 +42,15 @@ class ScoringService:
             )
         if entry.status == "unavailable":
             raise Unavailable(f"model {name!r} is unavailable: {entry.reason}", param="model")
+        if request.options.aggregate and entry.spec.kind != "process":
+            raise UnprocessableEntity(
+                f"options.aggregate applies to process reward models; {name!r} is "
+                f"{entry.spec.kind}",
+                param="options.aggregate",
+            )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        self.check_model(request.model)
+        self.check_model(request)
         limit = self._settings.max_items_per_request
         if len(request.items) > limit:
             raise PayloadTooLarge(
@@ -57,6 +70,7 @@ class ScoringService:
                 item=item,
                 enqueued_at=now,
                 deadline=now + timeout,
+                aggregate=request.options.aggregate,
             )
             for index, item in enumerate(request.items)
         ]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from models.base import RewardModel
+from models.base import RequestOptions, RewardModel
 from models.errors import ItemError
 from service.jobs import Job
 from service.metrics import Metrics
@@ -76,7 +76,7 @@ class Worker:
                 update={"error": _error("timeout", "deadline passed before scoring began")}
             )
         try:
-            reward = await model.score(job.item)
+            reward = await model.score(job.item, RequestOptions(aggregate=job.aggregate))
         except ItemError as exc:
             self._metrics.jobs.labels(model.name, "item_error").inc()
             return base.model_copy(update={"error": _error(exc.code, exc.message)})
