@@ -128,11 +128,17 @@ def load_registry(path: str | Path) -> Registry:
     try:
         registry = Registry.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise RegistryError(f"registry {path}: {problems}") from None
     return _with_resolved_paths(registry, path.parent)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    # ("models", "a", "process", "options") -> "models.a.options": drop the union's kind tag.
+    return ".".join(str(part) for i, part in enumerate(loc) if not (i == 2 and part in _KINDS))
+
+
+_KINDS = ("discriminative", "process")
 
 
 def _with_resolved_paths(registry: Registry, base: Path) -> Registry:

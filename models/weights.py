@@ -33,7 +33,7 @@ def resolve_weights(location: str, revision: str | None, *, allow_remote_code: b
     try:
         local = snapshot_download(location, revision=revision, allow_patterns=allow)
     except Exception as exc:  # the hub client raises many types; all mean "not available"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).splitlines()[0].removeprefix("Got: ") if str(exc) else repr(exc)
         raise ModelLoadError(
             f"weights {location!r}"
             + (f" (revision {revision})" if revision else "")

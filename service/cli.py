@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(settings)
     from service.demo import run_demo
 
-    return run_demo(settings, args.examples, args.load_timeout_s)
+    return run_demo(settings, args.port, args.examples, args.load_timeout_s)
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:

@@ -34,14 +34,14 @@ def free_port() -> int:
         return port
 
 
-def run_demo(settings: Settings, examples: Path, load_timeout_s: float) -> int:
+def run_demo(settings: Settings, port: int | None, examples: Path, load_timeout_s: float) -> int:
     try:
         load_registry(settings.registry)
         items = [json.loads(line) for line in examples.read_text().splitlines() if line.strip()]
     except (RegistryError, OSError, json.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    port = settings.port if settings.port else free_port()
+    port = port or free_port()
     log_path = Path(tempfile.mkdtemp(prefix="rmserve-demo-")) / "server.log"
     console.print(
         f"starting rmserve on 127.0.0.1:{port} with {settings.registry} (log: {log_path})"
@@ -135,8 +135,22 @@ def _report(
         console.print(table)
     unavailable = [m for m in models if m["status"] == "unavailable"]
     ready = len(models) - len(unavailable)
-    console.print(f"{ready} of {len(models)} models served {len(items)} example trajectories.")
-    for model in unavailable:
+    if ready:
+        console.print(f"{ready} of {len(models)} models served {len(items)} example trajectories.")
+    else:
         console.print(
-            f"[yellow]unavailable[/yellow] {model['name']} ({model['weights']}): {model['reason']}"
+            f"[yellow]None of the {len(models)} models could be loaded[/yellow], "
+            "so no trajectory was scored."
+        )
+    for model in unavailable:
+        console.print(f"[yellow]unavailable[/yellow] {model['name']}: {model['reason']}")
+    if unavailable:
+        console.print(
+            "Without access to a model hub, use local weights (README, 'Local weights'), or try "
+            "rmserve on generated tiny models:\n"
+            "  .venv/bin/rmserve make-tiny-models /tmp/rm-tiny && "
+            "RMSERVE_TINY_MODELS=/tmp/rm-tiny "
+            ".venv/bin/rmserve demo --registry tests/registry.tiny.yaml",
+            markup=False,
+            soft_wrap=True,
         )

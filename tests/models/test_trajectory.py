@@ -1,0 +1,67 @@
+"""The OpenAI chat schema of items and its conversion to chat-template messages."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from pydantic import ValidationError
+
+from models.rendering import template_messages
+from models.trajectory import Trajectory, decode_data_url
+
+
+def test_tool_calls_become_template_mappings() -> None:
+    item = Trajectory.model_validate(
+        {
+            "messages": [
+                {
+                    "role": "developer",
+                    "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}],
+                },
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"x": 1}'},
+                        },
+                        {
+                            "id": "c2",
+                            "type": "function",
+                            "function": {"name": "g", "arguments": "{broken"},
+                        },
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "1", "extra_field": "ignored"},
+            ]
+        }
+    )
+    system, _, assistant, tool = template_messages(item.messages)
+    assert system == {"role": "system", "content": "be brief"}
+    assert assistant["content"] == ""
+    assert [c["function"]["arguments"] for c in assistant["tool_calls"]] == [{"x": 1}, "{broken"]
+    assert tool == {"role": "tool", "content": "1", "tool_call_id": "c1"}
+
+
+def test_data_urls() -> None:
+    payload = b"\x89PNG..."
+    url = "data:image/png;base64," + base64.b64encode(payload).decode()
+    assert decode_data_url(url) == ("image/png", payload)
+    for bad, says in [
+        ("data:image/png,rawdata", "base64-encoded"),
+        ("data:;base64,AAAA", "malformed"),
+        ("data:image/png;base64,", "empty"),
+        ("file:///etc/passwd", "only data: URLs"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            decode_data_url(bad)
+
+
+def test_item_rejects_unknown_fields_and_empty_messages() -> None:
+    with pytest.raises(ValidationError, match="messages"):
+        Trajectory.model_validate({"messages": []})
+    with pytest.raises(ValidationError, match="mesages"):
+        Trajectory.model_validate({"mesages": [{"role": "user", "content": "x"}]})
