@@ -438,7 +438,14 @@ def _cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]
     return totals
 
 
-async def run_service(
+def write_registry(work: Path, model_dir: Path, options: EngineOptions) -> Path:
+    registry = work / "registry.yaml"
+    entry = {"kind": "discriminative", "weights": str(model_dir), "engine": options.model_dump()}
+    registry.write_text(yaml.safe_dump({"models": {MODEL: entry}}))
+    return registry
+
+
+def run_service(
     work: Path,
     model_dir: Path,
     options: EngineOptions,
@@ -447,68 +454,65 @@ async def run_service(
     concurrency: int,
     batch_size: int,
 ) -> Service:
-    registry = work / "registry.yaml"
-    registry.write_text(
-        yaml.safe_dump(
-            {
-                "models": {
-                    MODEL: {
-                        "kind": "discriminative",
-                        "weights": str(model_dir),
-                        "engine": options.model_dump(),
-                    }
-                }
-            }
-        )
-    )
+    """Start `rmserve serve` on a free loopback port, load it, stop it (SIGTERM) and wait."""
     port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = work / "server.log"
     command = [
         sys.executable,
         "-m",
         "service.cli",
         "serve",
         "--registry",
-        str(registry),
+        str(write_registry(work, model_dir, options)),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
     ]
+    log_path = work / "server.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        ready_s = await wait_ready(base_url, server, log_path)
-        warm = await run_load(
-            base_url,
-            MODEL,
-            warmup,
-            concurrency=4,
-            batch_size=2,
-            timeout_s=REQUEST_TIMEOUT_S,
+        return asyncio.run(
+            _drive(
+                f"http://127.0.0.1:{port}", server, log_path, items, warmup, concurrency, batch_size
+            )
         )
-        if warm.errors:
-            raise ServerFailed(f"warm-up failed: {warm.error_samples}")
-        gateway = psutil.Process(server.pid)
-        groups = {
-            "client (this process)": [psutil.Process()],
-            "server (gateway + AsyncLLM)": [gateway],
-            "server children (engine core)": gateway.children(recursive=True),
-        }
-        before = _cpu_seconds(groups)
-        load = await run_load(
-            base_url,
-            MODEL,
-            items,
-            concurrency=concurrency,
-            batch_size=batch_size,
-            timeout_s=REQUEST_TIMEOUT_S,
-        )
-        after = _cpu_seconds(groups)
-        cpu_s = {label: after[label] - before[label] for label in groups}
     finally:
         stop_server(server)
+
+
+async def _drive(
+    base_url: str,
+    server: subprocess.Popen[bytes],
+    log_path: Path,
+    items: list[dict[str, Any]],
+    warmup: list[dict[str, Any]],
+    concurrency: int,
+    batch_size: int,
+) -> Service:
+    ready_s = await wait_ready(base_url, server, log_path)
+    warm = await run_load(
+        base_url, MODEL, warmup, concurrency=4, batch_size=2, timeout_s=REQUEST_TIMEOUT_S
+    )
+    if warm.errors:
+        raise ServerFailed(f"warm-up failed: {warm.error_samples}")
+    gateway = psutil.Process(server.pid)
+    groups = {
+        "client (this process)": [psutil.Process()],
+        "server main (gateway + AsyncLLM)": [gateway],
+        "server children (engine core + worker)": gateway.children(recursive=True),
+    }
+    before = _cpu_seconds(groups)
+    load = await run_load(
+        base_url,
+        MODEL,
+        items,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        timeout_s=REQUEST_TIMEOUT_S,
+    )
+    after = _cpu_seconds(groups)
+    cpu_s = {label: after[label] - before[label] for label in groups}
     return Service(load=load, warmup=warm, ready_s=ready_s, cpu_s=cpu_s)
 
 
@@ -699,10 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline = run_baseline(work, model_dir, options, items, warmup)
         print(f"(a) done in {baseline.seconds:.2f} s; running (b) service ...", flush=True)
         try:
-            service = asyncio.run(
-                run_service(
-                    work, model_dir, options, items, warmup, args.concurrency, args.batch_size
-                )
+            service = run_service(
+                work, model_dir, options, items, warmup, args.concurrency, args.batch_size
             )
         except ServerFailed as exc:
             print(f"error: {exc}", file=sys.stderr)

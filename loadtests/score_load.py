@@ -52,9 +52,8 @@ class LoadResult:
             f"({self.failed_requests} failed)",
             f"wall time    {self.seconds:.2f} s",
             f"throughput   {self.items_per_s:.1f} items/s",
-            "latency      p50 {:.3f} s   p95 {:.3f} s   p99 {:.3f} s   (per request)".format(
-                self.latency_p50_s, self.latency_p95_s, self.latency_p99_s
-            ),
+            f"latency      p50 {self.latency_p50_s:.3f} s   p95 {self.latency_p95_s:.3f} s   "
+            f"p99 {self.latency_p99_s:.3f} s   (per request)",
         ]
         lines += [f"error        {sample}" for sample in self.error_samples]
         return "\n".join(lines)
