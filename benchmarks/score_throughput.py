@@ -296,7 +296,7 @@ def baseline_child(spec_path: Path, out_path: Path) -> None:
     started = time.perf_counter()
     llm = LLM(model=str(model_dir), **_llm_kwargs(model_dir, options))
     engine_start_s = time.perf_counter() - started
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     params = PoolingParams(use_activation=False)
 
     def texts_of(trajectories: list[Trajectory]) -> list[str]:

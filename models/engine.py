@@ -69,7 +69,10 @@ class VllmPoolingEngine:
         try:
             llm = AsyncLLM.from_engine_args(engine_args(model_dir, tokenizer_dir, options))
         except Exception as exc:
-            raise ModelLoadError(f"the vLLM engine failed to start: {_root_cause(exc)}") from exc
+            raise ModelLoadError(
+                f"the vLLM engine failed to start: {_root_cause(exc)} (the engine's own error is "
+                "in the server log, on lines marked EngineCore or Worker)"
+            ) from exc
         return cls(llm, llm.model_config.max_model_len)
 
     async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:

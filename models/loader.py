@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from models.base import RewardModel
 from models.discriminative import DiscriminativeModel
@@ -15,6 +18,8 @@ from models.spec import DiscriminativeSpec, ModelSpec
 from models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
+
+_GIB = 1 << 30
 
 
 def load_model(spec: ModelSpec) -> RewardModel:
@@ -35,12 +40,33 @@ def load_model(spec: ModelSpec) -> RewardModel:
     _check_head(spec, _num_labels(weights, trust))
     if spec.kind == "process":
         step_tag_id(tokenizer, spec.options.step_tag)
+    _check_memory(spec, weights)
     log.info("starting engine for %s from %s", spec.name, weights)
     engine = VllmPoolingEngine.start(weights, tokenizer_dir, spec.engine)
     renderer = ChatRenderer(tokenizer, engine.max_model_len, spec.options.too_long)
     if isinstance(spec, DiscriminativeSpec):
         return DiscriminativeModel(spec, renderer, engine)
     return ProcessModel(spec, renderer, engine)
+
+
+def _check_memory(spec: ModelSpec, weights: Path) -> None:
+    """On CPU, refuse a model whose KV cache and weights cannot fit in the memory available now.
+
+    vLLM would fail too, but from its engine process, with the reason only in its log.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or spec.engine.kv_cache_gib is None:
+        return
+    weights_gib = sum(f.stat().st_size for f in weights.glob("*.safetensors")) / _GIB
+    needed = spec.engine.kv_cache_gib + weights_gib
+    available = psutil.virtual_memory().available / _GIB
+    if needed > available:
+        raise ModelLoadError(
+            f"too little memory: the KV cache (kv_cache_gib {spec.engine.kv_cache_gib:g}) and "
+            f"{weights_gib:.1f} GiB of weights need {needed:.1f} GiB, but only {available:.1f} GiB "
+            "is available; lower engine.kv_cache_gib or free memory"
+        )
 
 
 def _load_tokenizer(path: Any, trust_remote_code: bool) -> Any:

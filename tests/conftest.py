@@ -26,6 +26,10 @@ MAX_BYTES = 1 << 20
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("tiny-models")
     paths = make_tiny_models(out)
+    broken = out / "broken-config"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    (broken / "tokenizer.json").write_text((paths["tiny-rm"] / "tokenizer.json").read_text())
     os.environ["RMSERVE_TINY_MODELS"] = str(out)
     return paths
 

@@ -17,11 +17,19 @@ def test_models_lists_status_and_reason(client: httpx.Client) -> None:
         "tiny-prm",
         "tiny-prm-turns",
         "missing-weights",
+        "broken-config",
+        "too-big-kv-cache",
     }
     assert models["tiny-prm"]["status"] == "ready" and models["tiny-prm"]["kind"] == "process"
     missing = models["missing-weights"]
     assert missing["status"] == "unavailable"
     assert "/nonexistent/rmserve-test/missing-model does not exist" in missing["reason"]
+    broken = models["broken-config"]
+    assert broken["status"] == "unavailable"
+    assert "broken-config" in broken["reason"]
+    too_big = models["too-big-kv-cache"]
+    assert too_big["status"] == "unavailable"
+    assert "too little memory" in too_big["reason"] and "kv_cache_gib 4096" in too_big["reason"]
 
 
 def test_requests_to_an_unavailable_model_get_503_with_the_reason(client: httpx.Client) -> None:
