@@ -2,6 +2,7 @@
 
     python benchmarks/score_throughput.py [--items 300] [--concurrency 32] [--batch-size 8]
         [--hidden-size 512] [--layers 4] [--seed 0] [--enforce-eager]
+        [--max-num-batched-tokens N]
 
 A tiny random Llama reward model is generated into a temp directory, and the same mixed-length
 chat trajectories (system prompt, question, answer, some with tool calls; 50-1500 tokens after
@@ -260,26 +261,24 @@ def _llm_kwargs(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
     return {name: getattr(served, name) for name in _ENGINE_FIELDS}
 
 
-def _scheduler_limits(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
-    """Effective scheduler limits of the two engines. The same engine options give different
+def _scheduler_limits(config: Any) -> dict[str, Any]:
+    return {
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "max_num_seqs": config.scheduler_config.max_num_seqs,
+        "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
+        "prefix_caching": config.cache_config.enable_prefix_caching,
+    }
+
+
+def _service_scheduler_limits(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
+    """The scheduler limits the service's engine gets. The same engine options give different
     vLLM defaults by usage context: LLM (LLM_CLASS) vs AsyncLLM.from_engine_args (ENGINE)."""
     from vllm.usage.usage_lib import UsageContext
 
     from models.engine import engine_args
 
-    limits = {}
-    for label, context in (
-        ("baseline", UsageContext.LLM_CLASS),
-        ("service", UsageContext.ENGINE_CONTEXT),
-    ):
-        config = engine_args(model_dir, model_dir, options).create_engine_config(context)
-        limits[label] = {
-            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-            "max_num_seqs": config.scheduler_config.max_num_seqs,
-            "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
-            "prefix_caching": config.cache_config.enable_prefix_caching,
-        }
-    return limits
+    served = engine_args(model_dir, model_dir, options)
+    return _scheduler_limits(served.create_engine_config(UsageContext.ENGINE_CONTEXT))
 
 
 def baseline_child(spec_path: Path, out_path: Path) -> None:
@@ -307,12 +306,19 @@ def baseline_child(spec_path: Path, out_path: Path) -> None:
 
     llm.classify(texts_of(warmup), pooling_params=params, use_tqdm=False)
 
+    this = psutil.Process()
+    groups = {"baseline main (LLM)": [this], "engine core + worker": this.children(recursive=True)}
+    before = _cpu_seconds(groups)
     started = time.perf_counter()
     texts = texts_of(items)
     rendered = time.perf_counter()
     outputs = llm.classify(texts, pooling_params=params, use_tqdm=False)
     finished = time.perf_counter()
-    limits = _scheduler_limits(model_dir, options)
+    after = _cpu_seconds(groups)
+    limits = {
+        "baseline": _scheduler_limits(llm.llm_engine.vllm_config),
+        "service": _service_scheduler_limits(model_dir, options),
+    }
 
     out_path.write_text(
         json.dumps(
@@ -325,9 +331,13 @@ def baseline_child(spec_path: Path, out_path: Path) -> None:
                 "prompt_tokens": [len(output.prompt_token_ids) for output in outputs],
                 "cached_tokens": sum(output.num_cached_tokens or 0 for output in outputs),
                 "limits": limits,
+                "cpu_s": {label: after[label] - before[label] for label in groups},
             }
         )
     )
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None:  # stop the engine-core process before this one exits
+        engine_core.shutdown()
 
 
 @dataclass(frozen=True)
@@ -340,6 +350,8 @@ class Baseline:
     prompt_tokens: list[int]
     cached_tokens: int
     limits: dict[str, Any]
+    # CPU seconds used during the timed part, by process group (psutil user + system time).
+    cpu_s: dict[str, float]
 
 
 def run_baseline(
@@ -595,10 +607,18 @@ def report(
     row(
         "engine",
         f"dtype {options.dtype}, max_model_len {options.max_model_len}, "
-        f"kv_cache_gib {options.kv_cache_gib}, enforce_eager {options.enforce_eager}",
+        f"kv_cache_gib {options.kv_cache_gib}, enforce_eager {options.enforce_eager}, "
+        f"max_num_batched_tokens {options.max_num_batched_tokens or 'default'}",
     )
     for label, limits in baseline.limits.items():
         row(f"scheduler ({label})", ", ".join(f"{k} {v}" for k, v in limits.items()))
+    budgets = {limits["max_num_batched_tokens"] for limits in baseline.limits.values()}
+    if len(budgets) > 1:
+        row(
+            "note",
+            "same engine options, but vLLM picks a different default token budget per step "
+            "for LLM and AsyncLLM; --max-num-batched-tokens N sets both",
+        )
     print("machine")
     row("cores (nproc)", str(cores))
     row("cpu", cpu)
@@ -617,6 +637,10 @@ def report(
         f"{baseline.classify_s:.2f} s); prefix-cache hits {baseline.cached_tokens} tokens",
     )
     row("throughput", f"{baseline_rate:.1f} items/s, {sum(lengths) / baseline.seconds:.0f} tok/s")
+    row(
+        "cpu during classify",
+        ", ".join(f"{label} {seconds:.1f} s" for label, seconds in baseline.cpu_s.items()),
+    )
     print(
         f"(b) service: rmserve serve, {args.concurrency} concurrent clients, "
         f"{args.batch_size} items/request"
@@ -661,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="skip graph compilation (default: compiled)"
     )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="engine token budget per step for both (default: vLLM's, which differs for the "
+        "two: 4096 for LLM, 2048 for AsyncLLM on CPU)",
+    )
     parser.add_argument("--baseline-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -689,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=2048,
             kv_cache_gib=0.5,
             enforce_eager=args.enforce_eager,
+            max_num_batched_tokens=args.max_num_batched_tokens,
             seed=args.seed,
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -64,10 +64,16 @@ class VllmPoolingEngine:
         cls, model_dir: Path, tokenizer_dir: Path, options: EngineOptions
     ) -> VllmPoolingEngine:
         """Start the engine (blocking, tens of seconds: call it from a thread)."""
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            llm = AsyncLLM.from_engine_args(engine_args(model_dir, tokenizer_dir, options))
+            # The API-server context gives the scheduler defaults `vllm serve` uses (e.g. the
+            # per-step token budget); the default context would fall back to a small budget.
+            llm = AsyncLLM.from_engine_args(
+                engine_args(model_dir, tokenizer_dir, options),
+                usage_context=UsageContext.OPENAI_API_SERVER,
+            )
         except Exception as exc:
             raise ModelLoadError(
                 f"the vLLM engine failed to start: {_root_cause(exc)} (the engine's own error is "

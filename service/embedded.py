@@ -22,6 +22,7 @@ from service.config import Settings
 from service.directory import ModelDirectory
 from service.gateway import create_app
 from service.metrics import Metrics
+from service.protocol import ItemErrorBody, ItemResult
 from service.queue import InProcessQueue
 from service.worker import Worker
 
@@ -84,11 +85,26 @@ class EmbeddedRuntime:
         self._supervisors.append(asyncio.create_task(self._supervise(worker)))
 
     async def _supervise(self, worker: Worker) -> None:
-        await worker.run()
+        try:
+            await worker.run()
+        except Exception as exc:  # a bug in the loop must not pass unnoticed
+            log.exception("the worker of %s stopped", worker.model.name)
+            worker.failure = f"its worker stopped: {type(exc).__name__}: {exc}"
         if worker.failure is not None:
             self.directory.mark_unavailable(worker.model.name, worker.failure)
             self.metrics.model_ready.labels(worker.model.name).set(0)
             log.error("model %s taken out of service: %s", worker.model.name, worker.failure)
+            await self._fail_queued(worker.model.name, worker.failure)
+
+    async def _fail_queued(self, model: str, reason: str) -> None:
+        """Answer jobs still queued for a model that left service, instead of letting them wait."""
+        error = ItemErrorBody(
+            type="unavailable", message=f"model {model!r} is unavailable: {reason}"
+        )
+        while jobs := await self.queue.fetch(model, 1024, wait_s=0.01):
+            for job in jobs:
+                result = ItemResult(id=job.item.id, index=job.index, error=error)
+                await self.queue.complete(job, result)
 
     async def _shutdown(self) -> None:
         if self._loader is not None:
