@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import yaml
 
@@ -47,6 +44,7 @@ from loadtests.score_load import LoadResult, run_load  # noqa: E402
 from models.rendering import template_messages  # noqa: E402
 from models.spec import EngineOptions  # noqa: E402
 from models.trajectory import Trajectory  # noqa: E402
+from service.launcher import ServerFailed, ServerProcess  # noqa: E402
 
 MODEL = "tiny-rm"
 TARGET_RATIO = 0.9
@@ -381,52 +379,6 @@ def run_baseline(
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def log_tail(log_path: Path, lines: int = 40) -> str:
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return "(no server log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class ServerFailed(RuntimeError):
-    pass
-
-
-async def wait_ready(base_url: str, server: subprocess.Popen[bytes], log_path: Path) -> float:
-    """Poll GET /v1/models until MODEL is ready; return the seconds it took."""
-    started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        while time.perf_counter() - started < READY_TIMEOUT_S:
-            if server.poll() is not None:
-                raise ServerFailed(
-                    f"the server exited with code {server.returncode} before the model was "
-                    f"ready; log tail:\n{log_tail(log_path)}"
-                )
-            try:
-                response = await http.get(f"{base_url}/v1/models")
-                models = {info["name"]: info for info in response.json()["data"]}
-            except (httpx.HTTPError, ValueError, KeyError):
-                models = {}
-            info = models.get(MODEL)
-            if info and info["status"] == "ready":
-                return time.perf_counter() - started
-            if info and info["status"] == "unavailable":
-                raise ServerFailed(
-                    f"model {MODEL} is unavailable: {info.get('reason')}; log tail:\n"
-                    f"{log_tail(log_path)}"
-                )
-            await asyncio.sleep(0.5)
-    raise ServerFailed(f"model {MODEL} not ready in {READY_TIMEOUT_S:.0f} s")
-
-
 @dataclass(frozen=True)
 class Service:
     load: LoadResult
@@ -467,48 +419,32 @@ def run_service(
     batch_size: int,
 ) -> Service:
     """Start `rmserve serve` on a free loopback port, load it, stop it (SIGTERM) and wait."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--registry",
-        str(write_registry(work, model_dir, options)),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        return asyncio.run(
-            _drive(
-                f"http://127.0.0.1:{port}", server, log_path, items, warmup, concurrency, batch_size
+    started = time.perf_counter()
+    registry = write_registry(work, model_dir, options)
+    with ServerProcess(registry, work / "server.log") as server:
+        models = {m["name"]: m for m in server.wait_settled(READY_TIMEOUT_S)}
+        ready_s = time.perf_counter() - started
+        if models[MODEL]["status"] != "ready":
+            raise ServerFailed(
+                f"model {MODEL} is unavailable: {models[MODEL]['reason']}\n{server.log_tail()}"
             )
-        )
-    finally:
-        stop_server(server)
+        return asyncio.run(_drive(server, items, warmup, concurrency, batch_size, ready_s))
 
 
 async def _drive(
-    base_url: str,
-    server: subprocess.Popen[bytes],
-    log_path: Path,
+    server: ServerProcess,
     items: list[dict[str, Any]],
     warmup: list[dict[str, Any]],
     concurrency: int,
     batch_size: int,
+    ready_s: float,
 ) -> Service:
-    ready_s = await wait_ready(base_url, server, log_path)
     warm = await run_load(
-        base_url, MODEL, warmup, concurrency=4, batch_size=2, timeout_s=REQUEST_TIMEOUT_S
+        server.base_url, MODEL, warmup, concurrency=4, batch_size=2, timeout_s=REQUEST_TIMEOUT_S
     )
     if warm.errors:
         raise ServerFailed(f"warm-up failed: {warm.error_samples}")
-    gateway = psutil.Process(server.pid)
+    gateway = psutil.Process(server.process.pid)
     groups = {
         "client (this process)": [psutil.Process()],
         "server main (gateway + AsyncLLM)": [gateway],
@@ -516,7 +452,7 @@ async def _drive(
     }
     before = _cpu_seconds(groups)
     load = await run_load(
-        base_url,
+        server.base_url,
         MODEL,
         items,
         concurrency=concurrency,
@@ -526,16 +462,6 @@ async def _drive(
     after = _cpu_seconds(groups)
     cpu_s = {label: after[label] - before[label] for label in groups}
     return Service(load=load, warmup=warm, ready_s=ready_s, cpu_s=cpu_s)
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 # --------------------------------------------------------------------------------------------

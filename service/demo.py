@@ -7,13 +7,7 @@ the demo is an HTTP client of it. Models that cannot load are listed with the re
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +17,9 @@ from rich.table import Table
 
 from models.spec import RegistryError, load_registry
 from service.config import Settings
+from service.launcher import ServerFailed, ServerProcess
 
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_demo(settings: Settings, port: int | None, examples: Path, load_timeout_s: float) -> int:
@@ -41,70 +29,29 @@ def run_demo(settings: Settings, port: int | None, examples: Path, load_timeout_
     except (RegistryError, OSError, json.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    port = port or free_port()
     log_path = Path(tempfile.mkdtemp(prefix="rmserve-demo-")) / "server.log"
-    console.print(
-        f"starting rmserve on 127.0.0.1:{port} with {settings.registry} (log: {log_path})"
+    server = ServerProcess(
+        settings.registry, log_path, port=port, env={"VLLM_LOGGING_LEVEL": "WARNING"}
     )
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--registry",
-                str(settings.registry),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
-        )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-            models = _wait_for_models(client, server, load_timeout_s, log_path)
-            if models is None:
-                return 1
+    console.print(
+        f"started rmserve on {server.base_url} with {settings.registry} (log: {log_path})"
+    )
+    shown: list[str] = []
+
+    def show(loading: list[str]) -> None:
+        if loading != shown:
+            console.print(f"loading: {', '.join(loading)}")
+            shown[:] = loading
+
+    with server:
+        try:
+            models = server.wait_settled(load_timeout_s, on_loading=show)
+        except ServerFailed as exc:
+            console.print(str(exc), style="red", markup=False, highlight=False)
+            return 1
+        with httpx.Client(base_url=server.base_url, timeout=600) as client:
             _report(client, models, items)
-        return 0
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def _wait_for_models(
-    client: httpx.Client, server: subprocess.Popen[bytes], timeout_s: float, log_path: Path
-) -> list[dict[str, Any]] | None:
-    deadline, shown = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            console.print(
-                f"[red]the server exited with code {server.returncode}[/red]; last log lines:"
-            )
-            console.print("\n".join(log_path.read_text().splitlines()[-30:]), markup=False)
-            return None
-        try:
-            models: list[dict[str, Any]] = client.get("/v1/models").json()["data"]
-        except httpx.TransportError:
-            time.sleep(0.5)
-            continue
-        loading = [m["name"] for m in models if m["status"] == "loading"]
-        if not loading:
-            return models
-        status = f"loading: {', '.join(loading)}"
-        if status != shown:
-            console.print(status)
-            shown = status
-        time.sleep(1)
-    console.print(f"[red]models still loading after {timeout_s:.0f} s[/red]")
-    return None
+    return 0
 
 
 def _report(

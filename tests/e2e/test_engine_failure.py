@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.conftest import start_server, stop_server, wait_until_settled
+from tests.conftest import start_server
 
 ITEM = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -26,9 +26,9 @@ def test_engine_death_takes_only_that_model_out(
             for name in ("first", "second")
         )
     )
-    server = start_server(registry, tmp_path, {"VLLM_LOGGING_LEVEL": "WARNING"})
-    try:
-        assert all(m["status"] == "ready" for m in wait_until_settled(server))
+    with start_server(registry, tmp_path, {"VLLM_LOGGING_LEVEL": "WARNING"}) as server:
+        models = {m["name"]: m for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
+        assert all(m["status"] == "ready" for m in models.values())
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             before = client.post("/v1/score", json={"model": "first", "items": [ITEM]}).json()
             assert before["results"][0]["error"] is None
@@ -62,5 +62,3 @@ def test_engine_death_takes_only_that_model_out(
             after = client.post("/v1/score", json={"model": "second", "items": [ITEM]}).json()
             assert after["results"][0]["error"] is None
             assert server.process.poll() is None
-    finally:
-        stop_server(server)
