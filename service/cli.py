@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from models.spec import RegistryError, load_registry
 from service.config import Settings
 
@@ -53,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in make_tiny_models(args.out).items():
             print(f"{name}\t{path}")
         return 0
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        print(
+            f"error: invalid settings (RMSERVE_* environment or flags): {problems}", file=sys.stderr
+        )
+        return 2
     if args.command == "serve":
         return _serve(settings)
     from service.demo import run_demo

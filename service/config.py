@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -29,5 +30,26 @@ class Settings(BaseSettings):
     # Jobs a worker hands to its engine at once; vLLM batches them continuously.
     worker_concurrency: int = Field(default=512, ge=1)
 
+    # When set, /v1/* requires `Authorization: Bearer <key>` (comma-separated in the env var).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError(
+                f"default_timeout_s ({self.default_timeout_s}) exceeds max_timeout_s "
+                f"({self.max_timeout_s})"
+            )
+        if any(len(key) < 16 for key in self.api_keys):
+            raise ValueError("api_keys must be at least 16 characters each")
+        return self

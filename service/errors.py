@@ -37,6 +37,10 @@ class BadRequest(ApiError):
     status, type = 400, "invalid_request"
 
 
+class Unauthorized(ApiError):
+    status, type = 401, "unauthorized"
+
+
 class NotFound(ApiError):
     status, type = 404, "not_found"
 

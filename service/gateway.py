@@ -7,11 +7,12 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import api_key_check
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
@@ -23,7 +24,7 @@ from service.scoring import ScoringService
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 503)
 }
 
 
@@ -42,14 +43,15 @@ def create_app(
     )
     install_error_handlers(app)
     scoring = ScoringService(settings, queue, directory, metrics)
+    authenticated = [Depends(api_key_check(settings.api_keys))]
 
-    @app.post("/v1/score", responses=_ERRORS, tags=["scoring"])
+    @app.post("/v1/score", responses=_ERRORS, tags=["scoring"], dependencies=authenticated)
     async def score(request: ScoreRequest) -> ScoreResponse:
         """Score trajectories with one model. An item that cannot be scored gets an `error`;
         the other items of the batch are still scored."""
         return await scoring.score(request)
 
-    @app.get("/v1/models", tags=["models"])
+    @app.get("/v1/models", tags=["models"], dependencies=authenticated)
     async def models() -> ModelList:
         """Every model in the registry, with its status and, when unavailable, the reason."""
         return ModelList(data=directory.infos())
@@ -89,36 +91,55 @@ def create_app(
 class LimitsAndMetrics:
     """Refuses bodies over the size limit (413) and counts requests by route and status.
 
-    Pure ASGI (no BaseHTTPMiddleware) to keep the per-request overhead small.
+    The limit holds for chunked bodies too: they are counted as they arrive. Pure ASGI (no
+    BaseHTTPMiddleware) to keep the per-request overhead small.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str], max_bytes: int) -> None:
         self.app, self.metrics, self.routes, self.max_bytes = app, metrics, routes, max_bytes
+
+    def _too_large(self, size: int, exact: bool) -> JSONResponse:
+        what = f"{size} bytes" if exact else f"more than {self.max_bytes} bytes"
+        return error_response(
+            413,
+            "payload_too_large",
+            f"request body of {what} exceeds the limit of {self.max_bytes}",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in self.routes else "other"
-        started, status = time.perf_counter(), 500
+        started, status, received, too_large = time.perf_counter(), 500, 0, False
+
+        async def receive_counted() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise ValueError("request body too large")
+            return message
 
         async def send_counted(message: Message) -> None:
             nonlocal status
+            if too_large:  # the app saw the body fail; answer 413 instead of what it says
+                if message["type"] == "http.response.start":
+                    status = 413
+                    await self._too_large(received, exact=False)(scope, receive, send)
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
         try:
             length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and int(length) > self.max_bytes:
-                response: JSONResponse = error_response(
-                    413,
-                    "payload_too_large",
-                    f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
-                )
-                await response(scope, receive, send_counted)
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                await self._too_large(int(length), exact=True)(scope, receive, send_counted)
                 return
-            await self.app(scope, receive, send_counted)
+            await self.app(scope, receive_counted, send_counted)
         finally:
             self.metrics.http_requests.labels(route, str(status)).inc()
             self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)

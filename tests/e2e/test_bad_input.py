@@ -162,3 +162,17 @@ def test_service_keeps_serving_after_bad_input(client: httpx.Client) -> None:
     response = client.post("/v1/score", json={"model": "tiny-rm", "items": [OK_ITEM]})
     assert response.status_code == 200
     assert response.json()["results"][0]["error"] is None
+
+
+def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:
+    def chunks():  # no Content-Length: the body arrives chunked
+        yield b'{"model": "tiny-rm", "items": [{"messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BYTES // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}]}]}'
+
+    response = client.post(
+        "/v1/score", content=chunks(), headers={"content-type": "application/json"}
+    )
+    error = error_of(response, 413)
+    assert f"exceeds the limit of {MAX_BYTES}" in error["message"]
