@@ -97,7 +97,7 @@ def _report(
             "rmserve on generated tiny models:\n"
             "  .venv/bin/rmserve make-tiny-models /tmp/rm-tiny && "
             "RMSERVE_TINY_MODELS=/tmp/rm-tiny "
-            ".venv/bin/rmserve demo --registry tests/registry.tiny.yaml",
+            ".venv/bin/rmserve demo --registry examples/registry.tiny.yaml",
             markup=False,
             soft_wrap=True,
         )

@@ -22,7 +22,8 @@ def test_example_registries_load() -> None:
     assert isinstance(example.models["skywork-rm"], DiscriminativeSpec)
     prm = example.models["qwen-math-prm"]
     assert isinstance(prm, ProcessSpec) and prm.options.step_tag == "<extra_0>"
-    assert load_registry(REPO / "tests" / "registry.tiny.yaml").models["tiny-prm"].kind == "process"
+    for tiny in (REPO / "tests" / "registry.tiny.yaml", REPO / "examples" / "registry.tiny.yaml"):
+        assert load_registry(tiny).models["tiny-prm"].kind == "process"
 
 
 def test_names_env_vars_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
