@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(default=100_000, ge=1)
     # Jobs a worker hands to its engine at once; vLLM batches them continuously.
     worker_concurrency: int = Field(default=512, ge=1)
+    # On SIGTERM, how long in-flight jobs may take to finish before the engines stop. Keep it
+    # below Kubernetes' terminationGracePeriodSeconds.
+    drain_grace_s: float = Field(default=30.0, ge=0)
 
     # When set, /v1/* requires `Authorization: Bearer <key>` (comma-separated in the env var).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

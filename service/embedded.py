@@ -28,8 +28,6 @@ from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
-_DRAIN_GRACE_S = 30.0
-
 
 class EmbeddedRuntime:
     def __init__(self, settings: Settings, registry: Registry) -> None:
@@ -110,7 +108,7 @@ class EmbeddedRuntime:
         if self._loader is not None:
             self._loader.cancel()
         await asyncio.gather(
-            *(worker.stop(_DRAIN_GRACE_S) for worker in self._workers.values()),
+            *(worker.stop(self.settings.drain_grace_s) for worker in self._workers.values()),
             return_exceptions=True,
         )
         for worker in self._workers.values():

@@ -45,6 +45,10 @@ class Worker:
             while reserved < self._concurrency and not self._slots.locked():
                 await self._slots.acquire()
                 reserved += 1
+            if self._stopping.is_set():  # stop() came while waiting for a free slot
+                for _ in range(reserved):
+                    self._slots.release()
+                return
             jobs = await self._queue.fetch(self.model.name, reserved, wait_s=0.5)
             for _ in range(reserved - len(jobs)):
                 self._slots.release()
