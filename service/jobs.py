@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from models.spec import Aggregate
 from models.trajectory import Trajectory
@@ -17,3 +17,7 @@ class Job(BaseModel):
     # Wall-clock time (time.time()) after which the client no longer waits for the result.
     deadline: float
     aggregate: Aggregate | None = None
+    # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
+    reply_to: str | None = None
+    # The queue's handle for acknowledging this delivery (a stream entry id); not serialized.
+    receipt: str | None = Field(default=None, exclude=True)

@@ -12,6 +12,7 @@ import pytest
 
 from models.tiny import make_tiny_models
 from service.launcher import ServerFailed, ServerProcess
+from tests.redis_server import RedisServer
 
 TESTS = Path(__file__).parent
 TINY_REGISTRY = TESTS / "registry.tiny.yaml"
@@ -59,6 +60,23 @@ def server(
         # SIGKILL); uvicorn then re-raises the signal, so the exit status is -SIGTERM.
         assert running.stop(grace_s=60) in (0, -signal.SIGTERM), running.log_tail()
         assert "Application shutdown complete" in running.log_tail(5), running.log_tail()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A real Redis, flushed before each test."""
+    redis_server.flush()
+    return redis_server.url
 
 
 @pytest.fixture

@@ -1,0 +1,340 @@
+"""The Redis Streams queue of distributed mode: many gateways and workers share one Redis.
+
+    rmserve:jobs:<model>     stream of jobs, consumer group "workers" (at-least-once delivery)
+    rmserve:dead:<model>     dead-letter stream: jobs delivered more than max_deliveries times
+    rmserve:result:<job id>  the result, stored (with a TTL) before the job is acknowledged
+    rmserve:replies:<gw id>  pub/sub channel on which workers announce results to their gateway
+
+A gateway enqueues all jobs of a request in one pipelined round trip and waits on its channel;
+a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of the result
+keys, so nothing waits forever. Workers read as many jobs as they have free slots, keep their
+in-flight entries fresh (XCLAIM JUSTID) so that nobody steals long jobs, and reclaim entries of
+dead consumers (XAUTOCLAIM) once idle longer than `reclaim_idle_s`. A stored result makes a
+redelivered job idempotent: it is answered from the store, not scored again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.jobs import Job
+from service.protocol import ItemErrorBody, ItemResult
+from service.queue.base import QueueFullError, QueueUnavailableError
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    capacity: int = 100_000
+    max_deliveries: int = 3
+    reclaim_idle_s: float = 60.0
+    result_ttl_s: float = 3600.0
+    # How often a waiting gateway checks the result store for announcements it missed.
+    sweep_s: float = 2.0
+
+
+def jobs_key(model: str) -> str:
+    return f"rmserve:jobs:{model}"
+
+
+def dead_key(model: str) -> str:
+    return f"rmserve:dead:{model}"
+
+
+def result_key(job_id: str) -> str:
+    return f"rmserve:result:{job_id}"
+
+
+class StreamQueue:
+    def __init__(self, client: aioredis.Redis, settings: StreamSettings, name: str | None = None):
+        self._redis = client
+        self._settings = settings
+        self.name = name or f"rmserve-{uuid.uuid4().hex[:12]}"
+        self._channel = f"rmserve:replies:{self.name}"
+        self._groups: set[str] = set()
+        self._inboxes: dict[str, asyncio.Queue[tuple[str, ItemResult]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, dict[str, str]] = {}  # model -> receipt -> job id
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_reclaim = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, settings: StreamSettings, name: str | None = None) -> StreamQueue:
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=10
+        )
+        return cls(client, settings, name)
+
+    # -- gateway side ------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        model = jobs[0].model
+        await self._ensure_group(model)
+        if await self._backlog(model) + len(jobs) > self._settings.capacity:
+            raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
+        self._ensure_listener()
+        inbox: asyncio.Queue[tuple[str, ItemResult]] = asyncio.Queue()
+        for job in jobs:
+            self._inboxes[job.id] = inbox
+        pipe = self._redis.pipeline(transaction=False)
+        for job in jobs:
+            payload = job.model_copy(update={"reply_to": self._channel}).model_dump_json()
+            pipe.xadd(jobs_key(model), {"job": payload}, maxlen=self._settings.capacity * 4)
+        try:
+            await _available(pipe.execute())
+        except QueueUnavailableError:
+            for job in jobs:
+                self._inboxes.pop(job.id, None)
+            raise
+
+    async def results(
+        self, job_ids: Sequence[str], deadline: float
+    ) -> AsyncGenerator[tuple[str, ItemResult], None]:
+        inboxes = {self._inboxes[job_id] for job_id in job_ids if job_id in self._inboxes}
+        if len(inboxes) != 1:
+            raise ValueError("results() takes the job ids of one enqueue() call")
+        inbox = inboxes.pop()
+        waiting = set(job_ids)
+        try:
+            while waiting:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    return
+                try:
+                    job_id, result = await asyncio.wait_for(
+                        inbox.get(), min(remaining, self._settings.sweep_s)
+                    )
+                except TimeoutError:
+                    for job_id, result in await self._stored(sorted(waiting)):
+                        waiting.discard(job_id)
+                        yield job_id, result
+                    continue
+                if job_id in waiting:
+                    waiting.discard(job_id)
+                    yield job_id, result
+        finally:
+            for job_id in job_ids:
+                self._inboxes.pop(job_id, None)
+
+    async def _stored(self, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
+        with contextlib.suppress(QueueUnavailableError):
+            values = await _available(self._redis.mget([result_key(j) for j in job_ids]))
+            return [
+                (job_id, ItemResult.model_validate_json(value))
+                for job_id, value in zip(job_ids, values, strict=True)
+                if value is not None
+            ]
+        return []
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Route result announcements on this gateway's channel to the waiting requests."""
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._route(message["data"])
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("result channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)  # missed announcements are found by the sweep
+
+    def _route(self, data: bytes) -> None:
+        announcement = json.loads(data)
+        inbox = self._inboxes.get(announcement["job_id"])
+        if inbox is not None:
+            inbox.put_nowait(
+                (announcement["job_id"], ItemResult.model_validate(announcement["result"]))
+            )
+
+    # -- worker side -------------------------------------------------------------------------
+
+    async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
+        await self._ensure_group(model)
+        self._ensure_heartbeat()
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
+        if time.monotonic() - self._last_reclaim > self._settings.reclaim_idle_s / 2:
+            self._last_reclaim = time.monotonic()
+            entries += await self._reclaim(model, max_jobs)
+        if len(entries) < max_jobs:
+            response: Any = await _available(
+                self._redis.xreadgroup(
+                    GROUP,
+                    self.name,
+                    {jobs_key(model): ">"},
+                    count=max_jobs - len(entries),
+                    block=max(1, int(wait_s * 1000)),
+                )
+            )
+            for _stream, stream_entries in response or []:
+                entries += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
+        return await self._accept(model, entries)
+
+    async def _reclaim(self, model: str, max_jobs: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        idle_ms = int(self._settings.reclaim_idle_s * 1000)
+        reply: Any = await _available(
+            self._redis.xautoclaim(jobs_key(model), GROUP, self.name, idle_ms, "0-0", max_jobs)
+        )
+        claimed = [(_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
+        if claimed:
+            log.warning("reclaimed %d jobs of %s from dead consumers", len(claimed), model)
+        return claimed
+
+    async def _accept(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
+        """Jobs to score; entries past max_deliveries go to the dead-letter stream, entries
+        with a stored result (a redelivery after a crash past the store) are answered again."""
+        if not entries:
+            return []
+        counts = await self._delivery_counts(model, [entry_id for entry_id, _ in entries])
+        jobs: list[Job] = []
+        for entry_id, fields in entries:
+            job = Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
+            deliveries = counts.get(entry_id, 1)
+            stored = await _available(self._redis.get(result_key(job.id)))
+            if stored is not None:
+                await self._finish(job, ItemResult.model_validate_json(stored))
+            elif deliveries > self._settings.max_deliveries:
+                await self._dead_letter(job, fields[b"job"], deliveries)
+            else:
+                self._in_flight.setdefault(model, {})[entry_id] = job.id
+                jobs.append(job)
+        return jobs
+
+    async def _delivery_counts(self, model: str, entry_ids: list[str]) -> dict[str, int]:
+        pending: Any = await _available(
+            self._redis.xpending_range(
+                jobs_key(model),
+                GROUP,
+                min(entry_ids, key=_order),
+                max(entry_ids, key=_order),
+                len(entry_ids) + len(self._in_flight.get(model, {})),
+                consumername=self.name,
+            )
+        )
+        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    async def _dead_letter(self, job: Job, payload: bytes, deliveries: int) -> None:
+        reason = (
+            f"delivered {deliveries} times (max_deliveries {self._settings.max_deliveries}); "
+            "the worker failed each time"
+        )
+        await _available(
+            self._redis.xadd(dead_key(job.model), {"job": payload, "reason": reason}, maxlen=10_000)
+        )
+        log.error("job %s of %s dead-lettered: %s", job.id, job.model, reason)
+        error = ItemErrorBody(
+            type="dead_lettered", message=f"the item could not be scored: {reason}"
+        )
+        await self._finish(job, ItemResult(id=job.item.id, index=job.index, error=error))
+
+    async def complete(self, job: Job, result: ItemResult) -> None:
+        await self._finish(job, result)
+
+    async def _finish(self, job: Job, result: ItemResult) -> None:
+        """Store the result, then acknowledge, then announce: a crash in between redelivers
+        the job, which the stored result then answers."""
+        body = result.model_dump(mode="json")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(result_key(job.id), json.dumps(body), ex=int(self._settings.result_ttl_s))
+        pipe.xack(jobs_key(job.model), GROUP, job.receipt or "0-0")
+        if job.reply_to:
+            pipe.publish(job.reply_to, json.dumps({"job_id": job.id, "result": body}))
+        await _available(pipe.execute())
+        self._in_flight.get(job.model, {}).pop(job.receipt or "", None)
+
+    def _ensure_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._keep_in_flight_fresh())
+
+    async def _keep_in_flight_fresh(self) -> None:
+        """Reset the idle time of in-flight entries so that no one reclaims a long job."""
+        while True:
+            await asyncio.sleep(self._settings.reclaim_idle_s / 3)
+            for model, receipts in list(self._in_flight.items()):
+                if receipts:
+                    with contextlib.suppress(QueueUnavailableError):
+                        await _available(
+                            self._redis.xclaim(
+                                jobs_key(model), GROUP, self.name, 0, list(receipts), justid=True
+                            )
+                        )
+
+    # -- both --------------------------------------------------------------------------------
+
+    async def _ensure_group(self, model: str) -> None:
+        if model in self._groups:
+            return
+        try:
+            await _available(
+                self._redis.xgroup_create(jobs_key(model), GROUP, id="0", mkstream=True)
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(model)
+
+    async def _backlog(self, model: str) -> int:
+        """Jobs not yet finished: undelivered (lag) plus delivered but not acknowledged."""
+        groups: Any = await _available(self._redis.xinfo_groups(jobs_key(model)))
+        for group in groups:
+            if _text(group["name"]) == GROUP:
+                lag = group.get("lag")
+                if lag is None:  # unknown after deletions: count the whole stream
+                    lag = await _available(self._redis.xlen(jobs_key(model)))
+                return int(lag) + int(group["pending"])
+        return 0
+
+    async def dead_letters(self, model: str) -> list[dict[str, str]]:
+        entries: Any = await _available(self._redis.xrange(dead_key(model)))
+        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+
+    async def ping(self) -> None:
+        await _available(self._redis.ping())
+
+    async def close(self) -> None:
+        for task in (self._listener, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self._redis.aclose()
+
+
+async def _available(call: Awaitable[T]) -> T:
+    """Await a Redis call; an unreachable Redis becomes QueueUnavailableError."""
+    try:
+        return await call
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise QueueUnavailableError(f"redis: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)

@@ -1,0 +1,202 @@
+"""The Redis Streams queue against a real redis-server: sharing, reclaim, dead letters,
+idempotent redelivery, capacity, heartbeats, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from models.trajectory import Trajectory
+from service.jobs import Job
+from service.protocol import ItemResult
+from service.queue import QueueFullError, QueueUnavailableError
+from service.queue.redis_streams import StreamQueue, StreamSettings
+from tests.redis_server import RedisServer
+
+ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
+FAST = StreamSettings(capacity=1000, max_deliveries=2, reclaim_idle_s=0.3, sweep_s=0.5)
+
+
+def jobs(request: str, n: int, timeout: float = 30) -> list[Job]:
+    now = time.time()
+    return [
+        Job(id=f"{request}:{i}", model="m", index=i, item=ITEM, enqueued_at=now,
+            deadline=now + timeout)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def gather(gateway: StreamQueue, batch: list[Job], within_s: float = 10) -> Counter[str]:
+    got: Counter[str] = Counter()
+    async for job_id, result in gateway.results([j.id for j in batch], time.time() + within_s):
+        assert result.index == int(job_id.split(":")[1])
+        got[job_id] += 1
+    return got
+
+
+async def serve(worker: StreamQueue, taken: Counter[str], stop: asyncio.Event) -> None:
+    """A worker answering every job with its index as the score."""
+    while not stop.is_set():
+        for job in await worker.fetch("m", 16, wait_s=0.05):
+            taken[worker.name] += 1
+            await worker.complete(job, ItemResult(index=job.index, score=float(job.index)))
+
+
+async def test_two_workers_share_a_batch_and_every_item_is_answered_once(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    workers = [StreamQueue.from_url(redis_url, FAST, name=f"w{i}") for i in range(2)]
+    batch = jobs("a", 200)
+    await gateway.enqueue(batch)
+    taken: Counter[str] = Counter()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(serve(w, taken, stop)) for w in workers]
+    got = await gather(gateway, batch)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert got == Counter({job.id: 1 for job in batch})
+    assert taken["w0"] > 0 and taken["w1"] > 0 and sum(taken.values()) == 200
+    for queue in (gateway, *workers):
+        await queue.close()
+
+
+async def test_jobs_of_a_dead_consumer_are_reclaimed(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    batch = jobs("a", 20)
+    await gateway.enqueue(batch)
+    dead = StreamQueue.from_url(redis_url, FAST, name="dead")
+    assert len(await dead.fetch("m", 5, wait_s=0.1)) == 5
+    await dead.close()  # like kill -9: the 5 entries stay pending, unacknowledged
+    survivor = StreamQueue.from_url(redis_url, FAST, name="survivor")
+    taken: Counter[str] = Counter()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(survivor, taken, stop))
+    started = time.monotonic()
+    got = await gather(gateway, batch)
+    stop.set()
+    await task
+    assert got == Counter({job.id: 1 for job in batch})
+    assert taken["survivor"] == 20
+    assert time.monotonic() - started < FAST.reclaim_idle_s + 3
+    await gateway.close()
+    await survivor.close()
+
+
+async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    batch = jobs("a", 3)
+    await gateway.enqueue(batch)
+    # Each crashing consumer takes the poison job (index 0) and dies without acknowledging.
+    for attempt in range(FAST.max_deliveries):
+        crashing = StreamQueue.from_url(redis_url, FAST, name=f"crash{attempt}")
+        await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
+        fetched = await crashing.fetch("m", 1, wait_s=0.1)
+        assert [job.index for job in fetched] == [0]
+        await crashing.close()
+    healthy = StreamQueue.from_url(redis_url, FAST, name="healthy")
+    taken: Counter[str] = Counter()
+    stop = asyncio.Event()
+    await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
+    task = asyncio.create_task(serve(healthy, taken, stop))
+    results = {}
+    async for job_id, result in gateway.results([j.id for j in batch], time.time() + 10):
+        results[job_id] = result
+    stop.set()
+    await task
+    assert set(results) == {job.id for job in batch}
+    poisoned = results["a:0"]
+    assert poisoned.error is not None and poisoned.error.type == "dead_lettered"
+    assert "max_deliveries 2" in poisoned.error.message
+    assert results["a:1"].error is None and results["a:2"].error is None
+    (letter,) = await gateway.dead_letters("m")
+    assert '"id":"a:0"' in letter["job"] and "delivered 3 times" in letter["reason"]
+    await gateway.close()
+    await healthy.close()
+
+
+async def test_a_redelivered_job_with_a_stored_result_is_not_scored_again(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    batch = jobs("a", 1)
+    await gateway.enqueue(batch)
+    first = StreamQueue.from_url(redis_url, FAST, name="first")
+    (job,) = await first.fetch("m", 1, wait_s=0.1)
+    # The worker stored the result and died before acknowledging it.
+    await first._redis.set(
+        f"rmserve:result:{job.id}", ItemResult(index=0, score=7.0).model_dump_json()
+    )
+    await first.close()
+    await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
+    second = StreamQueue.from_url(redis_url, FAST, name="second")
+    assert await second.fetch("m", 1, wait_s=0.1) == []  # answered from the store, not handed out
+    got = [result async for _, result in gateway.results([job.id], time.time() + 5)]
+    assert [r.score for r in got] == [7.0]
+    await gateway.close()
+    await second.close()
+
+
+async def test_in_flight_jobs_are_not_stolen_while_their_worker_lives(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await gateway.enqueue(jobs("a", 1))
+    slow = StreamQueue.from_url(redis_url, FAST, name="slow")
+    (job,) = await slow.fetch("m", 1, wait_s=0.1)
+    other = StreamQueue.from_url(redis_url, FAST, name="other")
+    for _ in range(6):  # well past reclaim_idle_s, while slow's heartbeat runs
+        await asyncio.sleep(FAST.reclaim_idle_s / 2)
+        assert await other.fetch("m", 1, wait_s=0.01) == []
+    await slow.complete(job, ItemResult(index=0, score=1.0))
+    for queue in (gateway, slow, other):
+        await queue.close()
+
+
+async def test_a_full_queue_refuses_the_request(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, StreamSettings(capacity=10))
+    await gateway.enqueue(jobs("a", 8))
+    with pytest.raises(QueueFullError) as caught:
+        await gateway.enqueue(jobs("b", 3))
+    assert caught.value.retry_after_s >= 1
+    await gateway.enqueue(jobs("c", 2))
+    await gateway.close()
+
+
+async def test_unreachable_redis_is_reported_quickly() -> None:
+    from service.launcher import free_port
+
+    gateway = StreamQueue.from_url(f"redis://127.0.0.1:{free_port()}/0", FAST)
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailableError):
+        await gateway.ping()
+    with pytest.raises(QueueUnavailableError):
+        await gateway.enqueue(jobs("a", 1))
+    assert time.monotonic() - started < 5
+    await gateway.close()
+
+
+async def test_redis_restart_is_survived_and_accepted_jobs_persist(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    gateway = StreamQueue.from_url(server.url, FAST)
+    batch = jobs("a", 5)
+    await gateway.enqueue(batch)
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailableError):
+        await gateway.ping()
+    with pytest.raises(QueueUnavailableError):
+        await gateway.enqueue(jobs("b", 1))
+    assert time.monotonic() - started < 5  # no hang while Redis is away
+    server.start()  # same port and directory: the append-only file brings the jobs back
+    try:
+        await gateway.ping()
+        worker = StreamQueue.from_url(server.url, FAST, name="after-restart")
+        fetched = await worker.fetch("m", 10, wait_s=0.2)
+        assert sorted(job.id for job in fetched) == sorted(job.id for job in batch)
+        for job in fetched:
+            await worker.complete(job, ItemResult(index=job.index, score=1.0))
+        assert await gather(gateway, batch) == Counter({job.id: 1 for job in batch})
+        await worker.close()
+    finally:
+        await gateway.close()
+        server.stop()
