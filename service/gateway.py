@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,11 +45,26 @@ def create_app(
     scoring = ScoringService(settings, queue, directory, metrics)
     authenticated = [Depends(api_key_check(settings.api_keys))]
 
-    @app.post("/v1/score", responses=_ERRORS, tags=["scoring"], dependencies=authenticated)
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
+        tags=["scoring"],
+        dependencies=authenticated,
+    )
+    async def score(request: ScoreRequest) -> Response | ScoreResponse:
         """Score trajectories with one model. An item that cannot be scored gets an `error`;
-        the other items of the batch are still scored."""
-        return await scoring.score(request)
+        the other items of the batch are still scored. With `options.stream`, results come as
+        NDJSON lines as each item finishes."""
+        if not request.options.stream:
+            return await scoring.score(request)
+        jobs = await scoring.submit(request)  # errors are still proper 4xx/5xx here
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for result in scoring.stream(jobs):
+                yield result.model_dump_json().encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @app.get("/v1/models", tags=["models"], dependencies=authenticated)
     async def models() -> ModelList:

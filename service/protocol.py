@@ -15,6 +15,11 @@ class _Request(BaseModel):
 
 
 class ScoreOptions(_Request):
+    stream: bool = Field(
+        default=False,
+        description="answer with NDJSON: one result per line as each item finishes "
+        "(in finishing order; `index` says which item)",
+    )
     aggregate: Aggregate | None = Field(
         default=None,
         description="process models: how step scores combine (min, last, prod, mean); "

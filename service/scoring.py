@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from service.config import Settings
 from service.directory import ModelDirectory
@@ -49,7 +50,8 @@ class ScoringService:
                 param="options.aggregate",
             )
 
-    async def score(self, request: ScoreRequest) -> ScoreResponse:
+    async def submit(self, request: ScoreRequest) -> list[Job]:
+        """Check the request and enqueue one job per item; raise ApiError before any work."""
         self.check_model(request)
         limit = self._settings.max_items_per_request
         if len(request.items) > limit:
@@ -83,15 +85,23 @@ class ScoringService:
         except QueueUnavailableError as exc:
             raise Unavailable(f"the job queue is unreachable: {exc}") from None
         self._metrics.jobs_enqueued.labels(request.model).inc(len(jobs))
-        results: dict[str, ItemResult] = {}
+        return jobs
+
+    async def stream(self, jobs: list[Job]) -> AsyncIterator[ItemResult]:
+        """Results in the order they finish; items not done by the deadline end as timeouts."""
+        pending = {job.id: job for job in jobs}
         async with contextlib.aclosing(
-            self._queue.results([job.id for job in jobs], now + timeout)
+            self._queue.results(list(pending), jobs[0].deadline)
         ) as finished:
             async for job_id, result in finished:
-                results[job_id] = result
-        return ScoreResponse(
-            model=request.model, results=[results.get(job.id) or _timed_out(job) for job in jobs]
-        )
+                pending.pop(job_id, None)
+                yield result
+        for job in pending.values():
+            yield _timed_out(job)
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        results = [result async for result in self.stream(await self.submit(request))]
+        return ScoreResponse(model=request.model, results=sorted(results, key=lambda r: r.index))
 
 
 def _timed_out(job: Job) -> ItemResult:
