@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # When set, /v1/* requires `Authorization: Bearer <key>` (comma-separated in the env var).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Result cache: seconds a result is kept (0: off) and, in embedded mode, how many.
+    result_cache_ttl_s: float = Field(default=0.0, ge=0)
+    result_cache_max_entries: int = Field(default=100_000, ge=1)
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import api_key_check
+from service.cache import MemoryResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
@@ -42,7 +43,12 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    scoring = ScoringService(settings, queue, directory, metrics)
+    cache = (
+        MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
+        if settings.result_cache_ttl_s > 0
+        else None
+    )
+    scoring = ScoringService(settings, queue, directory, metrics, cache)
     authenticated = [Depends(api_key_check(settings.api_keys))]
 
     @app.post(
@@ -58,10 +64,10 @@ def create_app(
         NDJSON lines as each item finishes."""
         if not request.options.stream:
             return await scoring.score(request)
-        jobs = await scoring.submit(request)  # errors are still proper 4xx/5xx here
+        submission = await scoring.submit(request)  # errors are still proper 4xx/5xx here
 
         async def lines() -> AsyncIterator[bytes]:
-            async for result in scoring.stream(jobs):
+            async for result in scoring.stream(submission):
                 yield result.model_dump_json().encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -58,6 +58,8 @@ class ItemResult(BaseModel):
     scores: list[float] | None = None
     step_scores: list[float | None] | None = None
     error: ItemErrorBody | None = None
+    # True when the result came from the result cache (an earlier request scored this item).
+    cached: bool = False
     usage: Usage = Usage()
     timing: Timing = Timing()
 

@@ -6,7 +6,9 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from service.cache import MemoryResultCache, cache_key
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import (
@@ -22,14 +24,29 @@ from service.protocol import ItemErrorBody, ItemResult, ScoreRequest, ScoreRespo
 from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A checked request: the jobs enqueued, results found in the cache, and cache keys."""
+
+    jobs: list[Job]
+    cached: list[ItemResult]
+    keys: dict[str, str]
+
+
 class ScoringService:
     def __init__(
-        self, settings: Settings, queue: JobQueue, directory: ModelDirectory, metrics: Metrics
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        directory: ModelDirectory,
+        metrics: Metrics,
+        cache: MemoryResultCache | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._directory = directory
         self._metrics = metrics
+        self._cache = cache
 
     def check_model(self, request: ScoreRequest) -> None:
         name = request.model
@@ -50,7 +67,7 @@ class ScoringService:
                 param="options.aggregate",
             )
 
-    async def submit(self, request: ScoreRequest) -> list[Job]:
+    async def submit(self, request: ScoreRequest) -> Submission:
         """Check the request and enqueue one job per item; raise ApiError before any work."""
         self.check_model(request)
         limit = self._settings.max_items_per_request
@@ -76,6 +93,7 @@ class ScoringService:
             )
             for index, item in enumerate(request.items)
         ]
+        jobs, cached, keys = await self._from_cache(request.model, jobs)
         try:
             await self._queue.enqueue(jobs)
         except QueueFullError as exc:
@@ -85,19 +103,45 @@ class ScoringService:
         except QueueUnavailableError as exc:
             raise Unavailable(f"the job queue is unreachable: {exc}") from None
         self._metrics.jobs_enqueued.labels(request.model).inc(len(jobs))
-        return jobs
+        return Submission(jobs, cached, keys)
 
-    async def stream(self, jobs: list[Job]) -> AsyncIterator[ItemResult]:
-        """Results in the order they finish; items not done by the deadline end as timeouts."""
-        pending = {job.id: job for job in jobs}
+    async def _from_cache(
+        self, model: str, jobs: list[Job]
+    ) -> tuple[list[Job], list[ItemResult], dict[str, str]]:
+        entry = self._directory.get(model)
+        if self._cache is None or entry is None:
+            return jobs, [], {}
+        keys = {job.id: cache_key(entry.spec, job) for job in jobs}
+        hits = await self._cache.get_many(list(keys.values()))
+        cached = [
+            hits[keys[job.id]].model_copy(
+                update={"id": job.item.id, "index": job.index, "cached": True}
+            )
+            for job in jobs
+            if keys[job.id] in hits
+        ]
+        return [job for job in jobs if keys[job.id] not in hits], cached, keys
+
+    async def stream(self, submission: Submission) -> AsyncIterator[ItemResult]:
+        """Cached results first, then the rest in the order they finish; items not done by the
+        deadline end as timeouts."""
+        for result in submission.cached:
+            yield result
+        pending = {job.id: job for job in submission.jobs}
+        if not pending:
+            return
+        fresh: dict[str, ItemResult] = {}
         async with contextlib.aclosing(
-            self._queue.results(list(pending), jobs[0].deadline)
+            self._queue.results(list(pending), submission.jobs[0].deadline)
         ) as finished:
             async for job_id, result in finished:
                 pending.pop(job_id, None)
+                fresh[submission.keys.get(job_id, "")] = result
                 yield result
         for job in pending.values():
             yield _timed_out(job)
+        if self._cache is not None and submission.keys:
+            await self._cache.put_many(fresh)
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         results = [result async for result in self.stream(await self.submit(request))]

@@ -51,6 +51,7 @@ def server(
         "RMSERVE_MAX_ITEMS_PER_REQUEST": str(MAX_ITEMS),
         "RMSERVE_MAX_REQUEST_BYTES": str(MAX_BYTES),
         "VLLM_LOGGING_LEVEL": "WARNING",
+        "RMSERVE_RESULT_CACHE_TTL_S": "600",
     }
     running = start_server(TINY_REGISTRY, tmp_path_factory.mktemp("server"), env)
     try:

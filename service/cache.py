@@ -1,0 +1,58 @@
+"""Optional result cache: a retried request does not redo work.
+
+Keyed by model name, weights, revision, the per-request options that change a score, and a
+canonical hash of the item's content (messages and reference; not its `id` or `metadata`).
+Only results without an error are kept, for `ttl_s` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from models.spec import ModelSpec
+from service.jobs import Job
+from service.protocol import ItemResult
+
+
+def cache_key(spec: ModelSpec, job: Job) -> str:
+    content = {
+        "model": spec.name,
+        "weights": spec.weights,
+        "revision": spec.revision,
+        "aggregate": job.aggregate,
+        "messages": job.item.model_dump(mode="json")["messages"],
+        "reference": job.item.reference,
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "rmserve:cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class MemoryResultCache:
+    """In-process cache of embedded mode: TTL plus a bound on entries (oldest evicted first)."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self._ttl_s, self._max = ttl_s, max_entries
+        self._entries: OrderedDict[str, tuple[float, ItemResult]] = OrderedDict()
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ItemResult]:
+        now, found = time.monotonic(), {}
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                found[key] = entry[1]
+            elif entry is not None:
+                del self._entries[key]
+        return found
+
+    async def put_many(self, results: dict[str, ItemResult]) -> None:
+        expires = time.monotonic() + self._ttl_s
+        for key, result in results.items():
+            if result.error is None:
+                self._entries[key] = (expires, result)
+                self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
