@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(default=600.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
 
+    # Async batches (POST /v1/jobs): items per batch, and how long results are kept once done.
+    max_items_per_batch: int = Field(default=100_000, ge=1)
+    batch_result_ttl_s: float = Field(default=3600.0, gt=0)
+
     # Jobs waiting per model before the gateway answers 429 (queue full).
     queue_capacity: int = Field(default=100_000, ge=1)
     # Jobs a worker hands to its engine at once; vLLM batches them continuously.

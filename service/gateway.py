@@ -13,12 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import api_key_check
+from service.batches import BatchStore
 from service.cache import MemoryResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
 from service.metrics import Metrics
-from service.protocol import ErrorBody, ModelList, ScoreRequest, ScoreResponse
+from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueUnavailableError
 from service.scoring import ScoringService
 
@@ -68,6 +69,41 @@ def create_app(
 
         async def lines() -> AsyncIterator[bytes]:
             async for result in scoring.stream(submission):
+                yield result.model_dump_json().encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    batches = BatchStore(scoring, settings.batch_result_ttl_s)
+
+    @app.post(
+        "/v1/jobs", status_code=202, responses=_ERRORS, tags=["jobs"], dependencies=authenticated
+    )
+    async def submit_batch(request: ScoreRequest, response: Response) -> BatchStatus:
+        """Score a big batch in the background: answers 202 with the batch id at once. Poll
+        GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/stream; results are kept for
+        batch_result_ttl_s after the batch is done."""
+        submission = await scoring.submit(request, limit=settings.max_items_per_batch)
+        batch = batches.start(request.model, submission)
+        response.headers["Location"] = f"/v1/jobs/{batch.id}"
+        return batch.status(with_results=False)
+
+    @app.get("/v1/jobs/{batch_id}", responses=_ERRORS, tags=["jobs"], dependencies=authenticated)
+    async def batch_status(batch_id: str) -> BatchStatus:
+        """Progress of a batch and the results finished so far (in item order)."""
+        return batches.get(batch_id).status(with_results=True)
+
+    @app.get(
+        "/v1/jobs/{batch_id}/stream",
+        responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
+        tags=["jobs"],
+        dependencies=authenticated,
+    )
+    async def batch_stream(batch_id: str) -> StreamingResponse:
+        """All results of a batch as NDJSON: those finished already, then each as it finishes."""
+        batch = batches.get(batch_id)
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for result in batches.follow(batch):
                 yield result.model_dump_json().encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -69,6 +69,15 @@ class ScoreResponse(BaseModel):
     results: list[ItemResult]
 
 
+class BatchStatus(BaseModel):
+    id: str
+    model: str
+    status: Literal["running", "done"]
+    total: int
+    finished: int
+    results: list[ItemResult] | None = None
+
+
 ModelStatus = Literal["loading", "ready", "unavailable"]
 
 

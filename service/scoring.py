@@ -67,10 +67,10 @@ class ScoringService:
                 param="options.aggregate",
             )
 
-    async def submit(self, request: ScoreRequest) -> Submission:
+    async def submit(self, request: ScoreRequest, limit: int | None = None) -> Submission:
         """Check the request and enqueue one job per item; raise ApiError before any work."""
         self.check_model(request)
-        limit = self._settings.max_items_per_request
+        limit = limit or self._settings.max_items_per_request
         if len(request.items) > limit:
             raise PayloadTooLarge(
                 f"{len(request.items)} items in one request; the limit is {limit}", param="items"
