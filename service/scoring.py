@@ -136,11 +136,12 @@ class ScoringService:
         ) as finished:
             async for job_id, result in finished:
                 pending.pop(job_id, None)
-                fresh[submission.keys.get(job_id, "")] = result
+                if job_id in submission.keys:
+                    fresh[submission.keys[job_id]] = result
                 yield result
         for job in pending.values():
             yield _timed_out(job)
-        if self._cache is not None and submission.keys:
+        if self._cache is not None and fresh:
             await self._cache.put_many(fresh)
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:

@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.jobs import Job
 from service.protocol import ItemErrorBody, ItemResult
 from service.queue.base import QueueFullError, QueueUnavailableError
+from service.queue.inbox import Inboxes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class StreamQueue:
         self.name = name or f"rmserve-{uuid.uuid4().hex[:12]}"
         self._channel = f"rmserve:replies:{self.name}"
         self._groups: set[str] = set()
-        self._inboxes: dict[str, asyncio.Queue[tuple[str, ItemResult]]] = {}
+        self._inboxes = Inboxes()
         self._listener: asyncio.Task[None] | None = None
         self._in_flight: dict[str, dict[str, str]] = {}  # model -> receipt -> job id
         self._heartbeat: asyncio.Task[None] | None = None
@@ -92,9 +93,7 @@ class StreamQueue:
         if await self._backlog(model) + len(jobs) > self._settings.capacity:
             raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
         self._ensure_listener()
-        inbox: asyncio.Queue[tuple[str, ItemResult]] = asyncio.Queue()
-        for job in jobs:
-            self._inboxes[job.id] = inbox
+        self._inboxes.open([job.id for job in jobs])
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
             payload = job.model_copy(update={"reply_to": self._channel}).model_dump_json()
@@ -102,38 +101,13 @@ class StreamQueue:
         try:
             await _available(pipe.execute())
         except QueueUnavailableError:
-            for job in jobs:
-                self._inboxes.pop(job.id, None)
+            self._inboxes.discard([job.id for job in jobs])
             raise
 
-    async def results(
+    def results(
         self, job_ids: Sequence[str], deadline: float
     ) -> AsyncGenerator[tuple[str, ItemResult], None]:
-        inboxes = {self._inboxes[job_id] for job_id in job_ids if job_id in self._inboxes}
-        if len(inboxes) != 1:
-            raise ValueError("results() takes the job ids of one enqueue() call")
-        inbox = inboxes.pop()
-        waiting = set(job_ids)
-        try:
-            while waiting:
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    return
-                try:
-                    job_id, result = await asyncio.wait_for(
-                        inbox.get(), min(remaining, self._settings.sweep_s)
-                    )
-                except TimeoutError:
-                    for job_id, result in await self._stored(sorted(waiting)):
-                        waiting.discard(job_id)
-                        yield job_id, result
-                    continue
-                if job_id in waiting:
-                    waiting.discard(job_id)
-                    yield job_id, result
-        finally:
-            for job_id in job_ids:
-                self._inboxes.pop(job_id, None)
+        return self._inboxes.wait(job_ids, deadline, self._stored, self._settings.sweep_s)
 
     async def _stored(self, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
         with contextlib.suppress(QueueUnavailableError):
@@ -164,11 +138,9 @@ class StreamQueue:
 
     def _route(self, data: bytes) -> None:
         announcement = json.loads(data)
-        inbox = self._inboxes.get(announcement["job_id"])
-        if inbox is not None:
-            inbox.put_nowait(
-                (announcement["job_id"], ItemResult.model_validate(announcement["result"]))
-            )
+        self._inboxes.deliver(
+            announcement["job_id"], ItemResult.model_validate(announcement["result"])
+        )
 
     # -- worker side -------------------------------------------------------------------------
 
