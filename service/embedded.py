@@ -21,8 +21,8 @@ from models.spec import ModelSpec, Registry
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.gateway import create_app
+from service.jobs import error_result
 from service.metrics import Metrics
-from service.protocol import ItemErrorBody, ItemResult
 from service.queue import InProcessQueue
 from service.worker import Worker
 
@@ -96,13 +96,10 @@ class EmbeddedRuntime:
 
     async def _fail_queued(self, model: str, reason: str) -> None:
         """Answer jobs still queued for a model that left service, instead of letting them wait."""
-        error = ItemErrorBody(
-            type="unavailable", message=f"model {model!r} is unavailable: {reason}"
-        )
+        message = f"model {model!r} is unavailable: {reason}"
         while jobs := await self.queue.fetch(model, 1024, wait_s=0.01):
             for job in jobs:
-                result = ItemResult(id=job.item.id, index=job.index, error=error)
-                await self.queue.complete(job, result)
+                await self.queue.complete(job, error_result(job, "unavailable", message))
 
     async def _shutdown(self) -> None:
         if self._loader is not None:

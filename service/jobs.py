@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 
 from models.spec import Aggregate
 from models.trajectory import Trajectory
+from service.protocol import ItemErrorBody, ItemResult
 
 
 class Job(BaseModel):
@@ -21,3 +22,10 @@ class Job(BaseModel):
     reply_to: str | None = None
     # The queue's handle for acknowledging this delivery (a stream entry id); not serialized.
     receipt: str | None = Field(default=None, exclude=True)
+
+
+def error_result(job: Job, code: str, message: str) -> ItemResult:
+    """The result of an item that could not be scored (the rest of its batch still is)."""
+    return ItemResult(
+        id=job.item.id, index=job.index, error=ItemErrorBody(type=code, message=message)
+    )

@@ -18,9 +18,9 @@ from service.errors import (
     Unavailable,
     UnprocessableEntity,
 )
-from service.jobs import Job
+from service.jobs import Job, error_result
 from service.metrics import Metrics
-from service.protocol import ItemErrorBody, ItemResult, ScoreRequest, ScoreResponse
+from service.protocol import ItemResult, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
 
 
@@ -150,8 +150,4 @@ class ScoringService:
 
 
 def _timed_out(job: Job) -> ItemResult:
-    return ItemResult(
-        id=job.item.id,
-        index=job.index,
-        error=ItemErrorBody(type="timeout", message="the item was not scored within timeout_s"),
-    )
+    return error_result(job, "timeout", "the item was not scored within timeout_s")

@@ -12,9 +12,9 @@ import time
 
 from models.base import RequestOptions, RewardModel
 from models.errors import ItemError
-from service.jobs import Job
+from service.jobs import Job, error_result
 from service.metrics import Metrics
-from service.protocol import ItemErrorBody, ItemResult, Timing, Usage
+from service.protocol import ItemResult, Timing, Usage
 from service.queue.base import JobQueue
 
 log = logging.getLogger(__name__)
@@ -73,46 +73,34 @@ class Worker:
     async def _score(self, job: Job) -> ItemResult:
         model, started = self.model, time.time()
         self._metrics.queue_wait.labels(model.name).observe(max(0.0, started - job.enqueued_at))
-        base = ItemResult(id=job.item.id, index=job.index)
         if started > job.deadline:
             self._metrics.jobs.labels(model.name, "expired").inc()
-            return base.model_copy(
-                update={"error": _error("timeout", "deadline passed before scoring began")}
-            )
+            return error_result(job, "timeout", "deadline passed before scoring began")
         try:
             reward = await model.score(job.item, RequestOptions(aggregate=job.aggregate))
         except ItemError as exc:
             self._metrics.jobs.labels(model.name, "item_error").inc()
-            return base.model_copy(update={"error": _error(exc.code, exc.message)})
+            return error_result(job, exc.code, exc.message)
         except Exception as exc:
             self._metrics.jobs.labels(model.name, "failed").inc()
             log.exception("scoring job %s on %s failed", job.id, model.name)
             if type(exc).__name__ == "EngineDeadError":
                 self.failure = f"the vLLM engine died: {exc}"
                 self._stopping.set()
-            return base.model_copy(
-                update={
-                    "error": _error(
-                        "internal_error", f"scoring failed: {type(exc).__name__}: {exc}"
-                    )
-                }
-            )
+            message = f"scoring failed: {type(exc).__name__}: {exc}"
+            return error_result(job, "internal_error", message)
         finished = time.time()
         self._metrics.jobs.labels(model.name, "ok").inc()
         self._metrics.job_duration.labels(model.name, model.kind).observe(finished - started)
         self._metrics.prompt_tokens.labels(model.name).inc(reward.prompt_tokens)
-        return base.model_copy(
-            update={
-                "score": reward.score,
-                "scores": reward.scores,
-                "step_scores": reward.step_scores,
-                "usage": Usage(
-                    prompt_tokens=reward.prompt_tokens, truncated_tokens=reward.truncated_tokens
-                ),
-                "timing": Timing(queue_s=started - job.enqueued_at, compute_s=finished - started),
-            }
+        return ItemResult(
+            id=job.item.id,
+            index=job.index,
+            score=reward.score,
+            scores=reward.scores,
+            step_scores=reward.step_scores,
+            usage=Usage(
+                prompt_tokens=reward.prompt_tokens, truncated_tokens=reward.truncated_tokens
+            ),
+            timing=Timing(queue_s=started - job.enqueued_at, compute_s=finished - started),
         )
-
-
-def _error(code: str, message: str) -> ItemErrorBody:
-    return ItemErrorBody(type=code, message=message)

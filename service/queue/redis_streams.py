@@ -30,8 +30,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs import Job
-from service.protocol import ItemErrorBody, ItemResult
+from service.jobs import Job, error_result
+from service.protocol import ItemResult
 from service.queue.base import QueueFullError, QueueUnavailableError
 from service.queue.inbox import Inboxes
 
@@ -181,11 +181,16 @@ class StreamQueue:
         if not entries:
             return []
         counts = await self._delivery_counts(model, [entry_id for entry_id, _ in entries])
+        parsed = [
+            Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
+            for entry_id, fields in entries
+        ]
+        stored_results: list[Any] = await _available(
+            self._redis.mget([result_key(job.id) for job in parsed])
+        )
         jobs: list[Job] = []
-        for entry_id, fields in entries:
-            job = Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
+        for (entry_id, fields), job, stored in zip(entries, parsed, stored_results, strict=True):
             deliveries = counts.get(entry_id, 1)
-            stored = await _available(self._redis.get(result_key(job.id)))
             if stored is not None:
                 await self._finish(job, ItemResult.model_validate_json(stored))
             elif deliveries > self._settings.max_deliveries:
@@ -217,10 +222,8 @@ class StreamQueue:
             self._redis.xadd(dead_key(job.model), {"job": payload, "reason": reason}, maxlen=10_000)
         )
         log.error("job %s of %s dead-lettered: %s", job.id, job.model, reason)
-        error = ItemErrorBody(
-            type="dead_lettered", message=f"the item could not be scored: {reason}"
-        )
-        await self._finish(job, ItemResult(id=job.item.id, index=job.index, error=error))
+        message = f"the item could not be scored: {reason}"
+        await self._finish(job, error_result(job, "dead_lettered", message))
 
     async def complete(self, job: Job, result: ItemResult) -> None:
         await self._finish(job, result)

@@ -4,8 +4,10 @@ idempotent redelivery, capacity, heartbeats, and Redis going away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -46,21 +48,31 @@ async def serve(worker: StreamQueue, taken: Counter[str], stop: asyncio.Event) -
             await worker.complete(job, ItemResult(index=job.index, score=float(job.index)))
 
 
+@contextlib.asynccontextmanager
+async def serving(*workers: StreamQueue) -> AsyncIterator[Counter[str]]:
+    """Run `serve` for each worker; yield how many jobs each took; stop and close them."""
+    taken: Counter[str] = Counter()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(serve(worker, taken, stop)) for worker in workers]
+    try:
+        yield taken
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for worker in workers:
+            await worker.close()
+
+
 async def test_two_workers_share_a_batch_and_every_item_is_answered_once(redis_url: str) -> None:
     gateway = StreamQueue.from_url(redis_url, FAST)
     workers = [StreamQueue.from_url(redis_url, FAST, name=f"w{i}") for i in range(2)]
     batch = jobs("a", 200)
     await gateway.enqueue(batch)
-    taken: Counter[str] = Counter()
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(w, taken, stop)) for w in workers]
-    got = await gather(gateway, batch)
-    stop.set()
-    await asyncio.gather(*tasks)
+    async with serving(*workers) as taken:
+        got = await gather(gateway, batch)
     assert got == Counter({job.id: 1 for job in batch})
     assert taken["w0"] > 0 and taken["w1"] > 0 and sum(taken.values()) == 200
-    for queue in (gateway, *workers):
-        await queue.close()
+    await gateway.close()
 
 
 async def test_jobs_of_a_dead_consumer_are_reclaimed(redis_url: str) -> None:
@@ -70,19 +82,13 @@ async def test_jobs_of_a_dead_consumer_are_reclaimed(redis_url: str) -> None:
     dead = StreamQueue.from_url(redis_url, FAST, name="dead")
     assert len(await dead.fetch("m", 5, wait_s=0.1)) == 5
     await dead.close()  # like kill -9: the 5 entries stay pending, unacknowledged
-    survivor = StreamQueue.from_url(redis_url, FAST, name="survivor")
-    taken: Counter[str] = Counter()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(survivor, taken, stop))
     started = time.monotonic()
-    got = await gather(gateway, batch)
-    stop.set()
-    await task
+    async with serving(StreamQueue.from_url(redis_url, FAST, name="survivor")) as taken:
+        got = await gather(gateway, batch)
     assert got == Counter({job.id: 1 for job in batch})
     assert taken["survivor"] == 20
     assert time.monotonic() - started < FAST.reclaim_idle_s + 3
     await gateway.close()
-    await survivor.close()
 
 
 async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> None:
@@ -96,16 +102,11 @@ async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> No
         fetched = await crashing.fetch("m", 1, wait_s=0.1)
         assert [job.index for job in fetched] == [0]
         await crashing.close()
-    healthy = StreamQueue.from_url(redis_url, FAST, name="healthy")
-    taken: Counter[str] = Counter()
-    stop = asyncio.Event()
     await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
-    task = asyncio.create_task(serve(healthy, taken, stop))
     results = {}
-    async for job_id, result in gateway.results([j.id for j in batch], time.time() + 10):
-        results[job_id] = result
-    stop.set()
-    await task
+    async with serving(StreamQueue.from_url(redis_url, FAST, name="healthy")):
+        async for job_id, result in gateway.results([j.id for j in batch], time.time() + 10):
+            results[job_id] = result
     assert set(results) == {job.id for job in batch}
     poisoned = results["a:0"]
     assert poisoned.error is not None and poisoned.error.type == "dead_lettered"
@@ -114,7 +115,6 @@ async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> No
     (letter,) = await gateway.dead_letters("m")
     assert '"id":"a:0"' in letter["job"] and "delivered 3 times" in letter["reason"]
     await gateway.close()
-    await healthy.close()
 
 
 async def test_a_redelivered_job_with_a_stored_result_is_not_scored_again(redis_url: str) -> None:
