@@ -1,19 +1,55 @@
 """Async batch jobs: submit a big batch, get an id at once, poll or stream its results.
 
-Results are kept in the process for `ttl_s` after the batch finishes (embedded mode).
+Two stores behind one interface. Embedded mode keeps batches in the process. Distributed mode
+keeps each batch in a Redis stream (`rmserve:batch:<id>`: a header entry, then one entry per
+result, appended by the worker that scored it), so any gateway answers for any batch and a
+batch survives the gateway that accepted it. Results are kept for `ttl_s` after the batch is
+done (Redis: after its deadline, when it is done at the latest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from service.errors import NotFound
-from service.protocol import BatchStatus, ItemResult
+import redis.asyncio as aioredis
+
+from service.errors import NotFound, Unavailable
+from service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
+from service.queue.base import QueueUnavailableError
+from service.queue.redis_streams import available, batch_key
 from service.scoring import ScoringService, Submission
+
+
+class BatchStore(Protocol):
+    async def start(self, request: ScoreRequest) -> BatchStatus:
+        """Check and enqueue the batch (ApiError before any work), return its id."""
+        ...
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """Progress and the results so far, in item order; NotFound when unknown/expired."""
+        ...
+
+    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
+        """NotFound at once when unknown; else every result: those in, then each as it ends."""
+        ...
+
+
+def new_batch_id() -> str:
+    return f"batch-{uuid.uuid4().hex}"
+
+
+def _not_found(batch_id: str) -> NotFound:
+    return NotFound(f"no batch {batch_id!r} (unknown, or its results expired)", param="id")
+
+
+# -- embedded mode -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -36,22 +72,23 @@ class Batch:
         )
 
 
-class BatchStore:
-    def __init__(self, scoring: ScoringService, ttl_s: float) -> None:
-        self._scoring = scoring
-        self._ttl_s = ttl_s
+class MemoryBatchStore:
+    def __init__(self, scoring: ScoringService, limit: int, ttl_s: float) -> None:
+        self._scoring, self._limit, self._ttl_s = scoring, limit, ttl_s
         self._batches: dict[str, Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, model: str, submission: Submission) -> Batch:
+    async def start(self, request: ScoreRequest) -> BatchStatus:
         self._expire()
-        total = len(submission.jobs) + len(submission.cached)
-        batch = Batch(id=f"batch-{uuid.uuid4().hex}", model=model, total=total)
+        batch_id = new_batch_id()
+        jobs = self._scoring.prepare(request, self._limit, batch=batch_id)
+        submission = await self._scoring.enqueue(jobs)
+        batch = Batch(id=batch_id, model=request.model, total=len(jobs))
         self._batches[batch.id] = batch
         task = asyncio.create_task(self._collect(batch, submission))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return batch
+        return batch.status(with_results=False)
 
     async def _collect(self, batch: Batch, submission: Submission) -> None:
         try:
@@ -64,15 +101,20 @@ class BatchStore:
                 batch.finished_at = time.monotonic()
                 batch.changed.notify_all()
 
-    def get(self, batch_id: str) -> Batch:
+    def _get(self, batch_id: str) -> Batch:
         self._expire()
         batch = self._batches.get(batch_id)
         if batch is None:
-            raise NotFound(f"no batch {batch_id!r} (unknown, or its results expired)", param="id")
+            raise _not_found(batch_id)
         return batch
 
-    async def follow(self, batch: Batch) -> AsyncIterator[ItemResult]:
-        """Every result of the batch: those already in, then each as it finishes."""
+    async def status(self, batch_id: str) -> BatchStatus:
+        return self._get(batch_id).status(with_results=True)
+
+    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
+        return self._follow(self._get(batch_id))
+
+    async def _follow(self, batch: Batch) -> AsyncIterator[ItemResult]:
         sent = 0
 
         def more_or_done() -> bool:
@@ -95,3 +137,143 @@ class BatchStore:
             if b.finished_at is not None and now - b.finished_at > self._ttl_s
         ]:  # fmt: skip
             del self._batches[batch_id]
+
+
+# -- distributed mode ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """What a batch stream holds: its header and the results read so far (first per index)."""
+
+    id: str
+    model: str
+    ids: list[str | None]
+    deadline: float
+    results: dict[int, ItemResult] = field(default_factory=dict)
+    last_entry: str = "0-0"
+
+    @classmethod
+    def parse(cls, batch_id: str, entries: list[Any]) -> _Record:
+        if not entries or b"header" not in entries[0][1]:
+            raise _not_found(batch_id)
+        header = json.loads(entries[0][1][b"header"])
+        record = cls(batch_id, header["model"], header["ids"], header["deadline"])
+        record.last_entry = _text(entries[0][0])
+        record.add(entries[1:])
+        return record
+
+    def add(self, entries: list[Any]) -> list[ItemResult]:
+        new = []
+        for entry_id, fields in entries:
+            self.last_entry = _text(entry_id)
+            result = ItemResult.model_validate_json(fields[b"result"])
+            if result.index not in self.results:  # a duplicate could only come from a retry
+                self.results[result.index] = result
+                new.append(result)
+        return new
+
+    @property
+    def total(self) -> int:
+        return len(self.ids)
+
+    def done(self) -> bool:
+        return len(self.results) == self.total or time.time() > self.deadline
+
+    def timed_out(self) -> list[ItemResult]:
+        """Items with no result once the deadline passed."""
+        if time.time() <= self.deadline:
+            return []
+        return [
+            ItemResult(
+                id=item_id,
+                index=index,
+                error=ItemErrorBody(type="timeout", message="the item was not scored in time"),
+            )
+            for index, item_id in enumerate(self.ids)
+            if index not in self.results
+        ]
+
+    def status(self) -> BatchStatus:
+        results = sorted([*self.results.values(), *self.timed_out()], key=lambda r: r.index)
+        return BatchStatus(
+            id=self.id,
+            model=self.model,
+            status="done" if self.done() else "running",
+            total=self.total,
+            finished=len(results),
+            results=results,
+        )
+
+
+class RedisBatchStore:
+    # The longest a follower blocks on the batch stream before checking the deadline again.
+    BLOCK_S = 5.0
+
+    def __init__(
+        self, client: aioredis.Redis, scoring: ScoringService, limit: int, ttl_s: float
+    ) -> None:
+        self._redis, self._scoring, self._limit, self._ttl_s = client, scoring, limit, ttl_s
+
+    async def start(self, request: ScoreRequest) -> BatchStatus:
+        batch_id = new_batch_id()
+        jobs = self._scoring.prepare(request, self._limit, batch=batch_id)
+        key, deadline = batch_key(batch_id), jobs[0].deadline
+        header = {"model": request.model, "deadline": deadline, "ids": [j.item.id for j in jobs]}
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(key, {"header": json.dumps(header)})
+        pipe.expire(key, math.ceil(deadline - time.time() + self._ttl_s))
+        await self._call(pipe.execute())  # the stream exists before any worker appends to it
+        try:
+            submission = await self._scoring.enqueue(jobs)
+        except BaseException:
+            await self._redis.delete(key)
+            raise
+        if submission.cached:
+            pipe = self._redis.pipeline(transaction=False)
+            for result in submission.cached:
+                pipe.xadd(key, {"result": result.model_dump_json()}, nomkstream=True)
+            await self._call(pipe.execute())
+        return BatchStatus(
+            id=batch_id,
+            model=request.model,
+            status="running",
+            total=len(jobs),
+            finished=len(submission.cached),
+        )
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        return (await self._read(batch_id)).status()
+
+    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
+        return self._follow(await self._read(batch_id))
+
+    async def _follow(self, record: _Record) -> AsyncIterator[ItemResult]:
+        for result in list(record.results.values()):
+            yield result
+        key = batch_key(record.id)
+        while not record.done():
+            block_s = min(self.BLOCK_S, max(0.001, record.deadline - time.time()))
+            reply: Any = await self._call(
+                self._redis.xread({key: record.last_entry}, count=1000, block=int(block_s * 1000))
+            )
+            for _key, entries in reply or []:
+                for result in record.add(entries):
+                    yield result
+        for result in record.timed_out():
+            yield result
+
+    async def _read(self, batch_id: str) -> _Record:
+        entries: Any = await self._call(self._redis.xrange(batch_key(batch_id)))
+        return _Record.parse(batch_id, entries)
+
+    @staticmethod
+    async def _call(call: Any) -> Any:
+        try:
+            return await available(call)
+        except QueueUnavailableError as exc:
+            raise Unavailable(f"the batch store is unreachable: {exc}") from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -7,15 +7,21 @@ Only results without an error are kept, for `ttl_s` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
 
 from models.spec import ModelSpec
 from service.jobs import Job
 from service.protocol import ItemResult
+from service.queue.base import QueueUnavailableError
+from service.queue.redis_streams import available
 
 
 def cache_key(spec: ModelSpec, job: Job) -> str:
@@ -29,6 +35,14 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
     }
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "rmserve:cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResultCache(Protocol):
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ItemResult]: ...
+
+    async def put_many(self, results: dict[str, ItemResult]) -> None:
+        """Keep the results that have no error."""
+        ...
 
 
 class MemoryResultCache:
@@ -56,3 +70,28 @@ class MemoryResultCache:
                 self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+class RedisResultCache:
+    """Shared by all gateways of distributed mode; Redis expires the entries."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: float) -> None:
+        self._redis, self._ttl_ms = client, max(1, int(ttl_s * 1000))
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ItemResult]:
+        if not keys:
+            return {}
+        values: list[Any] = await available(self._redis.mget(list(keys)))
+        return {
+            key: ItemResult.model_validate_json(value)
+            for key, value in zip(keys, values, strict=True)
+            if value is not None
+        }
+
+    async def put_many(self, results: dict[str, ItemResult]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, result in results.items():
+            if result.error is None:
+                pipe.set(key, result.model_dump_json(), px=self._ttl_ms)
+        with contextlib.suppress(QueueUnavailableError):  # costs a recomputation later, no more
+            await available(pipe.execute())

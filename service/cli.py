@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from models.spec import RegistryError, load_registry
 from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER_PORT = 8001
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     _server_flags(serve)
     serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+    gateway = commands.add_parser(
+        "gateway", help="distributed mode: a stateless HTTP gateway in front of Redis"
+    )
+    _server_flags(gateway)
+    _distributed_flags(gateway)
+
+    worker = commands.add_parser(
+        "worker", help="distributed mode: a worker hosting one model of the registry"
+    )
+    worker.add_argument("--model", required=True, help="the registry name of the model")
+    _server_flags(worker, port_help=f"health and metrics port (default {WORKER_PORT})")
+    _distributed_flags(worker)
 
     demo = commands.add_parser(
         "demo", help="start the embedded service, score the example trajectories, print rewards"
@@ -65,26 +80,36 @@ def main(argv: list[str] | None = None) -> int:
             f"error: invalid settings (RMSERVE_* environment or flags): {problems}", file=sys.stderr
         )
         return 2
-    if args.command == "serve":
-        return _serve(settings)
+    if args.command in ("serve", "gateway", "worker"):
+        return _run_server(args, settings)
     from service.demo import run_demo
 
     return run_demo(settings, args.port, args.examples, args.load_timeout_s)
 
 
-def _server_flags(parser: argparse.ArgumentParser) -> None:
+def _server_flags(parser: argparse.ArgumentParser, port_help: str = "HTTP port") -> None:
     parser.add_argument(
         "--registry", type=Path, help="model registry YAML (default: RMSERVE_REGISTRY)"
     )
     parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
+    parser.add_argument("--port", type=int, help=port_help)
+
+
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url", help="e.g. redis://:password@redis:6379/0 (default: RMSERVE_REDIS_URL)"
+    )
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         key: getattr(args, key, None)
-        for key in ("registry", "host", "port", "log_json", "log_level")
+        for key in ("registry", "host", "port", "log_json", "log_level", "redis_url")
     }
+    if args.command == "worker" and args.port is None and "RMSERVE_PORT" not in os.environ:
+        overrides["port"] = WORKER_PORT  # beside a gateway on its default port
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
 
@@ -99,9 +124,11 @@ def _check_registry(path: Path) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> int:
+def _run_server(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve` (embedded), `gateway` or `worker`: build the app, run it until SIGTERM."""
     import uvicorn
 
+    from service.distributed import GatewayRuntime, WorkerRuntime
     from service.embedded import EmbeddedRuntime
     from service.logs import configure_logging
 
@@ -111,7 +138,21 @@ def _serve(settings: Settings) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = EmbeddedRuntime(settings, registry).app()
+    if args.command != "serve" and not settings.redis_url:
+        print(f"error: rmserve {args.command} needs --redis-url or RMSERVE_REDIS_URL",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.command == "serve":
+        app = EmbeddedRuntime(settings, registry).app()
+    elif args.command == "gateway":
+        app = GatewayRuntime(settings, registry).app()
+    elif args.model not in registry.models:
+        known = ", ".join(sorted(registry.models)) or "none"
+        print(f"error: model {args.model!r} is not in {settings.registry} (models: {known})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    else:
+        app = WorkerRuntime(settings, registry.models[args.model]).app()
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     result_cache_ttl_s: float = Field(default=0.0, ge=0)
     result_cache_max_entries: int = Field(default=100_000, ge=1)
 
+    # Distributed mode (`rmserve gateway`, `rmserve worker`): the Redis that joins them, e.g.
+    # redis://:password@redis:6379/0 (rediss:// for TLS). `rmserve serve` ignores it.
+    redis_url: str | None = None
+    # A job delivered this many times without a result (its workers died) is dead-lettered.
+    max_deliveries: int = Field(default=3, ge=1)
+    # A job held this long by a worker that stopped renewing it (it died) goes to another.
+    reclaim_idle_s: float = Field(default=60.0, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -14,6 +14,8 @@ class ModelEntry:
     spec: ModelSpec
     status: ModelStatus = "loading"
     reason: str | None = None
+    # Distributed mode: live workers serving the model; None in embedded mode.
+    workers: int | None = None
 
 
 class ModelDirectory:
@@ -23,14 +25,23 @@ class ModelDirectory:
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)
 
+    def spec(self, name: str) -> ModelSpec:
+        return self._entries[name].spec
+
     def names(self) -> list[str]:
         return list(self._entries)
 
     def mark_ready(self, name: str) -> None:
-        self._entries[name].status, self._entries[name].reason = "ready", None
+        self.set(name, "ready")
 
     def mark_unavailable(self, name: str, reason: str) -> None:
-        self._entries[name].status, self._entries[name].reason = "unavailable", reason
+        self.set(name, "unavailable", reason)
+
+    def set(
+        self, name: str, status: ModelStatus, reason: str | None = None, workers: int | None = None
+    ) -> None:
+        entry = self._entries[name]
+        entry.status, entry.reason, entry.workers = status, reason, workers
 
     def infos(self) -> list[ModelInfo]:
         return [
@@ -42,6 +53,7 @@ class ModelDirectory:
                 weights=entry.spec.weights,
                 revision=entry.spec.revision,
                 max_model_len=entry.spec.engine.max_model_len,
+                workers=entry.workers,
             )
             for name, entry in self._entries.items()
         ]

@@ -18,6 +18,7 @@ from models.base import RewardModel
 from models.errors import ModelLoadError
 from models.loader import load_model
 from models.spec import ModelSpec, Registry
+from service.cache import MemoryResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.gateway import create_app
@@ -36,13 +37,23 @@ class EmbeddedRuntime:
         self.directory = ModelDirectory(registry.models.values())
         self.queue = InProcessQueue(settings.queue_capacity)
         self.metrics = Metrics()
+        self.cache = (
+            MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
+            if settings.result_cache_ttl_s > 0
+            else None
+        )
         self._workers: dict[str, Worker] = {}
         self._loader: asyncio.Task[None] | None = None
         self._supervisors: list[asyncio.Task[None]] = []
 
     def app(self) -> FastAPI:
         return create_app(
-            self.settings, self.queue, self.directory, self.metrics, lifespan=self.lifespan
+            self.settings,
+            self.queue,
+            self.directory,
+            self.metrics,
+            cache=self.cache,
+            lifespan=self.lifespan,
         )
 
     @asynccontextmanager
@@ -78,7 +89,9 @@ class EmbeddedRuntime:
         return None
 
     def _start_worker(self, model: RewardModel) -> None:
-        worker = Worker(model, self.queue, self.metrics, self.settings.worker_concurrency)
+        worker = Worker(
+            model, self.queue, self.metrics, self.settings.worker_concurrency, self.cache
+        )
         self._workers[model.name] = worker
         self._supervisors.append(asyncio.create_task(self._supervise(worker)))
 
@@ -92,10 +105,12 @@ class EmbeddedRuntime:
             self.directory.mark_unavailable(worker.model.name, worker.failure)
             self.metrics.model_ready.labels(worker.model.name).set(0)
             log.error("model %s taken out of service: %s", worker.model.name, worker.failure)
+            await self.queue.release(worker.abandoned + await worker.stop(grace_s=0))
             await self._fail_queued(worker.model.name, worker.failure)
 
     async def _fail_queued(self, model: str, reason: str) -> None:
-        """Answer jobs still queued for a model that left service, instead of letting them wait."""
+        """Answer jobs of a model that left service (queued, or abandoned when its engine
+        died), instead of letting them wait: no other worker serves it in this process."""
         message = f"model {model!r} is unavailable: {reason}"
         while jobs := await self.queue.fetch(model, 1024, wait_s=0.01):
             for job in jobs:

@@ -13,8 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import api_key_check
-from service.batches import BatchStore
-from service.cache import MemoryResultCache
+from service.batches import BatchStore, MemoryBatchStore
+from service.cache import ResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
@@ -35,8 +35,15 @@ def create_app(
     queue: JobQueue,
     directory: ModelDirectory,
     metrics: Metrics,
+    *,
+    cache: ResultCache | None = None,
+    batches: Callable[[ScoringService], BatchStore] | None = None,
     lifespan: Lifespan | None = None,
+    wait_for_models: bool = True,
 ) -> FastAPI:
+    """The gateway's routes. `batches` makes the async batch store (default: in the process);
+    `wait_for_models`: /readyz fails while a model loads (embedded mode) or only when the
+    queue is unreachable (a distributed gateway serves whichever models have workers)."""
     app = FastAPI(
         title="rmserve",
         summary="Reward-model inference: score agent trajectories with reward models on vLLM.",
@@ -44,11 +51,6 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    cache = (
-        MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
-        if settings.result_cache_ttl_s > 0
-        else None
-    )
     scoring = ScoringService(settings, queue, directory, metrics, cache)
     authenticated = [Depends(api_key_check(settings.api_keys))]
 
@@ -73,7 +75,11 @@ def create_app(
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    batches = BatchStore(scoring, settings.batch_result_ttl_s)
+    store = (
+        batches(scoring)
+        if batches is not None
+        else MemoryBatchStore(scoring, settings.max_items_per_batch, settings.batch_result_ttl_s)
+    )
 
     @app.post(
         "/v1/jobs", status_code=202, responses=_ERRORS, tags=["jobs"], dependencies=authenticated
@@ -82,15 +88,14 @@ def create_app(
         """Score a big batch in the background: answers 202 with the batch id at once. Poll
         GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/stream; results are kept for
         batch_result_ttl_s after the batch is done."""
-        submission = await scoring.submit(request, limit=settings.max_items_per_batch)
-        batch = batches.start(request.model, submission)
-        response.headers["Location"] = f"/v1/jobs/{batch.id}"
-        return batch.status(with_results=False)
+        status = await store.start(request)
+        response.headers["Location"] = f"/v1/jobs/{status.id}"
+        return status
 
     @app.get("/v1/jobs/{batch_id}", responses=_ERRORS, tags=["jobs"], dependencies=authenticated)
     async def batch_status(batch_id: str) -> BatchStatus:
         """Progress of a batch and the results finished so far (in item order)."""
-        return batches.get(batch_id).status(with_results=True)
+        return await store.status(batch_id)
 
     @app.get(
         "/v1/jobs/{batch_id}/stream",
@@ -100,10 +105,10 @@ def create_app(
     )
     async def batch_stream(batch_id: str) -> StreamingResponse:
         """All results of a batch as NDJSON: those finished already, then each as it finishes."""
-        batch = batches.get(batch_id)
+        results = await store.follow(batch_id)
 
         async def lines() -> AsyncIterator[bytes]:
-            async for result in batches.follow(batch):
+            async for result in results:
                 yield result.model_dump_json().encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -120,13 +125,15 @@ def create_app(
 
     @app.get("/readyz", responses={503: {"model": ErrorBody}}, tags=["health"])
     async def readyz() -> dict[str, Any]:
-        """Ready to serve (readiness): the queue answers, no model is still loading, and at
-        least one model is ready."""
+        """Ready to serve (readiness): the queue answers and (embedded mode) no model is still
+        loading and at least one model is ready."""
         try:
             await queue.ping()
         except QueueUnavailableError as exc:
             raise Unavailable(f"the job queue is unreachable: {exc}") from None
         states = {info.name: info.status for info in directory.infos()}
+        if not wait_for_models:
+            return {"status": "ready", "models": states}
         loading = [name for name, status in states.items() if status == "loading"]
         if loading:
             raise Unavailable(f"models still loading: {', '.join(loading)}")

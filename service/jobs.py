@@ -20,6 +20,11 @@ class Job(BaseModel):
     aggregate: Aggregate | None = None
     # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
     reply_to: str | None = None
+    # The async batch (POST /v1/jobs) the job belongs to. With Redis, the worker appends the
+    # result to the batch's record itself, so a batch outlives the gateway that accepted it.
+    batch: str | None = None
+    # Where the worker caches the result (result cache on); None: not cached.
+    cache_key: str | None = None
     # The queue's handle for acknowledging this delivery (a stream entry id); not serialized.
     receipt: str | None = Field(default=None, exclude=True)
 

@@ -1,22 +1,24 @@
-"""Run `rmserve serve` as a child process on a loopback port and wait for its models.
+"""Run rmserve (`serve`, `gateway`, `worker`) and redis-server as child processes on loopback.
 
-Used by `rmserve demo`, the end-to-end tests and the benchmark: each is an HTTP client of a
-server started exactly as an operator would start it.
+Used by `rmserve demo`, the end-to-end tests and the benchmarks: each is an HTTP client of
+servers started exactly as an operator would start them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 
 class ServerFailed(RuntimeError):
@@ -31,24 +33,28 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """`rmserve <command> --registry REGISTRY [args]` on a free (or the given) loopback port."""
+
     def __init__(
         self,
         registry: Path,
         log_path: Path,
         *,
+        command: str = "serve",
+        args: Sequence[str] = (),
         port: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [
-            sys.executable, "-m", "service.cli", "serve", "--registry", str(registry),
-            "--host", "127.0.0.1", "--port", str(self.port),
+        argv = [
+            sys.executable, "-m", "service.cli", command, "--registry", str(registry),
+            "--host", "127.0.0.1", "--port", str(self.port), *args,
         ]  # fmt: skip
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -57,6 +63,27 @@ class ServerProcess:
         except OSError:
             return "(no server log)"
 
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ServerFailed(
+                f"the server exited with code {self.process.returncode}; "
+                f"last log lines:\n{self.log_tail()}"
+            )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until GET /readyz answers 200 (a worker: its model is loaded)."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.base_url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+        raise ServerFailed(f"not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
     def wait_settled(
         self, timeout_s: float, on_loading: Callable[[list[str]], None] | None = None
     ) -> list[dict[str, Any]]:
@@ -64,11 +91,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.base_url, timeout=5) as client:
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise ServerFailed(
-                        f"the server exited with code {self.process.returncode}; "
-                        f"last log lines:\n{self.log_tail()}"
-                    )
+                self._check_alive()
                 try:
                     models: list[dict[str, Any]] = client.get("/v1/models").json()["data"]
                 except httpx.TransportError:
@@ -94,6 +117,51 @@ class ServerProcess:
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in `workdir`, with AOF on (a restart
+    keeps the streams)."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; scripts/install.sh installs it")
+        self.workdir, self.binary = workdir, binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), "--appendonly", "yes", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def flush(self) -> None:
+        redis.Redis(port=self.port).flushall()
+
+    def __enter__(self) -> RedisServer:
+        self.start()
         return self
 
     def __exit__(self, *_: object) -> None:

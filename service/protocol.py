@@ -89,6 +89,8 @@ class ModelInfo(BaseModel):
     weights: str
     revision: str | None = None
     max_model_len: int
+    # Distributed mode: how many live workers serve the model.
+    workers: int | None = None
 
 
 class ModelList(BaseModel):

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.cache import MemoryResultCache, cache_key
+from service.cache import ResultCache, cache_key
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import (
@@ -26,11 +26,10 @@ from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
 
 @dataclass(frozen=True)
 class Submission:
-    """A checked request: the jobs enqueued, results found in the cache, and cache keys."""
+    """A checked request: the jobs enqueued, and the results found in the cache."""
 
     jobs: list[Job]
     cached: list[ItemResult]
-    keys: dict[str, str]
 
 
 class ScoringService:
@@ -40,7 +39,7 @@ class ScoringService:
         queue: JobQueue,
         directory: ModelDirectory,
         metrics: Metrics,
-        cache: MemoryResultCache | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
@@ -67,8 +66,14 @@ class ScoringService:
                 param="options.aggregate",
             )
 
-    async def submit(self, request: ScoreRequest, limit: int | None = None) -> Submission:
+    async def submit(self, request: ScoreRequest) -> Submission:
         """Check the request and enqueue one job per item; raise ApiError before any work."""
+        return await self.enqueue(self.prepare(request))
+
+    def prepare(
+        self, request: ScoreRequest, limit: int | None = None, batch: str | None = None
+    ) -> list[Job]:
+        """Check the request (ApiError if it cannot be served) and make one job per item."""
         self.check_model(request)
         limit = limit or self._settings.max_items_per_request
         if len(request.items) > limit:
@@ -80,7 +85,7 @@ class ScoringService:
             request.options.timeout_s or self._settings.default_timeout_s,
             self._settings.max_timeout_s,
         )
-        request_id = uuid.uuid4().hex
+        request_id = batch or uuid.uuid4().hex
         jobs = [
             Job(
                 id=f"{request_id}:{index}",
@@ -90,11 +95,21 @@ class ScoringService:
                 enqueued_at=now,
                 deadline=now + timeout,
                 aggregate=request.options.aggregate,
+                batch=batch,
             )
             for index, item in enumerate(request.items)
         ]
-        jobs, cached, keys = await self._from_cache(request.model, jobs)
+        if self._cache is not None:  # the worker caches what it scores under this key
+            spec = self._directory.spec(request.model)
+            for job in jobs:
+                job.cache_key = cache_key(spec, job)
+        return jobs
+
+    async def enqueue(self, jobs: list[Job]) -> Submission:
+        """Answer what the cache knows, enqueue the rest (all or none)."""
+        model = jobs[0].model
         try:
+            jobs, cached = await self._from_cache(jobs)
             await self._queue.enqueue(jobs)
         except QueueFullError as exc:
             raise QueueFull(
@@ -102,25 +117,22 @@ class ScoringService:
             ) from None
         except QueueUnavailableError as exc:
             raise Unavailable(f"the job queue is unreachable: {exc}") from None
-        self._metrics.jobs_enqueued.labels(request.model).inc(len(jobs))
-        return Submission(jobs, cached, keys)
+        self._metrics.jobs_enqueued.labels(model).inc(len(jobs))
+        return Submission(jobs, cached)
 
-    async def _from_cache(
-        self, model: str, jobs: list[Job]
-    ) -> tuple[list[Job], list[ItemResult], dict[str, str]]:
-        entry = self._directory.get(model)
-        if self._cache is None or entry is None:
-            return jobs, [], {}
-        keys = {job.id: cache_key(entry.spec, job) for job in jobs}
-        hits = await self._cache.get_many(list(keys.values()))
+    async def _from_cache(self, jobs: list[Job]) -> tuple[list[Job], list[ItemResult]]:
+        keys = [job.cache_key for job in jobs if job.cache_key is not None]
+        if self._cache is None or not keys:
+            return jobs, []
+        hits = await self._cache.get_many(keys)
         cached = [
-            hits[keys[job.id]].model_copy(
+            hits[job.cache_key].model_copy(
                 update={"id": job.item.id, "index": job.index, "cached": True}
             )
             for job in jobs
-            if keys[job.id] in hits
+            if job.cache_key in hits
         ]
-        return [job for job in jobs if keys[job.id] not in hits], cached, keys
+        return [job for job in jobs if job.cache_key not in hits], cached
 
     async def stream(self, submission: Submission) -> AsyncIterator[ItemResult]:
         """Cached results first, then the rest in the order they finish; items not done by the
@@ -130,19 +142,14 @@ class ScoringService:
         pending = {job.id: job for job in submission.jobs}
         if not pending:
             return
-        fresh: dict[str, ItemResult] = {}
         async with contextlib.aclosing(
             self._queue.results(list(pending), submission.jobs[0].deadline)
         ) as finished:
             async for job_id, result in finished:
                 pending.pop(job_id, None)
-                if job_id in submission.keys:
-                    fresh[submission.keys[job_id]] = result
                 yield result
         for job in pending.values():
             yield _timed_out(job)
-        if self._cache is not None and fresh:
-            await self._cache.put_many(fresh)
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         results = [result async for result in self.stream(await self.submit(request))]

@@ -2,6 +2,8 @@
 
 It keeps up to `concurrency` jobs in flight and hands each to the model at once; the vLLM engine
 batches whatever is in flight (continuous batching), so the worker never forms batches itself.
+A job is never lost by the worker: it ends with a result, or it is handed back unscored (the
+engine died under it, or the drain grace ran out) for the runtime to release or answer.
 """
 
 from __future__ import annotations
@@ -12,30 +14,42 @@ import time
 
 from models.base import RequestOptions, RewardModel
 from models.errors import ItemError
+from service.cache import ResultCache
 from service.jobs import Job, error_result
 from service.metrics import Metrics
 from service.protocol import ItemResult, Timing, Usage
-from service.queue.base import JobQueue
+from service.queue.base import JobQueue, QueueUnavailableError
 
 log = logging.getLogger(__name__)
 
+STORE_ATTEMPTS = 5
+
 
 class EngineFailure(Exception):
-    """The model's engine died; the model must be taken out of service."""
+    """The model's engine died under a job; the job was not scored."""
 
 
 class Worker:
     def __init__(
-        self, model: RewardModel, queue: JobQueue, metrics: Metrics, concurrency: int
+        self,
+        model: RewardModel,
+        queue: JobQueue,
+        metrics: Metrics,
+        concurrency: int,
+        cache: ResultCache | None = None,
     ) -> None:
         self.model = model
         self._queue = queue
+        self._cache = cache
         self._metrics = metrics
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], Job] = {}
         self._stopping = asyncio.Event()
         self.failure: str | None = None
+        # Jobs not scored because the engine died under them.
+        self.abandoned: list[Job] = []
+        self._queue_down = False
 
     async def run(self) -> None:
         """Take jobs until stop() is called or the engine fails."""
@@ -49,26 +63,79 @@ class Worker:
                 for _ in range(reserved):
                     self._slots.release()
                 return
-            jobs = await self._queue.fetch(self.model.name, reserved, wait_s=0.5)
+            try:
+                jobs = await self._queue.fetch(self.model.name, reserved, wait_s=0.5)
+            except QueueUnavailableError as exc:
+                jobs = []
+                self._queue_lost(exc)
+                await asyncio.sleep(1.0)
+            else:
+                self._queue_back()
             for _ in range(reserved - len(jobs)):
                 self._slots.release()
+            if self._stopping.is_set():  # stop() came during the fetch: hand these back
+                await self._queue.release(jobs)
+                for _ in jobs:
+                    self._slots.release()
+                return
             for job in jobs:
                 task = asyncio.create_task(self._run_job(job))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+                self._in_flight[task] = job
+                task.add_done_callback(self._forget)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop taking jobs; give in-flight jobs `grace_s` seconds to finish."""
+    def _queue_lost(self, exc: Exception) -> None:
+        if not self._queue_down:
+            log.warning("the job queue is unreachable (%s); retrying", exc)
+        self._queue_down = True
+
+    def _queue_back(self) -> None:
+        if self._queue_down:
+            log.info("the job queue is back")
+        self._queue_down = False
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+
+    @property
+    def busy(self) -> int:
+        return len(self._in_flight)
+
+    async def stop(self, grace_s: float) -> list[Job]:
+        """Stop taking jobs; give in-flight jobs `grace_s` seconds to finish. Return the jobs
+        that did not (cancelled, unscored) for the caller to release."""
         self._stopping.set()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=grace_s)
+        unfinished = dict(self._in_flight)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        return list(unfinished.values())
 
     async def _run_job(self, job: Job) -> None:
         try:
             result = await self._score(job)
-            await self._queue.complete(job, result)
+        except EngineFailure:
+            self.abandoned.append(job)
+        else:  # cached first: a client retrying the moment it has the result finds it
+            if self._cache is not None and job.cache_key is not None and result.error is None:
+                await self._cache.put_many({job.cache_key: result})
+            await self._store(job, result)
         finally:
             self._slots.release()
+
+    async def _store(self, job: Job, result: ItemResult) -> None:
+        """Hand the result to the queue; ride out a short outage. A result that cannot be
+        stored is dropped: the queue redelivers the job (it was never acknowledged)."""
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                await self._queue.complete(job, result)
+                return
+            except QueueUnavailableError as exc:
+                if attempt == STORE_ATTEMPTS - 1:
+                    log.warning("result of job %s not stored (%s); it will be redone", job.id, exc)
+                    return
+                await asyncio.sleep(1.0)
 
     async def _score(self, job: Job) -> ItemResult:
         model, started = self.model, time.time()
@@ -82,11 +149,12 @@ class Worker:
             self._metrics.jobs.labels(model.name, "item_error").inc()
             return error_result(job, exc.code, exc.message)
         except Exception as exc:
-            self._metrics.jobs.labels(model.name, "failed").inc()
-            log.exception("scoring job %s on %s failed", job.id, model.name)
             if type(exc).__name__ == "EngineDeadError":
                 self.failure = f"the vLLM engine died: {exc}"
                 self._stopping.set()
+                raise EngineFailure(self.failure) from exc
+            self._metrics.jobs.labels(model.name, "failed").inc()
+            log.exception("scoring job %s on %s failed", job.id, model.name)
             message = f"scoring failed: {type(exc).__name__}: {exc}"
             return error_result(job, "internal_error", message)
         finished = time.time()

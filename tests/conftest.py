@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from models.tiny import make_tiny_models
-from service.launcher import ServerFailed, ServerProcess
-from tests.redis_server import RedisServer
+from service.launcher import RedisServer, ServerFailed, ServerProcess
 
 TESTS = Path(__file__).parent
 TINY_REGISTRY = TESTS / "registry.tiny.yaml"

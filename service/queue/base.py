@@ -45,6 +45,10 @@ class JobQueue(Protocol):
         """Store the result of a job and release it to the waiting gateway."""
         ...
 
+    async def release(self, jobs: Sequence[Job]) -> None:
+        """Give jobs back unscored (a worker stopping or failing), so that another takes them."""
+        ...
+
     async def ping(self) -> None:
         """Raise QueueUnavailableError when the backend cannot be reached."""
         ...

@@ -49,6 +49,10 @@ class InProcessQueue:
     async def complete(self, job: Job, result: ItemResult) -> None:
         self._inboxes.deliver(job.id, result)
 
+    async def release(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self._queue(job.model).put_nowait(job)
+
     def pending(self, model: str) -> int:
         return self._queue(model).qsize()
 

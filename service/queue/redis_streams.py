@@ -4,13 +4,15 @@
     rmserve:dead:<model>     dead-letter stream: jobs delivered more than max_deliveries times
     rmserve:result:<job id>  the result, stored (with a TTL) before the job is acknowledged
     rmserve:replies:<gw id>  pub/sub channel on which workers announce results to their gateway
+    rmserve:batch:<id>       stream of an async batch: a header entry, then each result
 
 A gateway enqueues all jobs of a request in one pipelined round trip and waits on its channel;
 a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of the result
 keys, so nothing waits forever. Workers read as many jobs as they have free slots, keep their
 in-flight entries fresh (XCLAIM JUSTID) so that nobody steals long jobs, and reclaim entries of
 dead consumers (XAUTOCLAIM) once idle longer than `reclaim_idle_s`. A stored result makes a
-redelivered job idempotent: it is answered from the store, not scored again.
+redelivered job idempotent: it is answered from the store, not scored again. A worker that
+drains on shutdown releases the jobs it could not finish (they become reclaimable at once).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class StreamSettings:
     # How often a waiting gateway checks the result store for announcements it missed.
     sweep_s: float = 2.0
 
+    @property
+    def reclaim_every_s(self) -> float:
+        """How often a worker looks for jobs to reclaim (dead consumers', released ones)."""
+        return min(self.reclaim_idle_s / 2, 5.0)
+
 
 def jobs_key(model: str) -> str:
     return f"rmserve:jobs:{model}"
@@ -61,6 +68,10 @@ def dead_key(model: str) -> str:
 
 def result_key(job_id: str) -> str:
     return f"rmserve:result:{job_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"rmserve:batch:{batch_id}"
 
 
 class StreamQueue:
@@ -75,6 +86,10 @@ class StreamQueue:
         self._in_flight: dict[str, dict[str, str]] = {}  # model -> receipt -> job id
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
 
     @classmethod
     def from_url(cls, url: str, settings: StreamSettings, name: str | None = None) -> StreamQueue:
@@ -92,16 +107,20 @@ class StreamQueue:
         await self._ensure_group(model)
         if await self._backlog(model) + len(jobs) > self._settings.capacity:
             raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
-        self._ensure_listener()
-        self._inboxes.open([job.id for job in jobs])
+        # Jobs of an async batch are recorded in the batch by the worker; nobody waits here.
+        waited = [job.id for job in jobs if job.batch is None]
+        if waited:
+            self._ensure_listener()
+            self._inboxes.open(waited)
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
-            payload = job.model_copy(update={"reply_to": self._channel}).model_dump_json()
+            reply_to = self._channel if job.batch is None else None
+            payload = job.model_copy(update={"reply_to": reply_to}).model_dump_json()
             pipe.xadd(jobs_key(model), {"job": payload}, maxlen=self._settings.capacity * 4)
         try:
-            await _available(pipe.execute())
+            await available(pipe.execute())
         except QueueUnavailableError:
-            self._inboxes.discard([job.id for job in jobs])
+            self._inboxes.discard(waited)
             raise
 
     def results(
@@ -111,7 +130,7 @@ class StreamQueue:
 
     async def _stored(self, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
         with contextlib.suppress(QueueUnavailableError):
-            values = await _available(self._redis.mget([result_key(j) for j in job_ids]))
+            values = await available(self._redis.mget([result_key(j) for j in job_ids]))
             return [
                 (job_id, ItemResult.model_validate_json(value))
                 for job_id, value in zip(job_ids, values, strict=True)
@@ -125,15 +144,21 @@ class StreamQueue:
 
     async def _listen(self) -> None:
         """Route result announcements on this gateway's channel to the waiting requests."""
+        lost = False
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
+                    if lost:
+                        log.info("result channel back")
+                    lost = False
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._route(message["data"])
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("result channel lost (%s); resubscribing", exc)
+                if not lost:
+                    log.warning("result channel lost (%s); resubscribing", exc)
+                lost = True
                 await asyncio.sleep(0.5)  # missed announcements are found by the sweep
 
     def _route(self, data: bytes) -> None:
@@ -148,32 +173,49 @@ class StreamQueue:
         await self._ensure_group(model)
         self._ensure_heartbeat()
         entries: list[tuple[str, dict[bytes, bytes]]] = []
-        if time.monotonic() - self._last_reclaim > self._settings.reclaim_idle_s / 2:
-            self._last_reclaim = time.monotonic()
-            entries += await self._reclaim(model, max_jobs)
-        if len(entries) < max_jobs:
-            response: Any = await _available(
-                self._redis.xreadgroup(
-                    GROUP,
-                    self.name,
-                    {jobs_key(model): ">"},
-                    count=max_jobs - len(entries),
-                    block=max(1, int(wait_s * 1000)),
+        try:
+            if time.monotonic() - self._last_reclaim > self._settings.reclaim_every_s:
+                self._last_reclaim = time.monotonic()
+                entries += await self._reclaim(model, max_jobs)
+            if len(entries) < max_jobs:
+                response: Any = await available(
+                    self._redis.xreadgroup(
+                        GROUP,
+                        self.name,
+                        {jobs_key(model): ">"},
+                        count=max_jobs - len(entries),
+                        block=max(1, int(wait_s * 1000)),
+                    )
                 )
-            )
-            for _stream, stream_entries in response or []:
-                entries += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
+                for _stream, stream_entries in response or []:
+                    entries += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the consumer group of %s vanished (Redis lost data?); recreating", model)
+            self._groups.discard(model)  # recreated by the next fetch
         return await self._accept(model, entries)
 
     async def _reclaim(self, model: str, max_jobs: int) -> list[tuple[str, dict[bytes, bytes]]]:
         idle_ms = int(self._settings.reclaim_idle_s * 1000)
-        reply: Any = await _available(
+        reply: Any = await available(
             self._redis.xautoclaim(jobs_key(model), GROUP, self.name, idle_ms, "0-0", max_jobs)
         )
         claimed = [(_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
         if claimed:
-            log.warning("reclaimed %d jobs of %s from dead consumers", len(claimed), model)
+            log.warning("reclaimed %d jobs of %s from stopped consumers", len(claimed), model)
+        await self._forget_dead_consumers(model)
         return claimed
+
+    async def _forget_dead_consumers(self, model: str) -> None:
+        """Remove consumers that hold nothing and have been silent for long (crashed workers
+        leave their names behind), so the group does not grow without bound."""
+        idle_ms = int(max(3600.0, 10 * self._settings.reclaim_idle_s) * 1000)
+        consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name != self.name and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, name))
 
     async def _accept(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
         """Jobs to score; entries past max_deliveries go to the dead-letter stream, entries
@@ -185,14 +227,14 @@ class StreamQueue:
             Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
             for entry_id, fields in entries
         ]
-        stored_results: list[Any] = await _available(
+        stored_results: list[Any] = await available(
             self._redis.mget([result_key(job.id) for job in parsed])
         )
         jobs: list[Job] = []
         for (entry_id, fields), job, stored in zip(entries, parsed, stored_results, strict=True):
             deliveries = counts.get(entry_id, 1)
-            if stored is not None:
-                await self._finish(job, ItemResult.model_validate_json(stored))
+            if stored is not None:  # already recorded in its batch, if any
+                await self._finish(job, ItemResult.model_validate_json(stored), record=False)
             elif deliveries > self._settings.max_deliveries:
                 await self._dead_letter(job, fields[b"job"], deliveries)
             else:
@@ -201,7 +243,7 @@ class StreamQueue:
         return jobs
 
     async def _delivery_counts(self, model: str, entry_ids: list[str]) -> dict[str, int]:
-        pending: Any = await _available(
+        pending: Any = await available(
             self._redis.xpending_range(
                 jobs_key(model),
                 GROUP,
@@ -218,27 +260,46 @@ class StreamQueue:
             f"delivered {deliveries} times (max_deliveries {self._settings.max_deliveries}); "
             "the worker failed each time"
         )
-        await _available(
+        await available(
             self._redis.xadd(dead_key(job.model), {"job": payload, "reason": reason}, maxlen=10_000)
         )
         log.error("job %s of %s dead-lettered: %s", job.id, job.model, reason)
         message = f"the item could not be scored: {reason}"
         await self._finish(job, error_result(job, "dead_lettered", message))
 
+    async def _finish(self, job: Job, result: ItemResult, record: bool = True) -> None:
+        """Store the result, record it in its batch, acknowledge and announce, atomically
+        (MULTI): a crash before redelivers the job; after, the stored result answers it."""
+        body = json.dumps(result.model_dump(mode="json"))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(result_key(job.id), body, ex=int(self._settings.result_ttl_s))
+        if record and job.batch is not None:  # NOMKSTREAM: an expired batch stays gone
+            pipe.xadd(batch_key(job.batch), {"result": body}, nomkstream=True)
+        pipe.xack(jobs_key(job.model), GROUP, job.receipt or "0-0")
+        if job.reply_to:
+            pipe.publish(job.reply_to, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')
+        try:
+            await available(pipe.execute())
+        finally:  # stored, or (Redis gone) left to be reclaimed once idle: no more renewals
+            self._in_flight.get(job.model, {}).pop(job.receipt or "", None)
+
     async def complete(self, job: Job, result: ItemResult) -> None:
         await self._finish(job, result)
 
-    async def _finish(self, job: Job, result: ItemResult) -> None:
-        """Store the result, then acknowledge, then announce: a crash in between redelivers
-        the job, which the stored result then answers."""
-        body = result.model_dump(mode="json")
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(result_key(job.id), json.dumps(body), ex=int(self._settings.result_ttl_s))
-        pipe.xack(jobs_key(job.model), GROUP, job.receipt or "0-0")
-        if job.reply_to:
-            pipe.publish(job.reply_to, json.dumps({"job_id": job.id, "result": body}))
-        await _available(pipe.execute())
-        self._in_flight.get(job.model, {}).pop(job.receipt or "", None)
+    async def release(self, jobs: Sequence[Job]) -> None:
+        """Give up jobs without a result (a draining worker): they look idle for long, so the
+        next worker to look for jobs to reclaim takes them. Their delivery count is kept."""
+        idle_ms = int(self._settings.reclaim_idle_s * 1000) * 10
+        for model in {job.model for job in jobs}:
+            receipts: list[Any] = [j.receipt for j in jobs if j.model == model and j.receipt]
+            for receipt in receipts:
+                self._in_flight.get(model, {}).pop(receipt, None)
+            if receipts:
+                await available(
+                    self._redis.xclaim(
+                        jobs_key(model), GROUP, self.name, 0, receipts, idle=idle_ms, justid=True
+                    )
+                )
 
     def _ensure_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -251,7 +312,7 @@ class StreamQueue:
             for model, receipts in list(self._in_flight.items()):
                 if receipts:
                     with contextlib.suppress(QueueUnavailableError):
-                        await _available(
+                        await available(
                             self._redis.xclaim(
                                 jobs_key(model), GROUP, self.name, 0, list(receipts), justid=True
                             )
@@ -263,7 +324,7 @@ class StreamQueue:
         if model in self._groups:
             return
         try:
-            await _available(
+            await available(
                 self._redis.xgroup_create(jobs_key(model), GROUP, id="0", mkstream=True)
             )
         except ResponseError as exc:
@@ -273,21 +334,26 @@ class StreamQueue:
 
     async def _backlog(self, model: str) -> int:
         """Jobs not yet finished: undelivered (lag) plus delivered but not acknowledged."""
-        groups: Any = await _available(self._redis.xinfo_groups(jobs_key(model)))
+        try:
+            groups: Any = await available(self._redis.xinfo_groups(jobs_key(model)))
+        except ResponseError:  # the stream vanished (Redis lost data): start it again
+            self._groups.discard(model)
+            await self._ensure_group(model)
+            return 0
         for group in groups:
             if _text(group["name"]) == GROUP:
                 lag = group.get("lag")
                 if lag is None:  # unknown after deletions: count the whole stream
-                    lag = await _available(self._redis.xlen(jobs_key(model)))
+                    lag = await available(self._redis.xlen(jobs_key(model)))
                 return int(lag) + int(group["pending"])
         return 0
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:
-        entries: Any = await _available(self._redis.xrange(dead_key(model)))
+        entries: Any = await available(self._redis.xrange(dead_key(model)))
         return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
 
     async def ping(self) -> None:
-        await _available(self._redis.ping())
+        await available(self._redis.ping())
 
     async def close(self) -> None:
         for task in (self._listener, self._heartbeat):
@@ -295,10 +361,20 @@ class StreamQueue:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._heartbeat is not None:  # a worker: leave the group if it holds nothing
+            with contextlib.suppress(QueueUnavailableError, ResponseError):
+                for model in self._groups:
+                    await self._leave_group(model)
         await self._redis.aclose()
 
+    async def _leave_group(self, model: str) -> None:
+        consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
+        for consumer in consumers:
+            if _text(consumer["name"]) == self.name and consumer["pending"] == 0:
+                await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, self.name))
 
-async def _available(call: Awaitable[T]) -> T:
+
+async def available(call: Awaitable[T]) -> T:
     """Await a Redis call; an unreachable Redis becomes QueueUnavailableError."""
     try:
         return await call

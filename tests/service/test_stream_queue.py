@@ -14,10 +14,10 @@ import pytest
 
 from models.trajectory import Trajectory
 from service.jobs import Job
+from service.launcher import RedisServer
 from service.protocol import ItemResult
 from service.queue import QueueFullError, QueueUnavailableError
 from service.queue.redis_streams import StreamQueue, StreamSettings
-from tests.redis_server import RedisServer
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 FAST = StreamSettings(capacity=1000, max_deliveries=2, reclaim_idle_s=0.3, sweep_s=0.5)

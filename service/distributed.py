@@ -1,0 +1,234 @@
+"""Distributed mode: `rmserve gateway` and `rmserve worker --model NAME`, joined by one Redis.
+
+Gateways are stateless: jobs, results, async batches, the result cache and the workers' states
+all live in Redis, so any gateway answers any request. A worker hosts one model: it loads it,
+announces its state, takes jobs from the model's stream as engine capacity frees up, and on
+SIGTERM drains (stops reading, finishes in-flight jobs within the grace period, releases the
+rest to other workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.base import RewardModel
+from models.errors import ModelLoadError
+from models.loader import load_model
+from models.spec import ModelSpec, Registry
+from service.batches import RedisBatchStore
+from service.cache import RedisResultCache
+from service.config import Settings
+from service.directory import ModelDirectory
+from service.errors import Unavailable, install_error_handlers
+from service.fleet import WorkerAnnouncer, watch_workers
+from service.gateway import create_app
+from service.jobs import Job
+from service.metrics import Metrics
+from service.protocol import ErrorBody
+from service.queue.base import QueueUnavailableError
+from service.queue.redis_streams import StreamQueue, StreamSettings
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    # Blocking reads wait at most a few seconds (fetch 0.5 s, batch follow 5 s), so a socket
+    # timeout above that only fires when Redis stops answering.
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=10
+    )
+
+
+def stream_settings(settings: Settings) -> StreamSettings:
+    return StreamSettings(
+        capacity=settings.queue_capacity,
+        max_deliveries=settings.max_deliveries,
+        reclaim_idle_s=settings.reclaim_idle_s,
+        result_ttl_s=max(settings.batch_result_ttl_s, settings.max_timeout_s),
+    )
+
+
+def _process_name(role: str) -> str:
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def _require_redis(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise ValueError("distributed mode needs a Redis URL: --redis-url or RMSERVE_REDIS_URL")
+    return settings.redis_url
+
+
+class GatewayRuntime:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.client = redis_client(_require_redis(settings))
+        self.queue = StreamQueue(self.client, stream_settings(settings), _process_name("gateway"))
+        self.directory = ModelDirectory(registry.models.values())
+        self.metrics = Metrics()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def app(self) -> FastAPI:
+        settings, client = self.settings, self.client
+        return create_app(
+            settings,
+            self.queue,
+            self.directory,
+            self.metrics,
+            cache=RedisResultCache(client, settings.result_cache_ttl_s)
+            if settings.result_cache_ttl_s > 0
+            else None,
+            batches=lambda scoring: RedisBatchStore(
+                client, scoring, settings.max_items_per_batch, settings.batch_result_ttl_s
+            ),
+            lifespan=self.lifespan,
+            wait_for_models=False,
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self._watcher = asyncio.create_task(watch_workers(self.client, self.directory))
+        try:
+            yield
+        finally:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            await self.queue.close()
+
+
+class WorkerRuntime:
+    """One model's worker. Its small HTTP app serves /healthz, /readyz and /metrics."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec) -> None:
+        self.settings, self.spec = settings, spec
+        self.client = redis_client(_require_redis(settings))
+        self.name = _process_name(spec.name)
+        self.queue = StreamQueue(self.client, stream_settings(settings), self.name)
+        self.announcer = WorkerAnnouncer(self.client, spec.name, self.name)
+        self.metrics = Metrics()
+        self.cache = (
+            RedisResultCache(self.client, settings.result_cache_ttl_s)
+            if settings.result_cache_ttl_s > 0
+            else None
+        )
+        self.model: RewardModel | None = None
+        self.worker: Worker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title=f"rmserve worker ({self.spec.name})", lifespan=self.lifespan)
+        install_error_handlers(app)
+        unavailable: dict[int | str, dict[str, Any]] = {503: {"model": ErrorBody}}
+
+        @app.get("/healthz", responses=unavailable)
+        async def healthz() -> dict[str, str]:
+            """Alive (liveness); 503 once the engine died, so that the pod is restarted."""
+            if self.worker is not None and self.worker.failure is not None:
+                raise Unavailable(self.worker.failure)
+            return {"status": "ok"}
+
+        @app.get("/readyz", responses=unavailable)
+        async def readyz() -> dict[str, Any]:
+            """Ready (readiness): the model is loaded and Redis answers."""
+            if self.announcer.status != "ready":
+                reason = self.announcer.reason or "the model is still loading"
+                raise Unavailable(f"model {self.spec.name!r} is {self.announcer.status}: {reason}")
+            try:
+                await self.queue.ping()
+            except QueueUnavailableError as exc:
+                raise Unavailable(f"the job queue is unreachable: {exc}") from None
+            busy = self.worker.busy if self.worker is not None else 0
+            return {"status": "ready", "model": self.spec.name, "worker": self.name, "busy": busy}
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self._tasks = [
+            asyncio.create_task(self.announcer.run()),
+            asyncio.create_task(self._serve()),
+        ]
+        try:
+            yield
+        finally:
+            await self._drain()
+
+    async def _serve(self) -> None:
+        name = self.spec.name
+        self.metrics.model_ready.labels(name).set(0)
+        try:
+            self.model = await asyncio.to_thread(load_model, self.spec)
+        except ModelLoadError as exc:
+            self._out_of_service(str(exc))
+            return
+        except Exception as exc:
+            log.exception("loading %s failed unexpectedly", name)
+            self._out_of_service(f"unexpected error while loading: {type(exc).__name__}: {exc}")
+            return
+        self.worker = Worker(
+            self.model, self.queue, self.metrics, self.settings.worker_concurrency, self.cache
+        )
+        self.announcer.set("ready")
+        self.metrics.model_ready.labels(name).set(1)
+        log.info("worker %s serves %s", self.name, name)
+        try:
+            await self.worker.run()
+        except Exception as exc:  # a bug in the loop must not pass unnoticed
+            log.exception("the worker loop of %s stopped", name)
+            self.worker.failure = f"its worker stopped: {type(exc).__name__}: {exc}"
+        if self.worker.failure is not None:
+            self._out_of_service(self.worker.failure)
+            # Other workers of the model score what this one could not.
+            await self._release(await self.worker.stop(grace_s=0))
+
+    def _out_of_service(self, reason: str) -> None:
+        log.error("model %s is unavailable on this worker: %s", self.spec.name, reason)
+        self.announcer.set("unavailable", reason)
+        self.metrics.model_ready.labels(self.spec.name).set(0)
+
+    async def _release(self, unfinished: list[Job]) -> None:
+        """Hand jobs this worker will not finish to the other workers of the model."""
+        assert self.worker is not None
+        jobs, self.worker.abandoned = self.worker.abandoned + unfinished, []
+        if not jobs:
+            return
+        try:
+            await self.queue.release(jobs)
+            log.warning("released %d unfinished jobs to other workers", len(jobs))
+        except QueueUnavailableError as exc:
+            log.warning("could not release %d jobs (%s); reclaimed once idle", len(jobs), exc)
+
+    async def _drain(self) -> None:
+        """SIGTERM: leave the fleet, stop reading, finish or release in-flight jobs."""
+        await self.announcer.withdraw()
+        if self.worker is not None:
+            busy = self.worker.busy
+            unfinished = await self.worker.stop(self.settings.drain_grace_s)
+            await self._release(unfinished)
+            log.info(
+                "drained: %d in-flight jobs finished, %d released",
+                busy - len(unfinished),
+                len(unfinished),
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.model is not None:
+            self.model.shutdown()
+        await self.queue.close()

@@ -1,0 +1,110 @@
+"""Distributed mode: which workers serve each model, and in what state.
+
+Every worker writes its state into the hash `rmserve:workers:<model>` (field: its consumer name;
+value: JSON status, reason, time) every HEARTBEAT_S; every gateway reads the hashes every
+REFRESH_S into its ModelDirectory, so requests are checked against memory, not Redis. Times are
+Redis server time (no clock skew between machines). A worker silent for STALE_S is gone: the
+gateway drops its entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from service.directory import ModelDirectory
+from service.protocol import ModelStatus
+from service.queue.base import QueueUnavailableError
+from service.queue.redis_streams import available
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+STALE_S = 10.0
+REFRESH_S = 1.0
+
+
+def workers_key(model: str) -> str:
+    return f"rmserve:workers:{model}"
+
+
+async def _redis_time(client: aioredis.Redis) -> float:
+    seconds, micros = await available(client.time())
+    return float(seconds) + micros / 1e6
+
+
+class WorkerAnnouncer:
+    """The worker side: publishes this worker's state until withdrawn."""
+
+    def __init__(self, client: aioredis.Redis, model: str, worker: str) -> None:
+        self._redis, self.model, self.worker = client, model, worker
+        self.status: ModelStatus = "loading"
+        self.reason: str | None = None
+        self._changed = asyncio.Event()
+
+    def set(self, status: ModelStatus, reason: str | None = None) -> None:
+        self.status, self.reason = status, reason
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            self._changed.clear()
+            try:
+                await self._publish()
+            except QueueUnavailableError as exc:
+                log.warning("cannot announce the worker's state: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
+
+    async def _publish(self) -> None:
+        state = {"status": self.status, "reason": self.reason, "at": await _redis_time(self._redis)}
+        await available(self._redis.hset(workers_key(self.model), self.worker, json.dumps(state)))
+
+    async def withdraw(self) -> None:
+        with contextlib.suppress(QueueUnavailableError):
+            await available(self._redis.hdel(workers_key(self.model), self.worker))
+
+
+def model_state(workers: dict[str, dict[str, Any]], model: str) -> tuple[ModelStatus, str | None]:
+    """One model's state from its live workers' states."""
+    if any(w["status"] == "ready" for w in workers.values()):
+        return "ready", None
+    if any(w["status"] == "loading" for w in workers.values()):
+        return "loading", None
+    if workers:
+        name, worker = sorted(workers.items())[0]
+        return "unavailable", f"no worker is ready ({name}: {worker['reason']})"
+    return "unavailable", f"no worker is running (start one: rmserve worker --model {model})"
+
+
+async def watch_workers(client: aioredis.Redis, directory: ModelDirectory) -> None:
+    """The gateway side: keep `directory` up to date, for as long as the gateway runs."""
+    names, lost = directory.names(), False
+    while True:
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.time()
+            for name in names:
+                pipe.hgetall(workers_key(name))
+            (seconds, micros), *hashes = await available(pipe.execute())
+            now = float(seconds) + micros / 1e6
+            for name, raw in zip(names, hashes, strict=True):
+                states = {key.decode(): json.loads(value) for key, value in raw.items()}
+                live = {k: v for k, v in states.items() if now - v["at"] <= STALE_S}
+                if stale := [k for k in states if k not in live]:
+                    await available(client.hdel(workers_key(name), *stale))
+                    log.warning("workers of %s stopped reporting: %s", name, ", ".join(stale))
+                directory.set(name, *model_state(live, name), workers=len(live))
+            if lost:
+                log.info("redis is back; model states are current again")
+            lost = False
+        except QueueUnavailableError as exc:
+            if not lost:
+                log.warning("cannot read worker states (%s); keeping the last known", exc)
+            lost = True
+        await asyncio.sleep(REFRESH_S)
