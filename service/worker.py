@@ -74,6 +74,8 @@ class Worker:
             for _ in range(reserved - len(jobs)):
                 self._slots.release()
             if self._stopping.is_set():  # stop() came during the fetch: hand these back
+                if jobs:
+                    log.info("stopping: handed back %d jobs taken meanwhile", len(jobs))
                 await self._queue.release(jobs)
                 for _ in jobs:
                     self._slots.release()
