@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     _server_flags(worker, port_help=f"health and metrics port (default {WORKER_PORT})")
     _distributed_flags(worker)
 
+    dead = commands.add_parser(
+        "dead-letters", help="distributed mode: list a model's dead-lettered jobs and why"
+    )
+    dead.add_argument("model")
+    dead.add_argument("--redis-url", help="default: RMSERVE_REDIS_URL")
+
     demo = commands.add_parser(
         "demo", help="start the embedded service, score the example trajectories, print rewards"
     )
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("serve", "gateway", "worker"):
         return _run_server(args, settings)
+    if args.command == "dead-letters":
+        return _dead_letters(settings, args.model)
     from service.demo import run_demo
 
     return run_demo(settings, args.port, args.examples, args.load_timeout_s)
@@ -121,6 +129,38 @@ def _check_registry(path: Path) -> int:
         return 2
     for name, spec in registry.models.items():
         print(f"{name}\t{spec.kind}\t{spec.weights}")
+    return 0
+
+
+def _dead_letters(settings: Settings, model: str) -> int:
+    """One JSON line per dead-lettered job: its id, item index and id, and the reason."""
+    import asyncio
+    import json
+
+    from service.distributed import redis_client
+    from service.queue import QueueUnavailableError
+    from service.queue.redis_streams import StreamQueue, StreamSettings
+
+    if not settings.redis_url:
+        print("error: rmserve dead-letters needs --redis-url or RMSERVE_REDIS_URL", file=sys.stderr)
+        return 2
+
+    async def read() -> list[dict[str, str]]:
+        queue = StreamQueue(redis_client(settings.redis_url or ""), StreamSettings())
+        try:
+            return await queue.dead_letters(model)
+        finally:
+            await queue.close()
+
+    try:
+        letters = asyncio.run(read())
+    except QueueUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for letter in letters:
+        job = json.loads(letter["job"])
+        line = {"job": job["id"], "index": job["index"], "item_id": job["item"].get("id")}
+        print(json.dumps({**line, "reason": letter["reason"]}))
     return 0
 
 

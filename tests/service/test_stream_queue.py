@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -115,6 +118,13 @@ async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> No
     (letter,) = await gateway.dead_letters("m")
     assert '"id":"a:0"' in letter["job"] and "delivered 3 times" in letter["reason"]
     await gateway.close()
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service.cli", "dead-letters", "m", "--redis-url", redis_url],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    (line,) = [json.loads(text) for text in listed.stdout.splitlines()]
+    assert line["job"] == "a:0" and line["index"] == 0 and "delivered 3 times" in line["reason"]
 
 
 async def test_a_redelivered_job_with_a_stored_result_is_not_scored_again(redis_url: str) -> None:

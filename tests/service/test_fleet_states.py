@@ -1,0 +1,73 @@
+"""Worker states through a real Redis: announced by workers, read by gateways, stale ones gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from models.spec import DiscriminativeSpec
+from service import fleet
+from service.directory import ModelDirectory, ModelEntry
+from service.fleet import WorkerAnnouncer, model_state, watch_workers, workers_key
+
+SPECS = [DiscriminativeSpec(name=n, kind="discriminative", weights=f"org/{n}") for n in "ab"]
+
+
+def test_a_model_is_as_good_as_its_best_worker() -> None:
+    ready, loading = {"status": "ready", "reason": None}, {"status": "loading", "reason": None}
+    broken = {"status": "unavailable", "reason": "out of memory"}
+    assert model_state({"w1": broken, "w2": ready}, "a") == ("ready", None)
+    assert model_state({"w1": broken, "w2": loading}, "a") == ("loading", None)
+    status, reason = model_state({"w1": broken}, "a")
+    assert status == "unavailable" and reason is not None and "out of memory" in reason
+    status, reason = model_state({}, "a")
+    assert status == "unavailable" and "rmserve worker --model a" in (reason or "")
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float = 5) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check(), "condition not met in time"
+
+
+async def test_gateways_see_what_workers_announce(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    directory = ModelDirectory(SPECS)
+
+    def entry(name: str) -> ModelEntry:
+        found = directory.get(name)
+        assert found is not None
+        return found
+
+    announcer = WorkerAnnouncer(client, "a", "a@host:1")
+    tasks = [asyncio.create_task(watch_workers(client, directory)),
+             asyncio.create_task(announcer.run())]  # fmt: skip
+    try:
+        await wait_until(lambda: entry("b").status == "unavailable")
+        await wait_until(lambda: entry("a").status == "loading")
+        announcer.set("ready")
+        await wait_until(lambda: entry("a").status == "ready")
+        assert entry("a").workers == 1
+
+        # A worker that stopped reporting long ago (by Redis time) is dropped.
+        seconds, _ = await client.time()
+        gone = {"status": "ready", "reason": None, "at": seconds - fleet.STALE_S - 1}
+        await client.hset(workers_key("b"), "b@host:2", json.dumps(gone))
+        await asyncio.sleep(fleet.REFRESH_S * 2)
+        assert entry("b").status == "unavailable"
+        assert await client.hkeys(workers_key("b")) == []
+
+        tasks[1].cancel()
+        await asyncio.gather(tasks[1], return_exceptions=True)
+        await announcer.withdraw()
+        await wait_until(lambda: entry("a").workers == 0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
