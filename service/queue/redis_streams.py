@@ -172,29 +172,41 @@ class StreamQueue:
     async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
         await self._ensure_group(model)
         self._ensure_heartbeat()
-        entries: list[tuple[str, dict[bytes, bytes]]] = []
+        reclaimed: list[tuple[str, dict[bytes, bytes]]] = []
+        fresh: list[tuple[str, dict[bytes, bytes]]] = []
         try:
             if time.monotonic() - self._last_reclaim > self._settings.reclaim_every_s:
                 self._last_reclaim = time.monotonic()
-                entries += await self._reclaim(model, max_jobs)
-            if len(entries) < max_jobs:
+                reclaimed = await self._reclaim(model, max_jobs)
+            if len(reclaimed) < max_jobs:
                 response: Any = await available(
                     self._redis.xreadgroup(
                         GROUP,
                         self.name,
                         {jobs_key(model): ">"},
-                        count=max_jobs - len(entries),
+                        count=max_jobs - len(reclaimed),
                         block=max(1, int(wait_s * 1000)),
                     )
                 )
                 for _stream, stream_entries in response or []:
-                    entries += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
+                    fresh += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("the consumer group of %s vanished (Redis lost data?); recreating", model)
             self._groups.discard(model)  # recreated by the next fetch
-        return await self._accept(model, entries)
+        # A first delivery has no stored result and a delivery count of 1: nothing to check.
+        return await self._accept_redelivered(model, reclaimed) + self._take(model, fresh)
+
+    def _take(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
+        in_flight = self._in_flight.setdefault(model, {})
+        jobs = [
+            Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
+            for entry_id, fields in entries
+        ]
+        for job in jobs:
+            in_flight[job.receipt or ""] = job.id
+        return jobs
 
     async def _reclaim(self, model: str, max_jobs: int) -> list[tuple[str, dict[bytes, bytes]]]:
         idle_ms = int(self._settings.reclaim_idle_s * 1000)
@@ -217,9 +229,11 @@ class StreamQueue:
             if name != self.name and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
                 await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, name))
 
-    async def _accept(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
-        """Jobs to score; entries past max_deliveries go to the dead-letter stream, entries
-        with a stored result (a redelivery after a crash past the store) are answered again."""
+    async def _accept_redelivered(
+        self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]
+    ) -> list[Job]:
+        """Jobs to score again; entries past max_deliveries go to the dead-letter stream,
+        entries with a stored result (a crash after the store) are answered from it."""
         if not entries:
             return []
         counts = await self._delivery_counts(model, [entry_id for entry_id, _ in entries])
@@ -238,8 +252,7 @@ class StreamQueue:
             elif deliveries > self._settings.max_deliveries:
                 await self._dead_letter(job, fields[b"job"], deliveries)
             else:
-                self._in_flight.setdefault(model, {})[entry_id] = job.id
-                jobs.append(job)
+                jobs += self._take(model, [(entry_id, fields)])
         return jobs
 
     async def _delivery_counts(self, model: str, entry_ids: list[str]) -> dict[str, int]:
