@@ -42,6 +42,37 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 T = TypeVar("T")
 
+# Admission and enqueue of a request's jobs in one round trip, atomic across gateways. The
+# backlog is what is not finished: undelivered (lag; the stream length when Redis cannot say)
+# plus delivered but unacknowledged. Creates the stream and group when missing (also after
+# Redis lost its data). KEYS: the jobs stream. ARGV: group, capacity, MAXLEN ~ bound, payloads.
+# Returns the backlog before the jobs, or -1 when they do not fit (nothing is added).
+_ADMIT = """
+local stream, group = KEYS[1], ARGV[1]
+local capacity, jobs = tonumber(ARGV[2]), #ARGV - 3
+local backlog = nil
+if redis.call('EXISTS', stream) == 1 then
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local field = {}
+    for i = 1, #info, 2 do field[info[i]] = info[i + 1] end
+    if field['name'] == group then
+      backlog = field['pending'] + (field['lag'] or redis.call('XLEN', stream))
+    end
+  end
+end
+if backlog == nil then
+  redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+  backlog = redis.call('XLEN', stream)
+end
+if backlog + jobs > capacity then
+  return -1
+end
+for i = 4, #ARGV do
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', 'job', ARGV[i])
+end
+return backlog
+"""
+
 
 @dataclass(frozen=True)
 class StreamSettings:
@@ -86,6 +117,7 @@ class StreamQueue:
         self._in_flight: dict[str, dict[str, str]] = {}  # model -> receipt -> job id
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
+        self._admit = client.register_script(_ADMIT)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -104,24 +136,30 @@ class StreamQueue:
         if not jobs:
             return
         model = jobs[0].model
-        await self._ensure_group(model)
-        if await self._backlog(model) + len(jobs) > self._settings.capacity:
-            raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
         # Jobs of an async batch are recorded in the batch by the worker; nobody waits here.
         waited = [job.id for job in jobs if job.batch is None]
         if waited:
             self._ensure_listener()
-            self._inboxes.open(waited)
-        pipe = self._redis.pipeline(transaction=False)
-        for job in jobs:
-            reply_to = self._channel if job.batch is None else None
-            payload = job.model_copy(update={"reply_to": reply_to}).model_dump_json()
-            pipe.xadd(jobs_key(model), {"job": payload}, maxlen=self._settings.capacity * 4)
+            self._inboxes.open(waited)  # before the jobs exist: no result can be missed
+        payloads = [
+            job.model_copy(
+                update={"reply_to": self._channel if job.batch is None else None}
+            ).model_dump_json()
+            for job in jobs
+        ]
         try:
-            await available(pipe.execute())
+            backlog: int = await available(
+                self._admit(
+                    keys=[jobs_key(model)],
+                    args=[GROUP, self._settings.capacity, self._settings.capacity * 4, *payloads],
+                )
+            )
         except QueueUnavailableError:
             self._inboxes.discard(waited)
             raise
+        if backlog < 0:
+            self._inboxes.discard(waited)
+            raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
 
     def results(
         self, job_ids: Sequence[str], deadline: float
@@ -344,22 +382,6 @@ class StreamQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._groups.add(model)
-
-    async def _backlog(self, model: str) -> int:
-        """Jobs not yet finished: undelivered (lag) plus delivered but not acknowledged."""
-        try:
-            groups: Any = await available(self._redis.xinfo_groups(jobs_key(model)))
-        except ResponseError:  # the stream vanished (Redis lost data): start it again
-            self._groups.discard(model)
-            await self._ensure_group(model)
-            return 0
-        for group in groups:
-            if _text(group["name"]) == GROUP:
-                lag = group.get("lag")
-                if lag is None:  # unknown after deletions: count the whole stream
-                    lag = await available(self._redis.xlen(jobs_key(model)))
-                return int(lag) + int(group["pending"])
-        return 0
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:
         entries: Any = await available(self._redis.xrange(dead_key(model)))

@@ -73,7 +73,8 @@ def test_two_workers_share_a_batch_and_score_as_embedded_does(
     fleet: Fleet, client: httpx.Client
 ) -> None:
     gateway = fleet.gateway()
-    workers = fleet.workers(2)
+    # Each worker takes at most 16 jobs at a time, so a batch of 200 must be shared.
+    workers = fleet.workers(2, RMSERVE_WORKER_CONCURRENCY="16")
     with httpx.Client(base_url=gateway.base_url, timeout=120) as http:
         wait_for_workers(http, "tiny-rm", 2)
         batch = items(200)
@@ -202,7 +203,8 @@ def test_batches_and_cache_live_in_redis_not_in_a_gateway(fleet: Fleet) -> None:
         httpx.Client(base_url=first.base_url, timeout=60) as one,
         httpx.Client(base_url=second.base_url, timeout=60) as two,
     ):
-        wait_for_workers(one, "tiny-rm", 1)
+        for gateway in (one, two):  # each reads the worker states once a second
+            wait_for_workers(gateway, "tiny-rm", 1)
         submitted = one.post("/v1/jobs", json={"model": "tiny-rm", "items": batch}).json()
         first.stop()  # the gateway that accepted the batch is gone
         with two.stream("GET", f"/v1/jobs/{submitted['id']}/stream") as response:
@@ -213,7 +215,9 @@ def test_batches_and_cache_live_in_redis_not_in_a_gateway(fleet: Fleet) -> None:
         assert [r["id"] for r in status["results"]] == [item["id"] for item in batch]
 
         # The worker cached every result: the same items again come from the cache.
-        again = two.post("/v1/score", json={"model": "tiny-rm", "items": batch}).json()
+        response = two.post("/v1/score", json={"model": "tiny-rm", "items": batch})
+        assert response.status_code == 200, response.text
+        again = response.json()
         assert all(r["cached"] for r in again["results"])
         by_index = {r["index"]: r["score"] for r in streamed}
         assert [r["score"] for r in again["results"]] == [by_index[i] for i in range(40)]
