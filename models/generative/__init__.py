@@ -1,0 +1,1 @@
+"""Generative reward models: LLM judges."""
