@@ -41,6 +41,13 @@ class RewardModel(Protocol):
 
 
 def require_text_only(item: Trajectory, model_name: str) -> None:
+    """Checks of the discriminative and process kinds: one response, text only."""
+    if item.candidates:
+        raise ItemError(
+            "unsupported_content",
+            f"model {model_name!r} scores one response per item; `candidates` needs a "
+            "generative judge in pairwise mode",
+        )
     if has_images(item):
         raise ItemError(
             "unsupported_content",

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,"
@@ -127,13 +127,34 @@ Message = Annotated[
 ]
 
 
-class Trajectory(BaseModel):
-    """One item to score: a conversation, optionally with a reference answer and metadata."""
+class Candidate(BaseModel):
+    """One of several responses to the same conversation (pairwise / listwise judging): the
+    assistant (and tool) turns that continue it. A bare string is one assistant message."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str | None = Field(default=None, max_length=256)
     messages: list[Message] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"messages": [{"role": "assistant", "content": data}]}
+        return data
+
+
+class Trajectory(BaseModel):
+    """One item to score: a conversation, optionally with a reference answer and metadata.
+
+    For pairwise / listwise judges, `candidates` holds the responses to compare; `messages` is
+    then the conversation they answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(default=None, max_length=256)
+    messages: list[Message] = Field(min_length=1)
+    candidates: list[Candidate] | None = Field(default=None, min_length=2, max_length=26)
     reference: str | None = None
     metadata: dict[str, Any] | None = None
 

@@ -1,0 +1,119 @@
+"""Judge prompts: the conversation and the response(s) to judge, rendered by a Jinja template
+into the user message the judge model reads (the judge's own chat template wraps it).
+
+Templates are files: a built-in name (`principles_pointwise`, `rubric_pairwise`, shipped in
+`models/generative/templates/`) or the path of the user's own `.jinja` file. They run in
+Jinja's sandbox with undefined variables as errors, so a typo fails at load time, not silently.
+
+Variables: `conversation` (the transcript up to the response), `reference` (text or None),
+pointwise: `response`, `low`, `high`; pairwise / listwise: `candidates` (list of `label` and
+`text`) and `labels`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+from models.errors import ItemError
+from models.generative.parsing import candidate_label
+from models.trajectory import (
+    AssistantMessage,
+    ImagePart,
+    Message,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+    text_of,
+)
+
+BUILTIN = Path(__file__).parent / "templates"
+
+
+def template_path(name_or_path: str) -> Path:
+    """A built-in template's file, or the given path (registry paths are already absolute)."""
+    builtin = BUILTIN / f"{name_or_path}.jinja"
+    return builtin if builtin.is_file() else Path(name_or_path)
+
+
+def split_response(messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
+    """(context, response): the response is the assistant and tool turns after the last user
+    message; raise ItemError when there is none to judge."""
+    last_user = max(
+        (i for i, message in enumerate(messages) if isinstance(message, UserMessage)), default=-1
+    )
+    context, response = list(messages[: last_user + 1]), list(messages[last_user + 1 :])
+    if not response:
+        raise ItemError(
+            "no_response", "the item has no assistant response after its last user message"
+        )
+    return context, response
+
+
+def transcript(messages: Sequence[Message]) -> str:
+    """A plain-text transcript of messages, tool calls and tool results included."""
+    blocks = []
+    for message in messages:
+        if isinstance(message, SystemMessage):
+            blocks.append(f"System: {text_of(message.content)}")
+        elif isinstance(message, UserMessage):
+            images = isinstance(message.content, list) and any(
+                isinstance(part, ImagePart) for part in message.content
+            )
+            blocks.append(f"User: {text_of(message.content)}" + (" [image]" if images else ""))
+        elif isinstance(message, AssistantMessage):
+            lines = [f"Assistant: {text_of(message.content)}".rstrip()]
+            for call in message.tool_calls or []:
+                arguments = call.function.arguments
+                shown = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                lines.append(f"Assistant calls tool {call.function.name} with {shown}")
+            blocks.append("\n".join(lines))
+        elif isinstance(message, ToolMessage):
+            blocks.append(f"Tool result: {text_of(message.content)}")
+    return "\n\n".join(blocks)
+
+
+class JudgePrompt:
+    def __init__(self, source: str, name: str) -> None:
+        environment = SandboxedEnvironment(
+            undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False
+        )
+        self.name = name
+        self._template = environment.from_string(source)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> JudgePrompt:
+        """Raise ValueError naming the file when it cannot be read or is not valid Jinja."""
+        path = template_path(name_or_path)
+        try:
+            return cls(path.read_text(), str(path))
+        except OSError as exc:
+            raise ValueError(f"cannot read judge template {path}: {exc.strerror}") from None
+        except TemplateError as exc:
+            raise ValueError(f"judge template {path} is not valid Jinja: {exc}") from None
+
+    def pointwise(
+        self, context: str, response: str, reference: str | None, low: int, high: int
+    ) -> str:
+        return self._render(
+            conversation=context, response=response, reference=reference, low=low, high=high
+        )
+
+    def choice(self, context: str, candidates: Sequence[str], reference: str | None) -> str:
+        labels = [candidate_label(i) for i in range(len(candidates))]
+        return self._render(
+            conversation=context,
+            candidates=[{"label": lb, "text": t} for lb, t in zip(labels, candidates, strict=True)],
+            labels=labels,
+            reference=reference,
+        )
+
+    def _render(self, **variables: object) -> str:
+        try:
+            return self._template.render(**variables).strip()
+        except TemplateError as exc:
+            raise ItemError("template_error", f"judge template {self.name}: {exc}") from None
