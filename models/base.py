@@ -12,9 +12,31 @@ from models.trajectory import Trajectory, has_images
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """Per-request choices that override the model's registry options."""
+    """Per-request choices that override the model's registry options (checked against the
+    model's limits by the gateway)."""
 
     aggregate: Aggregate | None = None
+    # Generative judges.
+    samples: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    return_samples: bool = False
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One judgement of a generative judge (returned when the request asks for samples)."""
+
+    text: str
+    completion_tokens: int
+    score: float | None = None
+    # Pairwise: the chosen candidate's index (in the item's order) and the order shown.
+    choice: int | None = None
+    order: list[int] | None = None
+    # Why the judgement did not parse (parse_error), when it did not.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -26,6 +48,12 @@ class Reward:
     step_scores: list[float | None] | None = None
     prompt_tokens: int = 0
     truncated_tokens: int = 0
+    # Generative judges: the verdict ("A", "B", ... pairwise), the critique, tokens generated,
+    # and each judgement when asked for.
+    verdict: str | None = None
+    critique: str | None = None
+    completion_tokens: int = 0
+    samples: list[Sample] | None = None
 
 
 class RewardModel(Protocol):

@@ -10,11 +10,14 @@ import psutil
 
 from models.base import RewardModel
 from models.discriminative import DiscriminativeModel
-from models.engine import VllmPoolingEngine
+from models.engine import VllmGenerateEngine, VllmPoolingEngine
 from models.errors import ModelLoadError
+from models.generative.backends import LocalBackend
+from models.generative.judge import GenerativeModel
+from models.generative.prompts import JudgePrompt
 from models.process import ProcessModel, step_tag_id
 from models.rendering import ChatRenderer
-from models.spec import DiscriminativeSpec, ModelSpec
+from models.spec import DiscriminativeSpec, GenerativeSpec, ModelSpec, ProcessSpec
 from models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ def load_model(spec: ModelSpec) -> RewardModel:
         else weights
     )
     tokenizer = _load_tokenizer(tokenizer_dir, trust)
+    if isinstance(spec, GenerativeSpec):
+        return _load_judge(spec, weights, tokenizer_dir, tokenizer)
     ChatRenderer(tokenizer, spec.engine.max_model_len, spec.options.too_long)  # has a template?
     _check_head(spec, _num_labels(weights, trust))
     if spec.kind == "process":
@@ -47,6 +52,21 @@ def load_model(spec: ModelSpec) -> RewardModel:
     if isinstance(spec, DiscriminativeSpec):
         return DiscriminativeModel(spec, renderer, engine)
     return ProcessModel(spec, renderer, engine)
+
+
+def _load_judge(
+    spec: GenerativeSpec, weights: Path, tokenizer_dir: Path, tokenizer: Any
+) -> RewardModel:
+    ChatRenderer(tokenizer, spec.engine.max_model_len, "error")  # has a chat template?
+    try:
+        prompt = JudgePrompt.load(spec.options.template_name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    _check_memory(spec, weights)
+    log.info("starting generation engine for %s from %s", spec.name, weights)
+    engine = VllmGenerateEngine.start(weights, tokenizer_dir, spec.engine)
+    renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
+    return GenerativeModel(spec, LocalBackend(renderer, engine), prompt)
 
 
 def _check_memory(spec: ModelSpec, weights: Path) -> None:
@@ -88,7 +108,7 @@ def _num_labels(path: Any, trust_remote_code: bool) -> int:
     return int(getattr(config, "num_labels", 1))
 
 
-def _check_head(spec: ModelSpec, num_labels: int) -> None:
+def _check_head(spec: DiscriminativeSpec | ProcessSpec, num_labels: int) -> None:
     label = (
         spec.options.score_label if spec.kind == "discriminative" else spec.options.positive_label
     )

@@ -62,11 +62,12 @@ class ChatRenderer:
         self.max_model_len = max_model_len
         self.too_long = too_long
 
-    def render(self, chat: list[dict[str, Any]]) -> str:
-        """Render messages already in template shape (see `template_messages`)."""
+    def render(self, chat: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        """Render messages already in template shape (see `template_messages`); with
+        `generation_prompt`, end with the opening of the assistant's turn (generation)."""
         try:
             text = self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=False
+                chat, tokenize=False, add_generation_prompt=generation_prompt
             )
         except TemplateError as exc:
             raise ItemError(

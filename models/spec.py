@@ -75,6 +75,59 @@ class ProcessOptions(_Strict):
     positive_label: int = Field(default=1, ge=0)
 
 
+class Sampling(_Strict):
+    """Sampling of a generative judge; requests may override within the model's limits."""
+
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=1024, ge=1)
+    seed: int | None = None
+
+
+JudgeMode = Literal["pointwise", "pairwise"]
+SampleAggregate = Literal["mean", "sum", "vote"]
+_DEFAULT_TEMPLATES = {"pointwise": "principles_pointwise", "pairwise": "rubric_pairwise"}
+
+
+class GenerativeOptions(_Strict):
+    # pointwise: each response gets a score in score_range; pairwise: the item's `candidates`
+    # are compared and the judge names the best (listwise for more than two).
+    mode: JudgeMode = "pointwise"
+    # A built-in template name (principles_pointwise, rubric_pairwise) or a .jinja file;
+    # by default the built-in one of the mode.
+    template: str | None = None
+    score_range: tuple[int, int] = (1, 10)
+    sampling: Sampling = Sampling()
+    # Upper bounds for per-request overrides.
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # Judgements per item (inference-time scaling) and how they are combined.
+    samples: int = Field(default=1, ge=1)
+    max_samples: int = Field(default=16, ge=1)
+    aggregate: SampleAggregate = "mean"
+    # Constrain the final answer with vLLM structured outputs, so that it always parses.
+    structured_output: bool = False
+    # With structured_output: the longest critique before the final answer, in characters.
+    max_critique_chars: int = Field(default=2000, ge=0)
+    # A discriminative model of the registry that ranks the samples; only the top half is
+    # aggregated (per request: options.meta_filter).
+    meta_model: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerativeOptions:
+        low, high = self.score_range
+        if low >= high:
+            raise ValueError(f"score_range [{low}, {high}] must go from low to high")
+        if self.samples > self.max_samples:
+            raise ValueError(f"samples ({self.samples}) exceeds max_samples ({self.max_samples})")
+        if self.sampling.max_tokens > self.max_tokens_limit:
+            raise ValueError("sampling.max_tokens exceeds max_tokens_limit")
+        return self
+
+    @property
+    def template_name(self) -> str:
+        return self.template or _DEFAULT_TEMPLATES[self.mode]
+
+
 class _ModelSpecBase(_Strict):
     name: str = Field(pattern=_NAME)
     weights: str = Field(min_length=1)
@@ -94,11 +147,32 @@ class ProcessSpec(_ModelSpecBase):
     options: ProcessOptions
 
 
-ModelSpec = Annotated[DiscriminativeSpec | ProcessSpec, Field(discriminator="kind")]
+class GenerativeSpec(_ModelSpecBase):
+    kind: Literal["generative"]
+    options: GenerativeOptions = GenerativeOptions()
+
+
+ModelSpec = Annotated[
+    DiscriminativeSpec | ProcessSpec | GenerativeSpec, Field(discriminator="kind")
+]
 
 
 class Registry(_Strict):
     models: dict[str, ModelSpec]
+
+    @model_validator(mode="after")
+    def _meta_models_exist(self) -> Registry:
+        for name, spec in self.models.items():
+            meta = spec.options.meta_model if isinstance(spec, GenerativeSpec) else None
+            if meta is None:
+                continue
+            if meta not in self.models:
+                raise ValueError(f"models.{name}.options.meta_model: no model {meta!r}")
+            if self.models[meta].kind != "discriminative":
+                raise ValueError(
+                    f"models.{name}.options.meta_model: {meta!r} is not discriminative"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -138,17 +212,33 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for i, part in enumerate(loc) if not (i == 2 and part in _KINDS))
 
 
-_KINDS = ("discriminative", "process")
+_KINDS = ("discriminative", "process", "generative")
 
 
 def _with_resolved_paths(registry: Registry, base: Path) -> Registry:
-    models: dict[str, DiscriminativeSpec | ProcessSpec] = {}
+    models: dict[str, DiscriminativeSpec | ProcessSpec | GenerativeSpec] = {}
     for name, spec in registry.models.items():
-        update: dict[str, str] = {"weights": _resolve(spec.weights, base)}
+        update: dict[str, Any] = {"weights": _resolve(spec.weights, base)}
         if spec.tokenizer:
             update["tokenizer"] = _resolve(spec.tokenizer, base)
+        if isinstance(spec, GenerativeSpec) and spec.options.template is not None:
+            template = _template(spec.options.template, base)
+            update["options"] = spec.options.model_copy(update={"template": template})
         models[name] = spec.model_copy(update=update)
     return Registry(models=models)
+
+
+def _template(name_or_path: str, base: Path) -> str:
+    """A built-in template name stays; a path is resolved like weights and must exist."""
+    from models.generative.prompts import BUILTIN
+
+    if (BUILTIN / f"{name_or_path}.jinja").is_file():
+        return name_or_path
+    path = Path(os.path.expandvars(name_or_path)).expanduser()
+    path = path if path.is_absolute() else (base / path).resolve()
+    if not path.is_file():
+        raise RegistryError(f"judge template {name_or_path!r}: no such built-in template or file")
+    return str(path)
 
 
 def _resolve(location: str, base: Path) -> str:

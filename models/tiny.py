@@ -4,6 +4,7 @@ rmserve without a model hub. Their scores are random functions of the input, not
     rmserve make-tiny-models DIR
       DIR/tiny-rm    sequence classification, 1 label
       DIR/tiny-prm   token classification, 2 labels, step tag <step>
+      DIR/tiny-lm    causal LM (a "judge" whose judgements are random text)
 
 A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
 tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
@@ -68,10 +69,11 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
 def make_tiny_models(
     out: Path, *, hidden_size: int = 128, layers: int = 2, max_positions: int = 4096, seed: int = 0
 ) -> dict[str, Path]:
-    """Write tiny-rm and tiny-prm under `out`; return their directories."""
+    """Write tiny-rm, tiny-prm and tiny-lm under `out`; return their directories."""
     import torch
     from transformers import (
         LlamaConfig,
+        LlamaForCausalLM,
         LlamaForSequenceClassification,
         LlamaForTokenClassification,
     )
@@ -81,6 +83,7 @@ def make_tiny_models(
     for name, cls, labels in (
         ("tiny-rm", LlamaForSequenceClassification, 1),
         ("tiny-prm", LlamaForTokenClassification, 2),
+        ("tiny-lm", LlamaForCausalLM, 1),
     ):
         torch.manual_seed(seed)
         options: dict[str, Any] = dict(

@@ -30,6 +30,7 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
         "weights": spec.weights,
         "revision": spec.revision,
         "aggregate": job.aggregate,
+        "judge": job.judge.model_dump() if job.judge is not None else None,
         "messages": job.item.model_dump(mode="json")["messages"],
         "reference": job.item.reference,
     }

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 from models.spec import Aggregate
 from models.trajectory import Trajectory
-from service.protocol import ItemErrorBody, ItemResult
+from service.protocol import ItemErrorBody, ItemResult, JudgeOptions
 
 
 class Job(BaseModel):
@@ -18,6 +18,7 @@ class Job(BaseModel):
     # Wall-clock time (time.time()) after which the client no longer waits for the result.
     deadline: float
     aggregate: Aggregate | None = None
+    judge: JudgeOptions | None = None
     # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
     reply_to: str | None = None
     # The async batch (POST /v1/jobs) the job belongs to. With Redis, the worker appends the

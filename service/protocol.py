@@ -14,6 +14,19 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class JudgeOptions(_Request):
+    """Per-request overrides for generative judges, within the model's limits."""
+
+    samples: int | None = Field(
+        default=None, ge=1, description="judgements per item, combined by the model's aggregate"
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    return_samples: bool = Field(default=False, description="include every judgement")
+
+
 class ScoreOptions(_Request):
     stream: bool = Field(
         default=False,
@@ -27,6 +40,9 @@ class ScoreOptions(_Request):
     )
     timeout_s: float | None = Field(
         default=None, gt=0, description="give up on items not scored by then (per-item error)"
+    )
+    judge: JudgeOptions | None = Field(
+        default=None, description="generative judges: sampling and inference-time scaling"
     )
 
 
@@ -44,6 +60,19 @@ class ItemErrorBody(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = 0
     truncated_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class SampleResult(BaseModel):
+    """One judgement of a generative judge."""
+
+    text: str
+    completion_tokens: int
+    score: float | None = None
+    # Pairwise: the label of the chosen candidate (in the item's order) and the order shown.
+    verdict: str | None = None
+    order: list[str] | None = None
+    error: str | None = None
 
 
 class Timing(BaseModel):
@@ -57,6 +86,11 @@ class ItemResult(BaseModel):
     score: float | None = None
     scores: list[float] | None = None
     step_scores: list[float | None] | None = None
+    # Generative judges: the best candidate's label (pairwise, or pointwise over candidates),
+    # the critique, and every judgement when options.judge.return_samples.
+    verdict: str | None = None
+    critique: str | None = None
+    samples: list[SampleResult] | None = None
     error: ItemErrorBody | None = None
     # True when the result came from the result cache (an earlier request scored this item).
     cached: bool = False

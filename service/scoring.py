@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from models.spec import GenerativeSpec, ModelSpec
 from service.cache import ResultCache, cache_key
 from service.config import Settings
 from service.directory import ModelDirectory
@@ -59,11 +60,36 @@ class ScoringService:
             )
         if entry.status == "unavailable":
             raise Unavailable(f"model {name!r} is unavailable: {entry.reason}", param="model")
+        self._check_judge_options(request, entry.spec)
         if request.options.aggregate and entry.spec.kind != "process":
             raise UnprocessableEntity(
                 f"options.aggregate applies to process reward models; {name!r} is "
                 f"{entry.spec.kind}",
                 param="options.aggregate",
+            )
+
+    @staticmethod
+    def _check_judge_options(request: ScoreRequest, spec: ModelSpec) -> None:
+        judge = request.options.judge
+        if judge is None:
+            return
+        if not isinstance(spec, GenerativeSpec):
+            raise UnprocessableEntity(
+                f"options.judge applies to generative judges; {spec.name!r} is {spec.kind}",
+                param="options.judge",
+            )
+        limits = spec.options
+        if judge.samples is not None and judge.samples > limits.max_samples:
+            raise UnprocessableEntity(
+                f"options.judge.samples {judge.samples} exceeds the model's max_samples "
+                f"({limits.max_samples})",
+                param="options.judge.samples",
+            )
+        if judge.max_tokens is not None and judge.max_tokens > limits.max_tokens_limit:
+            raise UnprocessableEntity(
+                f"options.judge.max_tokens {judge.max_tokens} exceeds the model's "
+                f"max_tokens_limit ({limits.max_tokens_limit})",
+                param="options.judge.max_tokens",
             )
 
     async def submit(self, request: ScoreRequest) -> Submission:
@@ -95,6 +121,7 @@ class ScoringService:
                 enqueued_at=now,
                 deadline=now + timeout,
                 aggregate=request.options.aggregate,
+                judge=request.options.judge,
                 batch=batch,
             )
             for index, item in enumerate(request.items)

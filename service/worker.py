@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 
-from models.base import RequestOptions, RewardModel
+from models.base import RequestOptions, RewardModel, Sample
 from models.errors import ItemError
+from models.generative.parsing import candidate_label
 from service.cache import ResultCache
 from service.jobs import Job, error_result
 from service.metrics import Metrics
-from service.protocol import ItemResult, Timing, Usage
+from service.protocol import ItemResult, SampleResult, Timing, Usage
 from service.queue.base import JobQueue, QueueUnavailableError
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Worker:
             self._metrics.jobs.labels(model.name, "expired").inc()
             return error_result(job, "timeout", "deadline passed before scoring began")
         try:
-            reward = await model.score(job.item, RequestOptions(aggregate=job.aggregate))
+            reward = await model.score(job.item, request_options(job))
         except ItemError as exc:
             self._metrics.jobs.labels(model.name, "item_error").inc()
             return error_result(job, exc.code, exc.message)
@@ -169,8 +170,39 @@ class Worker:
             score=reward.score,
             scores=reward.scores,
             step_scores=reward.step_scores,
+            verdict=reward.verdict,
+            critique=reward.critique,
+            samples=[sample_result(s) for s in reward.samples] if reward.samples else None,
             usage=Usage(
-                prompt_tokens=reward.prompt_tokens, truncated_tokens=reward.truncated_tokens
+                prompt_tokens=reward.prompt_tokens,
+                truncated_tokens=reward.truncated_tokens,
+                completion_tokens=reward.completion_tokens,
             ),
             timing=Timing(queue_s=started - job.enqueued_at, compute_s=finished - started),
         )
+
+
+def request_options(job: Job) -> RequestOptions:
+    judge = job.judge
+    if judge is None:
+        return RequestOptions(aggregate=job.aggregate)
+    return RequestOptions(
+        aggregate=job.aggregate,
+        samples=judge.samples,
+        temperature=judge.temperature,
+        top_p=judge.top_p,
+        max_tokens=judge.max_tokens,
+        seed=judge.seed,
+        return_samples=judge.return_samples,
+    )
+
+
+def sample_result(sample: Sample) -> SampleResult:
+    return SampleResult(
+        text=sample.text,
+        completion_tokens=sample.completion_tokens,
+        score=sample.score,
+        verdict=candidate_label(sample.choice) if sample.choice is not None else None,
+        order=[candidate_label(i) for i in sample.order] if sample.order is not None else None,
+        error=sample.error,
+    )
