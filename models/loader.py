@@ -15,9 +15,10 @@ from models.errors import ModelLoadError
 from models.generative.backends import LocalBackend
 from models.generative.judge import GenerativeModel
 from models.generative.prompts import JudgePrompt
+from models.generative.remote import RemoteBackend
 from models.process import ProcessModel, step_tag_id
 from models.rendering import ChatRenderer
-from models.spec import DiscriminativeSpec, GenerativeSpec, ModelSpec, ProcessSpec
+from models.spec import DiscriminativeSpec, GenerativeSpec, ModelSpec, ProcessSpec, RemoteJudge
 from models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ def load_model(spec: ModelSpec) -> RewardModel:
     Cheap checks (weights present, tokenizer, chat template, head size, step tag) run before
     the engine starts, so a misconfigured model fails in seconds with a precise reason.
     """
+    if isinstance(spec, GenerativeSpec) and spec.remote is not None:
+        return _load_remote_judge(spec, spec.remote)
+    assert spec.weights is not None  # the spec's validator: weights or remote
     trust = spec.engine.trust_remote_code
     weights = resolve_weights(spec.weights, spec.revision, allow_remote_code=trust)
     tokenizer_dir = (
@@ -67,6 +71,14 @@ def _load_judge(
     engine = VllmGenerateEngine.start(weights, tokenizer_dir, spec.engine)
     renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
     return GenerativeModel(spec, LocalBackend(renderer, engine), prompt)
+
+
+def _load_remote_judge(spec: GenerativeSpec, remote: RemoteJudge) -> RewardModel:
+    try:
+        prompt = JudgePrompt.load(spec.options.template_name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt)
 
 
 def _check_memory(spec: ModelSpec, weights: Path) -> None:

@@ -108,9 +108,6 @@ class GenerativeOptions(_Strict):
     structured_output: bool = False
     # With structured_output: the longest critique before the final answer, in characters.
     max_critique_chars: int = Field(default=2000, ge=0)
-    # A discriminative model of the registry that ranks the samples; only the top half is
-    # aggregated (per request: options.meta_filter).
-    meta_model: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerativeOptions:
@@ -130,7 +127,6 @@ class GenerativeOptions(_Strict):
 
 class _ModelSpecBase(_Strict):
     name: str = Field(pattern=_NAME)
-    weights: str = Field(min_length=1)
     revision: str | None = None
     tokenizer: str | None = None
     engine: EngineOptions = EngineOptions()
@@ -139,17 +135,46 @@ class _ModelSpecBase(_Strict):
 
 class DiscriminativeSpec(_ModelSpecBase):
     kind: Literal["discriminative"]
+    weights: str = Field(min_length=1)
     options: DiscriminativeOptions = DiscriminativeOptions()
 
 
 class ProcessSpec(_ModelSpecBase):
     kind: Literal["process"]
+    weights: str = Field(min_length=1)
     options: ProcessOptions
+
+
+class RemoteJudge(_Strict):
+    """An OpenAI-compatible chat endpoint serving the judge (POST {base_url}/chat/completions)."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    # The API key: from this environment variable, or the first line of this file (a relative
+    # path is taken relative to the registry file).
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    # Retries of 429 and 5xx answers only (with backoff); other errors fail the item at once.
+    max_retries: int = Field(default=3, ge=0)
+    # Requests in flight to the endpoint at once.
+    max_concurrency: int = Field(default=16, ge=1)
+    # The endpoint model's context length (prompt + max_tokens), for the too_long check.
+    max_model_len: int = Field(default=32768, ge=16)
 
 
 class GenerativeSpec(_ModelSpecBase):
     kind: Literal["generative"]
+    # A local judge (weights, on a vLLM engine here) or a remote one, not both.
+    weights: str | None = Field(default=None, min_length=1)
+    remote: RemoteJudge | None = None
     options: GenerativeOptions = GenerativeOptions()
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> GenerativeSpec:
+        if (self.weights is None) == (self.remote is None):
+            raise ValueError("a generative model needs either `weights` or `remote`, not both")
+        return self
 
 
 ModelSpec = Annotated[
@@ -159,20 +184,6 @@ ModelSpec = Annotated[
 
 class Registry(_Strict):
     models: dict[str, ModelSpec]
-
-    @model_validator(mode="after")
-    def _meta_models_exist(self) -> Registry:
-        for name, spec in self.models.items():
-            meta = spec.options.meta_model if isinstance(spec, GenerativeSpec) else None
-            if meta is None:
-                continue
-            if meta not in self.models:
-                raise ValueError(f"models.{name}.options.meta_model: no model {meta!r}")
-            if self.models[meta].kind != "discriminative":
-                raise ValueError(
-                    f"models.{name}.options.meta_model: {meta!r} is not discriminative"
-                )
-        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -218,12 +229,17 @@ _KINDS = ("discriminative", "process", "generative")
 def _with_resolved_paths(registry: Registry, base: Path) -> Registry:
     models: dict[str, DiscriminativeSpec | ProcessSpec | GenerativeSpec] = {}
     for name, spec in registry.models.items():
-        update: dict[str, Any] = {"weights": _resolve(spec.weights, base)}
+        update: dict[str, Any] = {}
+        if spec.weights is not None:
+            update["weights"] = _resolve(spec.weights, base)
         if spec.tokenizer:
             update["tokenizer"] = _resolve(spec.tokenizer, base)
         if isinstance(spec, GenerativeSpec) and spec.options.template is not None:
             template = _template(spec.options.template, base)
             update["options"] = spec.options.model_copy(update={"template": template})
+        if isinstance(spec, GenerativeSpec) and spec.remote and spec.remote.api_key_file:
+            key_file = str((base / Path(spec.remote.api_key_file).expanduser()).resolve())
+            update["remote"] = spec.remote.model_copy(update={"api_key_file": key_file})
         models[name] = spec.model_copy(update=update)
     return Registry(models=models)
 

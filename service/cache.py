@@ -28,6 +28,7 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
     content = {
         "model": spec.name,
         "weights": spec.weights,
+        "remote": remote.model_dump() if (remote := getattr(spec, "remote", None)) else None,
         "revision": spec.revision,
         "aggregate": job.aggregate,
         "judge": job.judge.model_dump() if job.judge is not None else None,

@@ -52,8 +52,13 @@ class ModelDirectory:
                 reason=entry.reason,
                 weights=entry.spec.weights,
                 revision=entry.spec.revision,
-                max_model_len=entry.spec.engine.max_model_len,
+                max_model_len=_max_model_len(entry.spec),
                 workers=entry.workers,
             )
             for name, entry in self._entries.items()
         ]
+
+
+def _max_model_len(spec: ModelSpec) -> int:
+    remote = getattr(spec, "remote", None)
+    return remote.max_model_len if remote is not None else spec.engine.max_model_len

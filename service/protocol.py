@@ -120,7 +120,8 @@ class ModelInfo(BaseModel):
     kind: str
     status: ModelStatus
     reason: str | None = None
-    weights: str
+    # Local weights (hub id or path); None for a remote judge.
+    weights: str | None
     revision: str | None = None
     max_model_len: int
     # Distributed mode: how many live workers serve the model.

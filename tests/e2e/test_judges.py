@@ -1,9 +1,11 @@
-"""Generative judges end to end: a real `rmserve serve` with vLLM generating on the tiny causal
-LM, through HTTP. Its weights are random: free-form judgements do not parse (parse_error, with
-the raw text), while structured outputs make every judgement parse."""
+"""Generative judges end to end: a real `rmserve serve` with vLLM generating on tiny causal LMs,
+through HTTP. tiny-lm's weights are random: its free-form judgements do not parse, while
+structured outputs make every judgement parse. A copy fine-tuned by the tests answers three
+known items with a valid verdict or with prose, so one batch mixes both."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from service.launcher import ServerProcess
 from tests.conftest import TESTS, start_server
+from tests.trained_judge import train_judge
 
 pytestmark = pytest.mark.engine
 
@@ -24,10 +27,24 @@ def item(n: int) -> dict[str, Any]:
             {"role": "assistant", "content": f"It is {80 + n}."}]}  # fmt: skip
 
 
+def answered(text: str, n: int) -> dict[str, Any]:
+    return {"id": f"t{n}", "messages": [*CONVERSATION, {"role": "assistant", "content": text}]}
+
+
+# What the trained judge answers for each of these items (greedy decoding).
+TRAINED = [
+    (answered("The answer is 84 because 12 times 7 is 84.", 0), "Correct and clear. \\boxed{7}"),
+    (answered("No idea, maybe ninety?", 1), "I cannot tell."),
+    (answered("Twelve sevens: 84, checked twice.", 2), "Wrong product. \\boxed{2}"),
+]
+
+
 @pytest.fixture(scope="module")
 def judges(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
+    trained = train_judge(tiny_models["tiny-lm"], tmp_path_factory.mktemp("trained"), TRAINED)
+    os.environ["RMSERVE_TRAINED_JUDGE"] = str(trained)
     server: ServerProcess = start_server(
         TESTS / "registry.judge.yaml",
         tmp_path_factory.mktemp("judges"),
@@ -40,6 +57,21 @@ def judges(
             yield client
     finally:
         server.stop()
+
+
+def test_a_judgement_that_does_not_parse_is_an_error_and_the_rest_is_scored(
+    judges: httpx.Client,
+) -> None:
+    items = [item for item, _ in TRAINED] + [{"id": "no-response", "messages": CONVERSATION}]
+    results = judges.post("/v1/score", json={"model": "tiny-judge-trained", "items": items})
+    first, unparsed, third, no_response = results.json()["results"]
+    assert first["error"] is None and first["score"] == 7, first
+    assert first["critique"] == "Correct and clear."
+    assert third["error"] is None and third["score"] == 2, third
+    assert unparsed["error"]["type"] == "parse_error"
+    assert "no \\boxed{score}" in unparsed["error"]["message"]
+    assert "I cannot tell." in unparsed["error"]["message"]  # the raw text
+    assert no_response["error"]["type"] == "no_response"
 
 
 def test_structured_pointwise_judgements_always_parse(judges: httpx.Client) -> None:
@@ -66,20 +98,14 @@ def test_samples_are_drawn_counted_and_averaged(judges: httpx.Client) -> None:
     assert refused.json()["error"]["param"] == "options.judge.samples"
 
 
-def test_free_form_judgements_that_do_not_parse_are_errors_with_the_raw_text(
-    judges: httpx.Client,
-) -> None:
-    body = {"model": "tiny-judge", "items": [item(n) for n in range(3)] + [
-        {"id": "no-response", "messages": CONVERSATION}]}  # fmt: skip
-    results = judges.post("/v1/score", json=body).json()["results"]
-    for result in results[:3]:
+def test_random_free_form_text_never_becomes_a_default_score(judges: httpx.Client) -> None:
+    body = {"model": "tiny-judge", "items": [item(n) for n in range(3)]}
+    for result in judges.post("/v1/score", json=body).json()["results"]:
         if result["error"] is not None:  # random text almost never holds a valid \boxed{}
             assert result["error"]["type"] == "parse_error"
             assert "raw text" in result["error"]["message"]
         else:
             assert 1 <= result["score"] <= 10
-    assert any(r["error"] is not None for r in results[:3])
-    assert results[3]["error"]["type"] == "no_response"
 
 
 def test_pairwise_verdicts_with_shuffled_samples(judges: httpx.Client) -> None:

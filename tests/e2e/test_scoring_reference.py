@@ -97,7 +97,12 @@ def test_truncate_left_keeps_the_end_of_the_conversation(
     assert len(ids) > 64  # tiny-rm-truncating has max_model_len 64
     (result,) = score(client, "tiny-rm-truncating", [{"messages": MULTI_TURN_OPENAI}])
     assert result["error"] is None
-    assert result["usage"] == {"prompt_tokens": 64, "truncated_tokens": len(ids) - 64}
+    expected_usage = {
+        "prompt_tokens": 64,
+        "truncated_tokens": len(ids) - 64,
+        "completion_tokens": 0,
+    }
+    assert result["usage"] == expected_usage
     assert abs(result["score"] - ref.sequence_logits(path, ids[-64:])[0]) <= TOL
 
 

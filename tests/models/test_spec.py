@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from models.spec import DiscriminativeSpec, ProcessSpec, RegistryError, load_registry
+from models.spec import (
+    DiscriminativeSpec,
+    GenerativeSpec,
+    ProcessSpec,
+    RegistryError,
+    load_registry,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,3 +79,49 @@ def test_invalid_registry_says_what_is_wrong(tmp_path: Path, text: str, says: st
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="cannot read registry"):
         load_registry(tmp_path / "absent.yaml")
+
+
+def test_generative_judges_local_or_remote_with_their_templates(tmp_path: Path) -> None:
+    (tmp_path / "judges").mkdir()
+    (tmp_path / "judges" / "mine.jinja").write_text("Judge {{ response }}")
+    registry = load_registry(
+        write(
+            tmp_path,
+            "models:\n"
+            "  rm: {kind: discriminative, weights: org/rm}\n"
+            "  local: {kind: generative, weights: org/judge,\n"
+            "          options: {mode: pairwise, samples: 4}}\n"
+            "  own: {kind: generative, weights: org/judge,\n"
+            "        options: {template: judges/mine.jinja}}\n"
+            "  far: {kind: generative, remote: {base_url: 'http://judge:8000/v1', model: j,\n"
+            "        api_key_file: secrets/key}}\n",
+        )
+    )
+    local, own, far = (registry.models[n] for n in ("local", "own", "far"))
+    assert isinstance(local, GenerativeSpec) and local.options.template_name == "rubric_pairwise"
+    assert isinstance(own, GenerativeSpec)
+    assert own.options.template_name == str(tmp_path / "judges" / "mine.jinja")
+    assert isinstance(far, GenerativeSpec) and far.weights is None and far.remote is not None
+    assert far.remote.api_key_file == str(tmp_path / "secrets" / "key")
+    assert far.options.template_name == "principles_pointwise"
+
+
+@pytest.mark.parametrize(
+    ("models", "says"),
+    [
+        ("  j: {kind: generative}\n", "either `weights` or `remote`"),
+        ("  j: {kind: generative, weights: a, remote: {base_url: 'http://x/v1', model: m}}\n",
+         "not both"),
+        ("  j: {kind: generative, remote: {base_url: 'ftp://x', model: m}}\n",
+         "models.j.remote.base_url"),
+        ("  j: {kind: generative, weights: a, options: {score_range: [10, 1]}}\n",
+         "score_range [10, 1]"),
+        ("  j: {kind: generative, weights: a, options: {samples: 20}}\n", "exceeds max_samples"),
+        ("  j: {kind: generative, weights: a, options: {template: nowhere.jinja}}\n",
+         "no such built-in template or file"),
+    ],
+)  # fmt: skip
+def test_invalid_judges_say_what_is_wrong(tmp_path: Path, models: str, says: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        load_registry(write(tmp_path, "models:\n" + models))
+    assert says in str(caught.value)
