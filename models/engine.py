@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from models.errors import ModelLoadError
+from models.errors import ItemError, ModelLoadError
 from models.spec import EngineOptions
 
 PoolingTask = Literal["classify", "token_classify"]
@@ -149,6 +149,20 @@ class GenerateEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
+# vLLM's CPU build crashes its engine ("CPU Generator does not use offset") when a seeded
+# request's prompt is prefilled in several steps (chunked prefill, which V1 always uses).
+SEED_ON_CPU = (
+    "seeded sampling is not available on vLLM's CPU build: it crashes the engine when a "
+    "prompt is prefilled in chunks; leave the seed out"
+)
+
+
+def cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 class VllmGenerateEngine:
     """One long-lived AsyncLLM generating; concurrent requests batch continuously."""
 
@@ -156,6 +170,7 @@ class VllmGenerateEngine:
         self._llm = llm
         self.max_model_len = max_model_len
         self._ids = itertools.count()
+        self._seeds_crash = cpu_platform()
 
     @classmethod
     def start(
@@ -168,6 +183,8 @@ class VllmGenerateEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        if sampling.seed is not None and self._seeds_crash:
+            raise ItemError("unsupported_option", SEED_ON_CPU)
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,

@@ -10,7 +10,7 @@ import psutil
 
 from models.base import RewardModel
 from models.discriminative import DiscriminativeModel
-from models.engine import VllmGenerateEngine, VllmPoolingEngine
+from models.engine import SEED_ON_CPU, VllmGenerateEngine, VllmPoolingEngine, cpu_platform
 from models.errors import ModelLoadError
 from models.generative.backends import LocalBackend
 from models.generative.judge import GenerativeModel
@@ -66,6 +66,8 @@ def _load_judge(
         prompt = JudgePrompt.load(spec.options.template_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+    if spec.options.sampling.seed is not None and cpu_platform():
+        raise ModelLoadError(f"options.sampling.seed: {SEED_ON_CPU}")
     _check_memory(spec, weights)
     log.info("starting generation engine for %s from %s", spec.name, weights)
     engine = VllmGenerateEngine.start(weights, tokenizer_dir, spec.engine)

@@ -53,6 +53,8 @@ def judges(
     try:
         with httpx.Client(base_url=server.base_url, timeout=300) as client:
             models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+            seeded = models.pop("tiny-judge-seeded")
+            assert seeded["status"] == "unavailable" and "seed" in seeded["reason"], seeded
             assert all(m["status"] == "ready" for m in models.values()), models
             yield client
     finally:
@@ -123,3 +125,15 @@ def test_pairwise_verdicts_with_shuffled_samples(judges: httpx.Client) -> None:
     no_candidates = {"model": "tiny-pair-structured", "items": [item(0)]}
     (missing,) = judges.post("/v1/score", json=no_candidates).json()["results"]
     assert missing["error"]["type"] == "missing_candidates"
+
+
+def test_a_seed_is_refused_on_the_cpu_build_instead_of_crashing_the_engine(
+    judges: httpx.Client,
+) -> None:
+    options = {"judge": {"seed": 3}}
+    body = {"model": "tiny-judge-structured", "items": [item(0)], "options": options}
+    (result,) = judges.post("/v1/score", json=body).json()["results"]
+    assert result["error"]["type"] == "unsupported_option"
+    assert "CPU build" in result["error"]["message"]
+    after = judges.post("/v1/score", json={"model": "tiny-judge-structured", "items": [item(1)]})
+    assert after.json()["results"][0]["error"] is None  # the engine still serves
