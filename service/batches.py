@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from service.errors import NotFound, Unavailable
 from service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
 from service.queue.base import QueueUnavailableError
-from service.queue.redis_streams import available, batch_key
+from service.queue.redis_streams import as_text, available, batch_key
 from service.scoring import ScoringService, Submission
 
 
@@ -159,14 +159,14 @@ class _Record:
             raise _not_found(batch_id)
         header = json.loads(entries[0][1][b"header"])
         record = cls(batch_id, header["model"], header["ids"], header["deadline"])
-        record.last_entry = _text(entries[0][0])
+        record.last_entry = as_text(entries[0][0])
         record.add(entries[1:])
         return record
 
     def add(self, entries: list[Any]) -> list[ItemResult]:
         new = []
         for entry_id, fields in entries:
-            self.last_entry = _text(entry_id)
+            self.last_entry = as_text(entry_id)
             result = ItemResult.model_validate_json(fields[b"result"])
             if result.index not in self.results:  # a duplicate could only come from a retry
                 self.results[result.index] = result
@@ -273,7 +273,3 @@ class RedisBatchStore:
             return await available(call)
         except QueueUnavailableError as exc:
             raise Unavailable(f"the batch store is unreachable: {exc}") from None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

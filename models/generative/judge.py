@@ -79,23 +79,20 @@ class GenerativeModel:
         judged = await self._backend.judge(
             text, self._sampling(options, self._samples(options), regex)
         )
-        samples = []
+        samples, verdicts = [], []
         for completion in judged.completions:
             try:
                 verdict = parse_pointwise(completion.text, low, high)
             except JudgementParseError as exc:
                 samples.append(Sample(completion.text, completion.tokens, error=exc.reason))
             else:
+                verdicts.append(verdict)
                 samples.append(Sample(completion.text, completion.tokens, score=verdict.score))
-        parsed = [s for s in samples if s.score is not None]
-        if not parsed:
+        if not verdicts:
             _unparsed(samples)
-        scores = [s.score for s in parsed if s.score is not None]
-        score = _combine(scores, self._options.aggregate)
-        first = next(s for s in parsed if s.score is not None)
         return Reward(
-            score=score,
-            critique=parse_pointwise(first.text, low, high).critique,
+            score=_combine([v.score for v in verdicts], self._options.aggregate),
+            critique=verdicts[0].critique,
             prompt_tokens=judged.prompt_tokens,
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
@@ -154,7 +151,8 @@ class GenerativeModel:
                 for order in orders
             )
         )
-        samples = []
+        samples: list[Sample] = []
+        critiques: dict[int, str] = {}  # the first critique choosing each candidate
         for order, judged in zip(orders, results, strict=True):
             completion = judged.completions[0]
             try:
@@ -164,6 +162,7 @@ class GenerativeModel:
                     Sample(completion.text, completion.tokens, order=order, error=exc.reason)
                 )
             else:
+                critiques.setdefault(order[verdict.choice], verdict.critique)
                 samples.append(
                     Sample(
                         completion.text,
@@ -180,12 +179,11 @@ class GenerativeModel:
         if self._options.aggregate == "mean":
             scores = [v / len(parsed) for v in scores]
         best = max(range(count), key=lambda i: (votes[i], -i))
-        agreeing = next(s for s in parsed if s.choice == best)
         return Reward(
             score=scores[best],
             scores=scores,
             verdict=candidate_label(best),
-            critique=parse_choice(agreeing.text, count).critique,
+            critique=critiques[best],
             prompt_tokens=sum(judged.prompt_tokens for judged in results),
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,

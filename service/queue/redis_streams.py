@@ -227,7 +227,7 @@ class StreamQueue:
                     )
                 )
                 for _stream, stream_entries in response or []:
-                    fresh += [(_text(entry_id), fields) for entry_id, fields in stream_entries]
+                    fresh += [(as_text(entry_id), fields) for entry_id, fields in stream_entries]
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -237,11 +237,11 @@ class StreamQueue:
         return await self._accept_redelivered(model, reclaimed) + self._take(model, fresh)
 
     def _take(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
+        return self._hold(model, [_parse(entry_id, fields) for entry_id, fields in entries])
+
+    def _hold(self, model: str, jobs: list[Job]) -> list[Job]:
+        """Jobs this worker now holds: renewed by the heartbeat until finished or released."""
         in_flight = self._in_flight.setdefault(model, {})
-        jobs = [
-            Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
-            for entry_id, fields in entries
-        ]
         for job in jobs:
             in_flight[job.receipt or ""] = job.id
         return jobs
@@ -251,7 +251,7 @@ class StreamQueue:
         reply: Any = await available(
             self._redis.xautoclaim(jobs_key(model), GROUP, self.name, idle_ms, "0-0", max_jobs)
         )
-        claimed = [(_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
+        claimed = [(as_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
         if claimed:
             log.warning("reclaimed %d jobs of %s from stopped consumers", len(claimed), model)
         await self._forget_dead_consumers(model)
@@ -263,7 +263,7 @@ class StreamQueue:
         idle_ms = int(max(3600.0, 10 * self._settings.reclaim_idle_s) * 1000)
         consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
         for consumer in consumers:
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if name != self.name and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
                 await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, name))
 
@@ -275,10 +275,7 @@ class StreamQueue:
         if not entries:
             return []
         counts = await self._delivery_counts(model, [entry_id for entry_id, _ in entries])
-        parsed = [
-            Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
-            for entry_id, fields in entries
-        ]
+        parsed = [_parse(entry_id, fields) for entry_id, fields in entries]
         stored_results: list[Any] = await available(
             self._redis.mget([result_key(job.id) for job in parsed])
         )
@@ -290,7 +287,7 @@ class StreamQueue:
             elif deliveries > self._settings.max_deliveries:
                 await self._dead_letter(job, fields[b"job"], deliveries)
             else:
-                jobs += self._take(model, [(entry_id, fields)])
+                jobs += self._hold(model, [job])
         return jobs
 
     async def _delivery_counts(self, model: str, entry_ids: list[str]) -> dict[str, int]:
@@ -304,7 +301,7 @@ class StreamQueue:
                 consumername=self.name,
             )
         )
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     async def _dead_letter(self, job: Job, payload: bytes, deliveries: int) -> None:
         reason = (
@@ -385,7 +382,7 @@ class StreamQueue:
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:
         entries: Any = await available(self._redis.xrange(dead_key(model)))
-        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+        return [{as_text(k): as_text(v) for k, v in fields.items()} for _, fields in entries]
 
     async def ping(self) -> None:
         await available(self._redis.ping())
@@ -405,7 +402,7 @@ class StreamQueue:
     async def _leave_group(self, model: str) -> None:
         consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
         for consumer in consumers:
-            if _text(consumer["name"]) == self.name and consumer["pending"] == 0:
+            if as_text(consumer["name"]) == self.name and consumer["pending"] == 0:
                 await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, self.name))
 
 
@@ -417,10 +414,15 @@ async def available(call: Awaitable[T]) -> T:
         raise QueueUnavailableError(f"redis: {exc}") from exc
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply field (bytes) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _order(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)
+
+
+def _parse(entry_id: str, fields: dict[bytes, bytes]) -> Job:
+    return Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
