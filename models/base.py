@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,10 @@ class RequestOptions:
     max_tokens: int | None = None
     seed: int | None = None
     return_samples: bool = False
+    # False: aggregate every judgement even though the model has a meta reward model.
+    meta_filter: bool = True
+    # When the client stops waiting (time.time()); bounds calls to other models.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class Sample:
     order: list[int] | None = None
     # Why the judgement did not parse (parse_error), when it did not.
     error: str | None = None
+    # Meta reward model filtering: the judgement's rating, and whether it was aggregated.
+    meta_score: float | None = None
+    kept: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,16 @@ class Reward:
     critique: str | None = None
     completion_tokens: int = 0
     samples: list[Sample] | None = None
+
+
+class PeerScorer(Protocol):
+    """Scores items with another model of the registry, served by its own workers (a judge's
+    meta reward model; composite rewards)."""
+
+    async def score(self, model: str, items: Sequence[Trajectory], deadline: float) -> list[float]:
+        """One score per item, in order; raise ItemError when any item cannot be scored or the
+        model cannot serve (naming the model and the reason)."""
+        ...
 
 
 class RewardModel(Protocol):

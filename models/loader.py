@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from models.base import RewardModel
+from models.base import PeerScorer, RewardModel
 from models.discriminative import DiscriminativeModel
 from models.engine import SEED_ON_CPU, VllmGenerateEngine, VllmPoolingEngine, cpu_platform
 from models.errors import ModelLoadError
@@ -26,14 +26,18 @@ log = logging.getLogger(__name__)
 _GIB = 1 << 30
 
 
-def load_model(spec: ModelSpec) -> RewardModel:
+def load_model(spec: ModelSpec, peers: PeerScorer | None = None) -> RewardModel:
     """Resolve weights, check the model fits its spec, start its engine. Blocking (tens of s).
+
+    `peers` reaches the other models this one scores with (a judge's meta reward model).
 
     Cheap checks (weights present, tokenizer, chat template, head size, step tag) run before
     the engine starts, so a misconfigured model fails in seconds with a precise reason.
     """
+    if isinstance(spec, GenerativeSpec) and spec.options.meta_model and peers is None:
+        raise ModelLoadError("options.meta_model: this runtime cannot reach other models")
     if isinstance(spec, GenerativeSpec) and spec.remote is not None:
-        return _load_remote_judge(spec, spec.remote)
+        return _load_remote_judge(spec, spec.remote, peers)
     assert spec.weights is not None  # the spec's validator: weights or remote
     trust = spec.engine.trust_remote_code
     weights = resolve_weights(spec.weights, spec.revision, allow_remote_code=trust)
@@ -44,7 +48,7 @@ def load_model(spec: ModelSpec) -> RewardModel:
     )
     tokenizer = _load_tokenizer(tokenizer_dir, trust)
     if isinstance(spec, GenerativeSpec):
-        return _load_judge(spec, weights, tokenizer_dir, tokenizer)
+        return _load_judge(spec, weights, tokenizer_dir, tokenizer, peers)
     ChatRenderer(tokenizer, spec.engine.max_model_len, spec.options.too_long)  # has a template?
     _check_head(spec, _num_labels(weights, trust))
     if spec.kind == "process":
@@ -59,7 +63,11 @@ def load_model(spec: ModelSpec) -> RewardModel:
 
 
 def _load_judge(
-    spec: GenerativeSpec, weights: Path, tokenizer_dir: Path, tokenizer: Any
+    spec: GenerativeSpec,
+    weights: Path,
+    tokenizer_dir: Path,
+    tokenizer: Any,
+    peers: PeerScorer | None,
 ) -> RewardModel:
     ChatRenderer(tokenizer, spec.engine.max_model_len, "error")  # has a chat template?
     try:
@@ -72,15 +80,17 @@ def _load_judge(
     log.info("starting generation engine for %s from %s", spec.name, weights)
     engine = VllmGenerateEngine.start(weights, tokenizer_dir, spec.engine)
     renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
-    return GenerativeModel(spec, LocalBackend(renderer, engine), prompt)
+    return GenerativeModel(spec, LocalBackend(renderer, engine), prompt, peers)
 
 
-def _load_remote_judge(spec: GenerativeSpec, remote: RemoteJudge) -> RewardModel:
+def _load_remote_judge(
+    spec: GenerativeSpec, remote: RemoteJudge, peers: PeerScorer | None
+) -> RewardModel:
     try:
         prompt = JudgePrompt.load(spec.options.template_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt)
+    return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt, peers)
 
 
 def _check_memory(spec: ModelSpec, weights: Path) -> None:

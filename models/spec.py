@@ -108,6 +108,11 @@ class GenerativeOptions(_Strict):
     structured_output: bool = False
     # With structured_output: the longest critique before the final answer, in characters.
     max_critique_chars: int = Field(default=2000, ge=0)
+    # Meta reward model (DeepSeek-GRM): a discriminative model of this registry that rates
+    # each judgement (the judge prompt as the user turn, the judgement as the assistant turn);
+    # only the best-rated `meta_keep` fraction of the parsed judgements is aggregated.
+    meta_model: str | None = Field(default=None, pattern=_NAME)
+    meta_keep: float = Field(default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerativeOptions:
@@ -185,6 +190,23 @@ ModelSpec = Annotated[
 class Registry(_Strict):
     models: dict[str, ModelSpec]
 
+    @model_validator(mode="after")
+    def _meta_models_exist(self) -> Registry:
+        for name, spec in self.models.items():
+            meta = spec.options.meta_model if isinstance(spec, GenerativeSpec) else None
+            if meta is not None and not isinstance(self.models.get(meta), DiscriminativeSpec):
+                raise ValueError(
+                    f"models.{name}.options.meta_model: {meta!r} is not a discriminative model "
+                    "of this registry"
+                )
+        return self
+
+    def peers(self, name: str) -> list[ModelSpec]:
+        """The models `name` scores with while it scores (a judge's meta reward model)."""
+        spec = self.models[name]
+        meta = spec.options.meta_model if isinstance(spec, GenerativeSpec) else None
+        return [self.models[meta]] if meta is not None else []
+
     @model_validator(mode="before")
     @classmethod
     def _names_from_keys(cls, data: Any) -> Any:
@@ -213,9 +235,14 @@ def load_registry(path: str | Path) -> Registry:
     try:
         registry = Registry.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(_problem(err["loc"], err["msg"]) for err in exc.errors())
         raise RegistryError(f"registry {path}: {problems}") from None
     return _with_resolved_paths(registry, path.parent)
+
+
+def _problem(loc: tuple[int | str, ...], message: str) -> str:
+    message = message.removeprefix("Value error, ")
+    return f"{_where(loc)}: {message}" if loc else message
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -1,7 +1,8 @@
 """Optional result cache: a retried request does not redo work.
 
-Keyed by model name, weights, revision, the per-request options that change a score, and a
-canonical hash of the item's content (messages and reference; not its `id` or `metadata`).
+Keyed by model name, weights, revision, registry options, the per-request options that change a
+score, and a canonical hash of the item's content (messages, candidates and reference; not its
+`id` or `metadata`).
 Only results without an error are kept, for `ttl_s` seconds.
 """
 
@@ -30,10 +31,11 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
         "weights": spec.weights,
         "remote": remote.model_dump() if (remote := getattr(spec, "remote", None)) else None,
         "revision": spec.revision,
+        "options": spec.options.model_dump(mode="json"),
         "aggregate": job.aggregate,
         "judge": job.judge.model_dump() if job.judge is not None else None,
-        "messages": job.item.model_dump(mode="json")["messages"],
-        "reference": job.item.reference,
+        # What is scored: not the item's id or metadata.
+        "item": job.item.model_dump(mode="json", exclude={"id", "metadata"}),
     }
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "rmserve:cache:" + hashlib.sha256(canonical.encode()).hexdigest()

@@ -192,7 +192,7 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     else:
-        app = WorkerRuntime(settings, registry.models[args.model]).app()
+        app = WorkerRuntime(settings, registry.models[args.model], registry.peers(args.model)).app()
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ from service.fleet import WorkerAnnouncer, watch_workers
 from service.gateway import create_app
 from service.jobs import Job
 from service.metrics import Metrics
+from service.peers import QueuePeers
 from service.protocol import ErrorBody
 from service.queue.base import QueueUnavailableError
 from service.queue.redis_streams import StreamQueue, StreamSettings
@@ -109,9 +110,15 @@ class GatewayRuntime:
 
 
 class WorkerRuntime:
-    """One model's worker. Its small HTTP app serves /healthz, /readyz and /metrics."""
+    """One model's worker. Its small HTTP app serves /healthz, /readyz and /metrics.
 
-    def __init__(self, settings: Settings, spec: ModelSpec) -> None:
+    `peers` are the models this one scores with (a judge's meta reward model): the worker
+    follows their fleet states like a gateway and sends them jobs through their streams.
+    """
+
+    def __init__(
+        self, settings: Settings, spec: ModelSpec, peers: Sequence[ModelSpec] = ()
+    ) -> None:
         self.settings, self.spec = settings, spec
         self.client = redis_client(_require_redis(settings))
         self.name = _process_name(spec.name)
@@ -123,6 +130,7 @@ class WorkerRuntime:
             if settings.result_cache_ttl_s > 0
             else None
         )
+        self.peer_directory = ModelDirectory(peers)
         self.model: RewardModel | None = None
         self.worker: Worker | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,6 +172,8 @@ class WorkerRuntime:
             asyncio.create_task(self.announcer.run()),
             asyncio.create_task(self._serve()),
         ]
+        if self.peer_directory.names():
+            self._tasks.append(asyncio.create_task(watch_workers(self.client, self.peer_directory)))
         try:
             yield
         finally:
@@ -173,7 +183,8 @@ class WorkerRuntime:
         name = self.spec.name
         self.metrics.model_ready.labels(name).set(0)
         try:
-            self.model = await asyncio.to_thread(load_model, self.spec)
+            peers = QueuePeers(self.queue, self.peer_directory)
+            self.model = await asyncio.to_thread(load_model, self.spec, peers)
         except ModelLoadError as exc:
             self._out_of_service(str(exc))
             return

@@ -24,6 +24,7 @@ from service.directory import ModelDirectory
 from service.gateway import create_app
 from service.jobs import error_result
 from service.metrics import Metrics
+from service.peers import QueuePeers
 from service.queue import InProcessQueue
 from service.worker import Worker
 
@@ -42,6 +43,8 @@ class EmbeddedRuntime:
             if settings.result_cache_ttl_s > 0
             else None
         )
+        # Judges reach their meta reward models through the queue, like clients do.
+        self.peers = QueuePeers(self.queue, self.directory)
         self._workers: dict[str, Worker] = {}
         self._loader: asyncio.Task[None] | None = None
         self._supervisors: list[asyncio.Task[None]] = []
@@ -73,7 +76,7 @@ class EmbeddedRuntime:
     async def _load(self, spec: ModelSpec) -> RewardModel | None:
         self.metrics.model_ready.labels(spec.name).set(0)
         try:
-            model = await asyncio.to_thread(load_model, spec)
+            model = await asyncio.to_thread(load_model, spec, self.peers)
         except ModelLoadError as exc:
             reason = str(exc)
         except Exception as exc:  # never let one model take the service down

@@ -25,6 +25,11 @@ class JudgeOptions(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
     return_samples: bool = Field(default=False, description="include every judgement")
+    meta_filter: bool | None = Field(
+        default=None,
+        description="judges with a meta reward model: false aggregates every judgement; "
+        "true requires the model to have one (default: filter when it has one)",
+    )
 
 
 class ScoreOptions(_Request):
@@ -73,6 +78,9 @@ class SampleResult(BaseModel):
     verdict: str | None = None
     order: list[str] | None = None
     error: str | None = None
+    # Meta reward model filtering: the judgement's rating and whether it was aggregated.
+    meta_score: float | None = None
+    kept: bool | None = None
 
 
 class Timing(BaseModel):

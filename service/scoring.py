@@ -79,6 +79,12 @@ class ScoringService:
                 param="options.judge",
             )
         limits = spec.options
+        if judge.meta_filter and limits.meta_model is None:
+            raise UnprocessableEntity(
+                f"options.judge.meta_filter: judge {spec.name!r} has no meta reward model "
+                "(registry options.meta_model)",
+                param="options.judge.meta_filter",
+            )
         if judge.samples is not None and judge.samples > limits.max_samples:
             raise UnprocessableEntity(
                 f"options.judge.samples {judge.samples} exceeds the model's max_samples "

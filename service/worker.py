@@ -185,9 +185,11 @@ class Worker:
 def request_options(job: Job) -> RequestOptions:
     judge = job.judge
     if judge is None:
-        return RequestOptions(aggregate=job.aggregate)
+        return RequestOptions(aggregate=job.aggregate, deadline=job.deadline)
     return RequestOptions(
         aggregate=job.aggregate,
+        deadline=job.deadline,
+        meta_filter=judge.meta_filter is not False,
         samples=judge.samples,
         temperature=judge.temperature,
         top_p=judge.top_p,
@@ -205,4 +207,6 @@ def sample_result(sample: Sample) -> SampleResult:
         verdict=candidate_label(sample.choice) if sample.choice is not None else None,
         order=[candidate_label(i) for i in sample.order] if sample.order is not None else None,
         error=sample.error,
+        meta_score=sample.meta_score,
+        kept=sample.kept,
     )

@@ -10,21 +10,31 @@ bias). Parsed judgements are combined by `mean`, `sum` or `vote` (the most frequ
 judgements that do not parse are reported, never counted as a default. An item none of whose
 judgements parse gets the error `parse_error` with the raw text. With `structured_output`,
 vLLM constrains the final answer so that every judgement parses.
+
+Meta reward model (DeepSeek-GRM): with `meta_model`, a discriminative model of the registry rates
+each parsed judgement (its judge prompt as the user turn, the judgement as the assistant turn),
+served by that model's own workers; only the best-rated `meta_keep` fraction (at least one) is
+aggregated. It applies from two parsed judgements on; a request can turn it off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
-from models.base import RequestOptions, Reward, Sample
+from models.base import PeerScorer, RequestOptions, Reward, Sample
 from models.engine import SamplingRequest
 from models.errors import ItemError
 from models.generative.backends import JudgeBackend
 from models.generative.parsing import (
+    ChoiceVerdict,
     JudgementParseError,
+    PointwiseVerdict,
     candidate_label,
     choice_answer_regex,
     parse_choice,
@@ -33,18 +43,30 @@ from models.generative.parsing import (
 )
 from models.generative.prompts import JudgePrompt, split_response, transcript
 from models.spec import GenerativeSpec
-from models.trajectory import Message, Trajectory, has_images
+from models.trajectory import AssistantMessage, Message, Trajectory, UserMessage, has_images
+
+# How long a meta reward model may take when the request gives no deadline.
+META_TIMEOUT_S = 300.0
 
 
 class GenerativeModel:
     kind = "generative"
 
-    def __init__(self, spec: GenerativeSpec, backend: JudgeBackend, prompt: JudgePrompt) -> None:
+    def __init__(
+        self,
+        spec: GenerativeSpec,
+        backend: JudgeBackend,
+        prompt: JudgePrompt,
+        peers: PeerScorer | None = None,
+    ) -> None:
+        if spec.options.meta_model is not None and peers is None:
+            raise ValueError(f"judge {spec.name!r} has a meta_model but no way to reach it")
         self.name = spec.name
         self.max_model_len = backend.max_model_len
         self._options = spec.options
         self._backend = backend
         self._prompt = prompt
+        self._peers = peers
 
     async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         if has_images(item):
@@ -79,20 +101,22 @@ class GenerativeModel:
         judged = await self._backend.judge(
             text, self._sampling(options, self._samples(options), regex)
         )
-        samples, verdicts = [], []
-        for completion in judged.completions:
+        samples: list[Sample] = []
+        verdicts: dict[int, PointwiseVerdict] = {}
+        for i, completion in enumerate(judged.completions):
             try:
-                verdict = parse_pointwise(completion.text, low, high)
+                verdicts[i] = parse_pointwise(completion.text, low, high)
             except JudgementParseError as exc:
                 samples.append(Sample(completion.text, completion.tokens, error=exc.reason))
             else:
-                verdicts.append(verdict)
-                samples.append(Sample(completion.text, completion.tokens, score=verdict.score))
+                samples.append(Sample(completion.text, completion.tokens, score=verdicts[i].score))
         if not verdicts:
             _unparsed(samples)
+        samples = await self._rate([text] * len(samples), samples, options)
+        kept = [verdicts[i] for i in verdicts if samples[i].kept is not False]
         return Reward(
-            score=_combine([v.score for v in verdicts], self._options.aggregate),
-            critique=verdicts[0].critique,
+            score=_combine([v.score for v in kept], self._options.aggregate),
+            critique=kept[0].critique,
             prompt_tokens=judged.prompt_tokens,
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
@@ -142,42 +166,45 @@ class GenerativeModel:
             else None
         )
         sampling = self._sampling(options, 1, regex)
+        prompts = [
+            self._prompt.choice(context, [texts[i] for i in order], item.reference)
+            for order in orders
+        ]
         results = await asyncio.gather(
-            *(
-                self._backend.judge(
-                    self._prompt.choice(context, [texts[i] for i in order], item.reference),
-                    sampling,
-                )
-                for order in orders
-            )
+            *(self._backend.judge(prompt, sampling) for prompt in prompts)
         )
         samples: list[Sample] = []
-        critiques: dict[int, str] = {}  # the first critique choosing each candidate
-        for order, judged in zip(orders, results, strict=True):
+        verdicts: dict[int, ChoiceVerdict] = {}
+        for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
             completion = judged.completions[0]
             try:
-                verdict = parse_choice(completion.text, count)
+                verdicts[i] = parse_choice(completion.text, count)
             except JudgementParseError as exc:
                 samples.append(
                     Sample(completion.text, completion.tokens, order=order, error=exc.reason)
                 )
             else:
-                critiques.setdefault(order[verdict.choice], verdict.critique)
                 samples.append(
                     Sample(
                         completion.text,
                         completion.tokens,
-                        choice=order[verdict.choice],
+                        choice=order[verdicts[i].choice],
                         order=order,
                     )
                 )
-        parsed = [s for s in samples if s.choice is not None]
-        if not parsed:
+        if not verdicts:
             _unparsed(samples)
-        votes = Counter(s.choice for s in parsed)
+        samples = await self._rate(prompts, samples, options)
+        critiques: dict[int, str] = {}  # the first critique choosing each candidate
+        votes: Counter[int] = Counter()
+        for i, verdict in verdicts.items():
+            choice = samples[i].choice
+            if samples[i].kept is not False and choice is not None:
+                critiques.setdefault(choice, verdict.critique)
+                votes[choice] += 1
         scores = [float(votes[i]) for i in range(count)]
         if self._options.aggregate == "mean":
-            scores = [v / len(parsed) for v in scores]
+            scores = [v / votes.total() for v in scores]
         best = max(range(count), key=lambda i: (votes[i], -i))
         return Reward(
             score=scores[best],
@@ -188,6 +215,35 @@ class GenerativeModel:
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
         )
+
+    # -- meta reward model -----------------------------------------------------------------
+
+    async def _rate(
+        self, prompts: Sequence[str], samples: list[Sample], options: RequestOptions
+    ) -> list[Sample]:
+        """Rate the parsed judgements with the meta reward model and mark the best-rated
+        `meta_keep` fraction kept; unchanged without a meta model or with fewer than two."""
+        meta, parsed = self._options.meta_model, [i for i, s in enumerate(samples) if not s.error]
+        if meta is None or not options.meta_filter or len(parsed) < 2:
+            return samples
+        assert self._peers is not None
+        judgements = [
+            Trajectory(
+                messages=[
+                    UserMessage(role="user", content=prompts[i]),
+                    AssistantMessage(role="assistant", content=samples[i].text),
+                ]
+            )
+            for i in parsed
+        ]
+        deadline = options.deadline or time.time() + META_TIMEOUT_S
+        ratings = await self._peers.score(meta, judgements, deadline)
+        keep = max(1, math.ceil(len(parsed) * self._options.meta_keep))
+        best = set(sorted(range(len(parsed)), key=lambda j: -ratings[j])[:keep])
+        rated = list(samples)
+        for j, i in enumerate(parsed):
+            rated[i] = replace(samples[i], meta_score=ratings[j], kept=j in best)
+        return rated
 
     # -- shared ----------------------------------------------------------------------------
 

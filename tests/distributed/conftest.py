@@ -36,8 +36,8 @@ def items(n: int, prefix: str = "q") -> list[dict[str, Any]]:
 
 
 class Fleet:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, registry: Path = TINY_REGISTRY) -> None:
+        self.workdir, self.registry = workdir, registry
         self.redis = RedisServer(workdir)
         self.redis.start()
         self.processes: list[ServerProcess] = []
@@ -45,7 +45,7 @@ class Fleet:
     def _start(self, command: str, args: list[str], env: dict[str, str]) -> ServerProcess:
         name = f"{command}{len(self.processes)}"
         process = ServerProcess(
-            TINY_REGISTRY,
+            self.registry,
             self.workdir / f"{name}.log",
             command=command,
             args=["--redis-url", self.redis.url, *args],

@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from models.generative.prompts import JudgePrompt, split_response, transcript
+from models.trajectory import Trajectory
 from service.launcher import ServerProcess
 from tests.conftest import TESTS, start_server
 from tests.trained_judge import train_judge
@@ -87,7 +89,7 @@ def test_structured_pointwise_judgements_always_parse(judges: httpx.Client) -> N
 
 
 def test_samples_are_drawn_counted_and_averaged(judges: httpx.Client) -> None:
-    options = {"judge": {"samples": 4, "return_samples": True}}
+    options = {"judge": {"samples": 4, "return_samples": True, "meta_filter": False}}
     body = {"model": "tiny-judge-structured", "items": [item(1)], "options": options}
     (result,) = judges.post("/v1/score", json=body).json()["results"]
     samples = result["samples"]
@@ -112,7 +114,7 @@ def test_random_free_form_text_never_becomes_a_default_score(judges: httpx.Clien
 
 def test_pairwise_verdicts_with_shuffled_samples(judges: httpx.Client) -> None:
     pair = {"id": "p", "messages": CONVERSATION, "candidates": ["It is 84.", "It is 85."]}
-    options = {"judge": {"samples": 4, "return_samples": True}}
+    options = {"judge": {"samples": 4, "return_samples": True, "meta_filter": False}}
     body = {"model": "tiny-pair-structured", "items": [pair], "options": options}
     (result,) = judges.post("/v1/score", json=body).json()["results"]
     assert result["error"] is None, result
@@ -137,3 +139,70 @@ def test_a_seed_is_refused_on_the_cpu_build_instead_of_crashing_the_engine(
     assert "CPU build" in result["error"]["message"]
     after = judges.post("/v1/score", json={"model": "tiny-judge-structured", "items": [item(1)]})
     assert after.json()["results"][0]["error"] is None  # the engine still serves
+
+
+def meta_ratings(
+    judges: httpx.Client, prompts: list[str], samples: list[dict[str, Any]]
+) -> list[float]:
+    """What the meta reward model says of each judgement, asked directly."""
+    items = [{"messages": [{"role": "user", "content": prompt},
+                           {"role": "assistant", "content": sample["text"]}]}
+             for prompt, sample in zip(prompts, samples, strict=True)]  # fmt: skip
+    response = judges.post("/v1/score", json={"model": "tiny-meta-rm", "items": items})
+    return [result["score"] for result in response.json()["results"]]
+
+
+def test_the_meta_reward_model_keeps_the_best_rated_half_of_the_judgements(
+    judges: httpx.Client,
+) -> None:
+    options = {"judge": {"samples": 4, "return_samples": True}}
+    body = {"model": "tiny-judge-structured", "items": [item(2)], "options": options}
+    (result,) = judges.post("/v1/score", json=body).json()["results"]
+    assert result["error"] is None, result
+    samples = result["samples"]
+    assert len(samples) == 4 and all(s["meta_score"] is not None for s in samples)
+    kept = [s for s in samples if s["kept"]]
+    assert len(kept) == 2  # meta_keep 0.5
+    ratings = sorted((s["meta_score"] for s in samples), reverse=True)
+    assert sorted((s["meta_score"] for s in kept), reverse=True) == ratings[:2]
+    assert result["score"] == pytest.approx(sum(s["score"] for s in kept) / 2)
+    # The ratings are the discriminative model's own scores of (judge prompt, judgement).
+    context, response = split_response(Trajectory.model_validate(item(2)).messages)
+    prompt = JudgePrompt.load("principles_pointwise").pointwise(
+        transcript(context), transcript(response), None, 1, 10
+    )
+    direct = meta_ratings(judges, [prompt] * 4, samples)
+    assert [s["meta_score"] for s in samples] == pytest.approx(direct, abs=1e-3)
+
+
+def test_meta_filtering_of_pairwise_votes_and_turning_it_off(judges: httpx.Client) -> None:
+    pair = {"id": "p", "messages": CONVERSATION, "candidates": ["It is 84.", "It is 85."]}
+    options = {"judge": {"samples": 4, "return_samples": True}}
+    body = {"model": "tiny-pair-structured", "items": [pair], "options": options}
+    (result,) = judges.post("/v1/score", json=body).json()["results"]
+    assert result["error"] is None, result
+    samples = result["samples"]
+    kept = [s for s in samples if s["kept"]]
+    assert len(kept) == 3  # meta_keep 0.75 of 4
+    votes = [s["verdict"] for s in kept]
+    assert result["scores"] == [votes.count("A") / 3, votes.count("B") / 3]
+    # Each sample was shown its own candidate order, so each has its own judge prompt.
+    texts = {"A": "Assistant: It is 84.", "B": "Assistant: It is 85."}
+    rubric = JudgePrompt.load("rubric_pairwise")
+    prompts = [
+        rubric.choice(transcript(Trajectory.model_validate(pair).messages),
+                      [texts[label] for label in s["order"]], None)
+        for s in samples
+    ]  # fmt: skip
+    direct = meta_ratings(judges, prompts, samples)
+    assert [s["meta_score"] for s in samples] == pytest.approx(direct, abs=1e-3)
+
+    off = {**body, "options": {"judge": {"samples": 4, "return_samples": True,
+                                         "meta_filter": False}}}  # fmt: skip
+    (unfiltered,) = judges.post("/v1/score", json=off).json()["results"]
+    assert all(s["meta_score"] is None and s["kept"] is None for s in unfiltered["samples"])
+    asked = {"model": "tiny-judge-trained", "items": [item(0)],
+             "options": {"judge": {"meta_filter": True}}}  # fmt: skip
+    refused = judges.post("/v1/score", json=asked)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["param"] == "options.judge.meta_filter"

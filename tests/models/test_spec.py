@@ -119,9 +119,29 @@ def test_generative_judges_local_or_remote_with_their_templates(tmp_path: Path) 
         ("  j: {kind: generative, weights: a, options: {samples: 20}}\n", "exceeds max_samples"),
         ("  j: {kind: generative, weights: a, options: {template: nowhere.jinja}}\n",
          "no such built-in template or file"),
+        ("  j: {kind: generative, weights: a, options: {meta_model: m}}\n",
+         "models.j.options.meta_model: 'm' is not a discriminative model of this registry"),
+        ("  j: {kind: generative, weights: a, options: {meta_model: p}}\n"
+         "  p: {kind: process, weights: b, options: {step_tag: x}}\n",
+         "'p' is not a discriminative model"),
+        ("  j: {kind: generative, weights: a, options: {meta_keep: 0}}\n",
+         "models.j.options.meta_keep"),
     ],
 )  # fmt: skip
 def test_invalid_judges_say_what_is_wrong(tmp_path: Path, models: str, says: str) -> None:
     with pytest.raises(RegistryError) as caught:
         load_registry(write(tmp_path, "models:\n" + models))
     assert says in str(caught.value)
+
+
+def test_a_judge_names_its_meta_model_as_a_peer(tmp_path: Path) -> None:
+    registry = load_registry(
+        write(
+            tmp_path,
+            "models:\n"
+            "  judge: {kind: generative, weights: ./j, options: {meta_model: rm}}\n"
+            "  rm: {kind: discriminative, weights: ./r}\n",
+        )
+    )
+    assert [peer.name for peer in registry.peers("judge")] == ["rm"]
+    assert registry.peers("rm") == []

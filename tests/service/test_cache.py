@@ -32,6 +32,17 @@ def test_key_covers_content_not_identity() -> None:
     assert base != cache_key(
         SPEC.model_copy(update={"revision": "v2"}), job({"messages": MESSAGES})
     )
+    options = SPEC.options.model_copy(update={"too_long": "truncate_left"})
+    assert base != cache_key(
+        SPEC.model_copy(update={"options": options}), job({"messages": MESSAGES})
+    )
+
+
+def test_key_covers_the_candidates_a_judge_compares() -> None:
+    conversation = MESSAGES[:1]
+    one = cache_key(SPEC, job({"messages": conversation, "candidates": ["a", "b"]}))
+    assert one != cache_key(SPEC, job({"messages": conversation, "candidates": ["a", "c"]}))
+    assert one != cache_key(SPEC, job({"messages": conversation, "candidates": ["b", "a"]}))
 
 
 async def test_ttl_bound_and_errors() -> None:
