@@ -8,6 +8,7 @@ by its scheduler (continuous batching), so callers simply await one call per ite
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -37,10 +38,15 @@ def engine_args(
     tokenizer_dir: Path,
     options: EngineOptions,
     runner: Literal["pooling", "generate"] = "pooling",
+    max_images: int | None = None,
 ) -> Any:
-    """vLLM engine arguments (shared with the benchmarks' baselines)."""
+    """vLLM engine arguments (shared with the benchmarks' baselines). `max_images`: a
+    vision-language model's images per prompt (vLLM sizes its encoder cache by it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    multimodal: dict[str, Any] = {}
+    if max_images is not None:
+        multimodal["limit_mm_per_prompt"] = {"image": max_images}
     return AsyncEngineArgs(
         model=str(model_dir),
         tokenizer=str(tokenizer_dir),
@@ -56,6 +62,7 @@ def engine_args(
         trust_remote_code=options.trust_remote_code,
         seed=options.seed,
         disable_log_stats=True,
+        **multimodal,
     )
 
 
@@ -64,6 +71,7 @@ def _start_async_llm(
     tokenizer_dir: Path,
     options: EngineOptions,
     runner: Literal["pooling", "generate"],
+    max_images: int | None = None,
 ) -> Any:
     """Start a vLLM AsyncLLM (blocking, tens of seconds: call it from a thread)."""
     from vllm.usage.usage_lib import UsageContext
@@ -73,7 +81,7 @@ def _start_async_llm(
         # The API-server context gives the scheduler defaults `vllm serve` uses (e.g. the
         # per-step token budget); the default context would fall back to a small budget.
         return AsyncLLM.from_engine_args(
-            engine_args(model_dir, tokenizer_dir, options, runner),
+            engine_args(model_dir, tokenizer_dir, options, runner, max_images),
             usage_context=UsageContext.OPENAI_API_SERVER,
         )
     except Exception as exc:
@@ -114,6 +122,19 @@ class VllmPoolingEngine:
         self._llm.shutdown()
 
 
+def _image_token_id(hf_config: Any) -> int | None:
+    """The placeholder id of a vision-language model's config (names differ by family)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _input_error(exc: Exception) -> str:
+    return "too_long" if "longer than the maximum model length" in str(exc) else "invalid_input"
+
+
 def _root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
@@ -139,11 +160,23 @@ class Completion:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class Generation:
+    completions: list[Completion]
+    # As the engine counted them: images expanded into their tokens.
+    prompt_tokens: int
+
+
 class GenerateEngine(Protocol):
     max_model_len: int
+    # The image placeholder token of a vision-language model; None for a text-only one.
+    image_token_id: int | None
 
-    async def generate(self, token_ids: list[int], sampling: SamplingRequest) -> list[Completion]:
-        """`sampling.n` completions of one prompt."""
+    async def generate(
+        self, token_ids: list[int], sampling: SamplingRequest, images: Sequence[Any] = ()
+    ) -> Generation:
+        """`sampling.n` completions of one prompt. With `images` (PIL images), `token_ids`
+        hold one `image_token_id` per image, which the engine expands."""
         ...
 
     def shutdown(self) -> None: ...
@@ -171,16 +204,28 @@ class VllmGenerateEngine:
         self.max_model_len = max_model_len
         self._ids = itertools.count()
         self._seeds_crash = cpu_platform()
+        config = llm.model_config
+        self.image_token_id: int | None = (
+            _image_token_id(config.hf_config) if config.is_multimodal_model else None
+        )
 
     @classmethod
     def start(
-        cls, model_dir: Path, tokenizer_dir: Path, options: EngineOptions
+        cls,
+        model_dir: Path,
+        tokenizer_dir: Path,
+        options: EngineOptions,
+        max_images: int | None = None,
     ) -> VllmGenerateEngine:
-        llm = _start_async_llm(model_dir, tokenizer_dir, options, "generate")
+        """`max_images`: images per prompt, for a vision-language model."""
+        llm = _start_async_llm(model_dir, tokenizer_dir, options, "generate", max_images)
         return cls(llm, llm.model_config.max_model_len)
 
-    async def generate(self, token_ids: list[int], sampling: SamplingRequest) -> list[Completion]:
+    async def generate(
+        self, token_ids: list[int], sampling: SamplingRequest, images: Sequence[Any] = ()
+    ) -> Generation:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         if sampling.seed is not None and self._seeds_crash:
@@ -196,15 +241,20 @@ class VllmGenerateEngine:
             ),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
+        prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": list(images)}
         final = None
-        async for output in self._llm.generate(
-            {"prompt_token_ids": token_ids}, params, f"judge-{next(self._ids)}"
-        ):
-            final = output
+        try:
+            async for output in self._llm.generate(prompt, params, f"judge-{next(self._ids)}"):
+                final = output
+        except (ValueError, VLLMValidationError) as exc:  # vLLM's input checks
+            raise ItemError(_input_error(exc), f"the engine refused the prompt: {exc}") from None
         assert final is not None, "vLLM finished a request without output"
-        return [
-            Completion(out.text, len(out.token_ids), out.finish_reason) for out in final.outputs
-        ]
+        return Generation(
+            [Completion(out.text, len(out.token_ids), out.finish_reason) for out in final.outputs],
+            len(final.prompt_token_ids or token_ids),
+        )
 
     def shutdown(self) -> None:
         self._llm.shutdown()

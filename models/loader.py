@@ -78,7 +78,10 @@ def _load_judge(
         raise ModelLoadError(f"options.sampling.seed: {SEED_ON_CPU}")
     _check_memory(spec, weights)
     log.info("starting generation engine for %s from %s", spec.name, weights)
-    engine = VllmGenerateEngine.start(weights, tokenizer_dir, spec.engine)
+    vision = _reads_images(weights, spec.engine.trust_remote_code)
+    engine = VllmGenerateEngine.start(
+        weights, tokenizer_dir, spec.engine, spec.options.max_images if vision else None
+    )
     renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
     return GenerativeModel(spec, LocalBackend(renderer, engine), prompt, peers)
 
@@ -120,6 +123,17 @@ def _load_tokenizer(path: Any, trust_remote_code: bool) -> Any:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
+
+
+def _reads_images(path: Any, trust_remote_code: bool) -> bool:
+    """A vision-language model (its config has a vision tower)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from exc
+    return getattr(config, "vision_config", None) is not None
 
 
 def _num_labels(path: Any, trust_remote_code: bool) -> int:

@@ -62,12 +62,21 @@ class ChatRenderer:
         self.max_model_len = max_model_len
         self.too_long = too_long
 
-    def render(self, chat: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+    def render(
+        self,
+        chat: list[dict[str, Any]],
+        generation_prompt: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         """Render messages already in template shape (see `template_messages`); with
-        `generation_prompt`, end with the opening of the assistant's turn (generation)."""
+        `generation_prompt`, end with the opening of the assistant's turn (generation);
+        `tools` (OpenAI function-tool shape) go to the template's tools support."""
         try:
             text = self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=generation_prompt
+                chat,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                tools=list(tools) if tools else None,
             )
         except TemplateError as exc:
             raise ItemError(

@@ -113,6 +113,10 @@ class GenerativeOptions(_Strict):
     # only the best-rated `meta_keep` fraction of the parsed judgements is aggregated.
     meta_model: str | None = Field(default=None, pattern=_NAME)
     meta_keep: float = Field(default=0.5, gt=0, le=1)
+    # Vision-language judges: images per item, and pixels per image (read from the image
+    # header before decoding, so decompression bombs are refused undecoded).
+    max_images: int = Field(default=8, ge=0)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerativeOptions:
@@ -166,6 +170,9 @@ class RemoteJudge(_Strict):
     max_concurrency: int = Field(default=16, ge=1)
     # The endpoint model's context length (prompt + max_tokens), for the too_long check.
     max_model_len: int = Field(default=32768, ge=16)
+    # The endpoint's model reads images (image_url parts are sent to it); otherwise items
+    # with images get `unsupported_content`.
+    vision: bool = False
 
 
 class GenerativeSpec(_ModelSpecBase):

@@ -5,6 +5,7 @@ rmserve without a model hub. Their scores are random functions of the input, not
       DIR/tiny-rm    sequence classification, 1 label
       DIR/tiny-prm   token classification, 2 labels, step tag <step>
       DIR/tiny-lm    causal LM (a "judge" whose judgements are random text)
+      DIR/tiny-vlm   vision-language model (Idefics3; see models/tiny_vlm.py)
 
 A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
 tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
@@ -69,7 +70,7 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
 def make_tiny_models(
     out: Path, *, hidden_size: int = 128, layers: int = 2, max_positions: int = 4096, seed: int = 0
 ) -> dict[str, Path]:
-    """Write tiny-rm, tiny-prm and tiny-lm under `out`; return their directories."""
+    """Write tiny-rm, tiny-prm, tiny-lm and tiny-vlm under `out`; return their directories."""
     import torch
     from transformers import (
         LlamaConfig,
@@ -86,26 +87,36 @@ def make_tiny_models(
         ("tiny-lm", LlamaForCausalLM, 1),
     ):
         torch.manual_seed(seed)
-        options: dict[str, Any] = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden_size // 64,
-            num_key_value_heads=hidden_size // 64,
-            head_dim=64,
-            max_position_embeddings=max_positions,
-            num_labels=labels,
-            # Large enough that scores spread over a few units, so comparisons mean something.
-            initializer_range=0.2,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-            dtype="float32",
-        )
-        model = cls(LlamaConfig(**options))
+        options = llama_options(tokenizer, hidden_size, layers, max_positions)
+        model = cls(LlamaConfig(**{**options, "num_labels": labels, "dtype": "float32"}))
         paths[name] = out / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
+    from models.tiny_vlm import make_tiny_vlm
+
+    paths["tiny-vlm"] = make_tiny_vlm(
+        out / "tiny-vlm", hidden_size=hidden_size, layers=layers, max_positions=max_positions
+    )
     return paths
+
+
+def llama_options(
+    tokenizer: Any, hidden_size: int, layers: int, max_positions: int
+) -> dict[str, Any]:
+    """The tiny Llama's configuration (also the language model of tiny-vlm)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=max_positions,
+        # Large enough that scores spread over a few units, so comparisons mean something.
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )

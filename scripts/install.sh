@@ -6,11 +6,16 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 # redis-server: the distributed queue's tests start a real one on a free port.
-if ! command -v redis-server >/dev/null 2>&1; then
+# bubblewrap (bwrap): the sandbox runs untrusted code inside it.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+    echo "missing: ${missing[*]} (install them, e.g. apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi

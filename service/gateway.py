@@ -18,7 +18,7 @@ from service.cache import ResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
-from service.metrics import Metrics
+from service.metrics import HttpMetrics, Metrics
 from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueUnavailableError
 from service.scoring import ScoringService
@@ -159,7 +159,9 @@ class LimitsAndMetrics:
     BaseHTTPMiddleware) to keep the per-request overhead small.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str], max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: HttpMetrics, routes: set[str], max_bytes: int
+    ) -> None:
         self.app, self.metrics, self.routes, self.max_bytes = app, metrics, routes, max_bytes
 
     def _too_large(self, size: int, exact: bool) -> JSONResponse:

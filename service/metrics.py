@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class Metrics:
+class HttpMetrics:
+    """HTTP requests and durations by route: every rmserve server has them."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
@@ -24,21 +26,28 @@ class Metrics:
             "rmserve_http_request_duration_seconds",
             "HTTP request duration by route",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+class Metrics(HttpMetrics):
+    """The gateway's and the workers' metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.queue_wait = Histogram(
             "rmserve_queue_wait_seconds",
             "time a job waited before a worker took it",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.job_duration = Histogram(
             "rmserve_job_duration_seconds",
             "time to score one item, by model and kind",
             ["model", "kind"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.jobs = Counter(

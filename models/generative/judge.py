@@ -30,7 +30,7 @@ from dataclasses import replace
 from models.base import PeerScorer, RequestOptions, Reward, Sample
 from models.engine import SamplingRequest
 from models.errors import ItemError
-from models.generative.backends import JudgeBackend
+from models.generative.backends import JudgeBackend, first_turn
 from models.generative.parsing import (
     ChoiceVerdict,
     JudgementParseError,
@@ -42,8 +42,9 @@ from models.generative.parsing import (
     pointwise_answer_regex,
 )
 from models.generative.prompts import JudgePrompt, split_response, transcript
+from models.images import JudgeImage, check_count, decode_images, image_urls
 from models.spec import GenerativeSpec
-from models.trajectory import AssistantMessage, Message, Trajectory, UserMessage, has_images
+from models.trajectory import AssistantMessage, Message, Trajectory, UserMessage
 
 # How long a meta reward model may take when the request gives no deadline.
 META_TIMEOUT_S = 300.0
@@ -69,16 +70,22 @@ class GenerativeModel:
         self._peers = peers
 
     async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
-        if has_images(item):
+        images = await self._images(item)
+        if self._options.mode == "pairwise":
+            return await self._choose(item, options, images)
+        if item.candidates:
+            return await self._score_candidates(item, options, images)
+        context, response = split_response(item.messages)
+        return await self._pointwise(context, response, item.reference, options, images)
+
+    async def _images(self, item: Trajectory) -> list[JudgeImage]:
+        urls = image_urls(item.messages, item.candidates or ())
+        if urls and not self._backend.vision:
             raise ItemError(
                 "unsupported_content", f"judge {self.name!r} reads text only; the item has images"
             )
-        if self._options.mode == "pairwise":
-            return await self._choose(item, options)
-        if item.candidates:
-            return await self._score_candidates(item, options)
-        context, response = split_response(item.messages)
-        return await self._pointwise(context, response, item.reference, options)
+        check_count(urls, self._options.max_images)
+        return await decode_images(urls, self._options.max_image_pixels)
 
     # -- pointwise -------------------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class GenerativeModel:
         response: Sequence[Message],
         reference: str | None,
         options: RequestOptions,
+        images: Sequence[JudgeImage],
     ) -> Reward:
         low, high = self._options.score_range
         text = self._prompt.pointwise(
@@ -98,8 +106,10 @@ class GenerativeModel:
             if self._options.structured_output
             else None
         )
-        judged = await self._backend.judge(
-            text, self._sampling(options, self._samples(options), regex)
+        judged = await self._backend.chat(
+            first_turn(text, len(images)),
+            self._sampling(options, self._samples(options), regex),
+            images,
         )
         samples: list[Sample] = []
         verdicts: dict[int, PointwiseVerdict] = {}
@@ -122,12 +132,14 @@ class GenerativeModel:
             samples=samples if options.return_samples else None,
         )
 
-    async def _score_candidates(self, item: Trajectory, options: RequestOptions) -> Reward:
+    async def _score_candidates(
+        self, item: Trajectory, options: RequestOptions, images: Sequence[JudgeImage]
+    ) -> Reward:
         """Pointwise judging of each candidate; the verdict names the best scored one."""
         assert item.candidates is not None
         rewards = await asyncio.gather(
             *(
-                self._pointwise(item.messages, candidate.messages, item.reference, options)
+                self._pointwise(item.messages, candidate.messages, item.reference, options, images)
                 for candidate in item.candidates
             )
         )
@@ -146,7 +158,9 @@ class GenerativeModel:
 
     # -- pairwise / listwise ---------------------------------------------------------------
 
-    async def _choose(self, item: Trajectory, options: RequestOptions) -> Reward:
+    async def _choose(
+        self, item: Trajectory, options: RequestOptions, images: Sequence[JudgeImage]
+    ) -> Reward:
         candidates = item.candidates or []
         if len(candidates) < 2:
             raise ItemError(
@@ -171,7 +185,10 @@ class GenerativeModel:
             for order in orders
         ]
         results = await asyncio.gather(
-            *(self._backend.judge(prompt, sampling) for prompt in prompts)
+            *(
+                self._backend.chat(first_turn(prompt, len(images)), sampling, images)
+                for prompt in prompts
+            )
         )
         samples: list[Sample] = []
         verdicts: dict[int, ChoiceVerdict] = {}

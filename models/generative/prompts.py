@@ -55,16 +55,22 @@ def split_response(messages: Sequence[Message]) -> tuple[list[Message], list[Mes
 
 
 def transcript(messages: Sequence[Message]) -> str:
-    """A plain-text transcript of messages, tool calls and tool results included."""
-    blocks = []
+    """A plain-text transcript of messages, tool calls and tool results included. Images are
+    shown as [image 1], [image 2], ... in order: the judge sees them, in that order, before the
+    prompt (vision-language judges)."""
+    blocks: list[str] = []
+    images = 0
     for message in messages:
         if isinstance(message, SystemMessage):
             blocks.append(f"System: {text_of(message.content)}")
         elif isinstance(message, UserMessage):
-            images = isinstance(message.content, list) and any(
-                isinstance(part, ImagePart) for part in message.content
-            )
-            blocks.append(f"User: {text_of(message.content)}" + (" [image]" if images else ""))
+            parts = message.content if isinstance(message.content, list) else []
+            markers = []
+            for part in parts:
+                if isinstance(part, ImagePart):
+                    images += 1
+                    markers.append(f"[image {images}]")
+            blocks.append(" ".join([f"User: {text_of(message.content)}".rstrip(), *markers]))
         elif isinstance(message, AssistantMessage):
             lines = [f"Assistant: {text_of(message.content)}".rstrip()]
             for call in message.tool_calls or []:

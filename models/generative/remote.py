@@ -1,8 +1,9 @@
 """A judge behind an OpenAI-compatible chat endpoint (`POST {base_url}/chat/completions`).
 
-The judge prompt is sent as the user message; the endpoint applies the judge model's chat
-template. One `httpx.AsyncClient` is shared by all requests of the model, at most
-`max_concurrency` of them in flight at once.
+The judge prompt is sent as the user message (after the item's images as `image_url` parts,
+when the registry says the endpoint's model reads images: `vision: true`); the endpoint applies
+the judge model's chat template. One `httpx.AsyncClient` is shared by all requests of the
+model, at most `max_concurrency` of them in flight at once.
 
 Structured outputs: with `sampling.regex` the request body carries vLLM's extension
 `"structured_outputs": {"regex": ...}` (the field of the `ChatCompletionRequest` of vLLM 0.32;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ import httpx
 
 from models.engine import Completion, SamplingRequest
 from models.errors import ItemError, ModelLoadError
-from models.generative.backends import Judged
+from models.generative.backends import Chat, Judged
+from models.images import JudgeImage
 from models.spec import RemoteJudge
 
 _BACKOFF_FIRST_S = 0.5
@@ -50,6 +53,7 @@ class RemoteBackend:
     def __init__(self, remote: RemoteJudge, api_key: str | None) -> None:
         self._remote = remote
         self.max_model_len = remote.max_model_len
+        self.vision = remote.vision
         self._url = remote.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Bound to the event loop that runs the requests, created there on first use: the
@@ -65,8 +69,15 @@ class RemoteBackend:
 
     # -- judging ---------------------------------------------------------------------------
 
-    async def judge(self, prompt: str, sampling: SamplingRequest) -> Judged:
-        bodies = [self._body(prompt, sampling, i) for i in range(sampling.n)]
+    async def chat(
+        self,
+        chat: Chat,
+        sampling: SamplingRequest,
+        images: Sequence[JudgeImage] = (),
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> Judged:
+        messages = _openai_messages(chat, images)
+        bodies = [self._body(messages, sampling, i, tools) for i in range(sampling.n)]
         tasks = [asyncio.ensure_future(self._complete(body)) for body in bodies]
         try:
             answers = await asyncio.gather(*tasks)
@@ -79,15 +90,23 @@ class RemoteBackend:
             prompt_tokens=sum(prompt_tokens for _, prompt_tokens in answers),
         )
 
-    def _body(self, prompt: str, sampling: SamplingRequest, index: int) -> dict[str, Any]:
+    def _body(
+        self,
+        messages: list[dict[str, Any]],
+        sampling: SamplingRequest,
+        index: int,
+        tools: Sequence[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self._remote.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
             "n": 1,
         }
+        if tools:
+            body["tools"] = list(tools)
         if sampling.seed is not None:
             body["seed"] = sampling.seed + index
         if sampling.regex is not None:
@@ -108,8 +127,12 @@ class RemoteBackend:
         usage = data.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         finish_reason = choice.get("finish_reason")
+        text = content if isinstance(content, str) else ""
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list):  # the endpoint parsed tool calls: back to the text form
+            text += "".join(_tool_call_text(call) for call in calls if isinstance(call, dict))
         completion = Completion(
-            text=content if isinstance(content, str) else "",
+            text=text,
             tokens=_count(usage.get("completion_tokens")),
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
@@ -185,6 +208,42 @@ class RemoteBackend:
                 asyncio.run_coroutine_threadsafe(client.aclose(), loop)
         except RuntimeError:  # the loop stopped meanwhile
             pass
+
+
+def _openai_messages(chat: Chat, images: Sequence[JudgeImage]) -> list[dict[str, Any]]:
+    """Chat-template-shaped messages as the OpenAI API takes them: image placeholders become
+    `image_url` parts (the call's images, in order), tool-call arguments JSON strings."""
+    remaining = iter(images)
+    messages = []
+    for message in chat:
+        out = dict(message)
+        if isinstance(message.get("content"), list):
+            out["content"] = [
+                {"type": "image_url", "image_url": {"url": next(remaining).url}}
+                if part.get("type") == "image"
+                else part
+                for part in message["content"]
+            ]
+        if message.get("tool_calls"):
+            out["tool_calls"] = [
+                {**call, "function": {**call["function"],
+                                      "arguments": json.dumps(call["function"]["arguments"])}}
+                for call in message["tool_calls"]
+            ]  # fmt: skip
+        messages.append(out)
+    return messages
+
+
+def _tool_call_text(call: dict[str, Any]) -> str:
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    assert isinstance(function, dict)
+    arguments = function.get("arguments", "{}")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        parsed = arguments  # kept as given: the judging loop reports it as invalid
+    payload = json.dumps({"name": function.get("name"), "arguments": parsed})
+    return f"<tool_call>{payload}</tool_call>"
 
 
 def _api_key(remote: RemoteJudge) -> str | None:

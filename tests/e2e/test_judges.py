@@ -5,6 +5,8 @@ known items with a valid verdict or with prose, so one batch mixes both."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from models.generative.prompts import JudgePrompt, split_response, transcript
 from models.trajectory import Trajectory
@@ -206,3 +209,60 @@ def test_meta_filtering_of_pairwise_votes_and_turning_it_off(judges: httpx.Clien
     refused = judges.post("/v1/score", json=asked)
     assert refused.status_code == 422
     assert refused.json()["error"]["param"] == "options.judge.meta_filter"
+
+
+def image_url(width: int, height: int, payload: bytes | None = None) -> dict[str, Any]:
+    if payload is None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+        payload = buffer.getvalue()
+    url = "data:image/png;base64," + base64.b64encode(payload).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def pictured(*images: dict[str, Any], text: str = "What is in the picture?") -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": text}, *images]},
+                         {"role": "assistant", "content": "A red square."}]}  # fmt: skip
+
+
+def test_a_vision_judge_reads_images_as_image_tokens(judges: httpx.Client) -> None:
+    items = [
+        pictured(),
+        pictured(image_url(64, 64)),
+        pictured(image_url(64, 64), image_url(256, 256)),
+    ]
+    body = {"model": "tiny-vision-judge", "items": items}
+    none, one, two = judges.post("/v1/score", json=body).json()["results"]
+    for result in (none, one, two):
+        assert result["error"] is None, result
+        assert 1 <= result["score"] <= 10
+    # tiny-vlm's processor turns a square image into 17 tiles of 4 image tokens each (plus
+    # wrapper tokens): prompt tokens grow by at least 68 per image only if the engine got it.
+    tokens = [r["usage"]["prompt_tokens"] for r in (none, one, two)]
+    assert tokens[1] - tokens[0] >= 68 and tokens[2] - tokens[1] >= 68, tokens
+
+
+def test_vision_limits_are_per_item_errors(judges: httpx.Client) -> None:
+    square = image_url(64, 64)
+    items = [
+        pictured(square, square, square),
+        pictured(image_url(1200, 1000)),
+        pictured(image_url(0, 0, payload=b"GIF89a but not really")),
+        pictured(square, text="look at <image> here"),
+        pictured(square),
+    ]
+    body = {"model": "tiny-vision-judge", "items": items}
+    results = judges.post("/v1/score", json=body).json()["results"]
+    errors = [r["error"]["type"] if r["error"] else None for r in results]
+    assert errors == [
+        "too_many_images",
+        "image_too_large",
+        "invalid_image",
+        "unsupported_content",
+        None,
+    ], results
+    assert "3 images; the limit is 2" in results[0]["error"]["message"]
+    assert "1200x1000" in results[1]["error"]["message"]
+    text_only = {"model": "tiny-judge-structured", "items": [pictured(square)]}
+    (refused,) = judges.post("/v1/score", json=text_only).json()["results"]
+    assert refused["error"]["type"] == "unsupported_content"

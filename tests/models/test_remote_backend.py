@@ -5,6 +5,8 @@ requests, the API key, structured outputs in the body, and the concurrency limit
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import threading
 import time
@@ -15,14 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
+from models.base import RequestOptions
 from models.engine import SamplingRequest
 from models.errors import ItemError, ModelLoadError
+from models.generative.backends import first_turn
+from models.generative.judge import GenerativeModel
+from models.generative.prompts import JudgePrompt
 from models.generative.remote import RemoteBackend
-from models.spec import RemoteJudge
+from models.spec import GenerativeSpec, RemoteJudge
+from models.trajectory import Trajectory
 from service.launcher import free_port
 
 PROMPT_TOKENS = 11
+RATE_IT = first_turn("Rate it.", 0)
 SAMPLING = SamplingRequest(temperature=1.0, top_p=0.9, max_tokens=64, seed=None)
 
 
@@ -131,13 +140,13 @@ def backend(endpoint: Endpoint, **options: Any) -> RemoteBackend:
 
 async def judge_error(remote: RemoteBackend, sampling: SamplingRequest = SAMPLING) -> ItemError:
     with pytest.raises(ItemError) as caught:
-        await remote.judge("Rate it.", sampling)
+        await remote.chat(RATE_IT, sampling)
     return caught.value
 
 
 async def test_a_judgement_is_one_chat_completion(endpoint: Endpoint) -> None:
     remote = backend(endpoint)
-    judged = await remote.judge("Rate it.", SAMPLING)
+    judged = await remote.chat(RATE_IT, SAMPLING)
     (request,) = endpoint.requests
     assert request["path"] == "/v1/chat/completions"  # base_url joined without "//"
     assert request["body"] == {
@@ -160,7 +169,7 @@ async def test_a_trailing_slash_in_base_url_is_not_doubled(endpoint: Endpoint) -
     remote = RemoteBackend.from_spec(
         RemoteJudge(base_url=endpoint.base_url + "/", model="m", max_model_len=2048)
     )
-    await remote.judge("Rate it.", SAMPLING)
+    await remote.chat(RATE_IT, SAMPLING)
     assert endpoint.requests[0]["path"] == "/v1/chat/completions"
     assert remote.max_model_len == 2048
 
@@ -171,7 +180,7 @@ async def test_429_is_retried_honoring_retry_after(endpoint: Endpoint) -> None:
     )
     remote = backend(endpoint, max_retries=3)
     start = time.monotonic()
-    judged = await remote.judge("Rate it.", SAMPLING)
+    judged = await remote.chat(RATE_IT, SAMPLING)
     assert len(endpoint.requests) == 3
     assert judged.completions[0].text.endswith("\\boxed{7}")
     # Retry-After: 0 replaced the backoff (0.5 s then 1 s).
@@ -189,7 +198,7 @@ async def test_5xx_forever_is_remote_unavailable_after_all_retries(endpoint: End
 async def test_retries_back_off_exponentially_without_retry_after(endpoint: Endpoint) -> None:
     endpoint.script = lambda i: Answer(500, "boom") if i < 2 else Answer()
     start = time.monotonic()
-    await backend(endpoint, max_retries=2).judge("Rate it.", SAMPLING)
+    await backend(endpoint, max_retries=2).chat(RATE_IT, SAMPLING)
     elapsed = time.monotonic() - start
     assert len(endpoint.requests) == 3
     assert 1.4 <= elapsed < 3.0  # 0.5 s + 1 s
@@ -208,7 +217,7 @@ async def test_a_refused_connection_is_retried_then_unavailable() -> None:
 
 async def test_a_timeout_is_retried(endpoint: Endpoint) -> None:
     endpoint.script = lambda i: Answer(delay_s=1.0) if i == 0 else Answer()
-    judged = await backend(endpoint, timeout_s=0.3, max_retries=1).judge("Rate it.", SAMPLING)
+    judged = await backend(endpoint, timeout_s=0.3, max_retries=1).chat(RATE_IT, SAMPLING)
     assert len(endpoint.requests) == 2 and judged.completions[0].tokens == 1
     endpoint.script = lambda _: Answer(delay_s=1.0)
     error = await judge_error(backend(endpoint, timeout_s=0.3, max_retries=0))
@@ -252,7 +261,7 @@ async def test_an_answer_without_choices_is_a_remote_error(endpoint: Endpoint) -
 
 async def test_samples_are_separate_requests_with_exact_token_counts(endpoint: Endpoint) -> None:
     sampling = SamplingRequest(temperature=1.0, top_p=1.0, max_tokens=64, seed=5, n=3)
-    judged = await backend(endpoint).judge("Rate it.", sampling)
+    judged = await backend(endpoint).chat(RATE_IT, sampling)
     assert len(endpoint.requests) == 3
     assert all(r["body"]["n"] == 1 for r in endpoint.requests)
     # Each request its own seed (one seed would draw one sample three times).
@@ -278,7 +287,7 @@ async def test_a_failed_sample_fails_the_item_and_stops_the_others(endpoint: End
 
 async def test_structured_outputs_field_carries_the_regex(endpoint: Endpoint) -> None:
     sampling = SamplingRequest(1.0, 1.0, 64, seed=0, regex=r"[a-z ]{0,40}\\boxed\{[1-9]\}")
-    await backend(endpoint).judge("Rate it.", sampling)
+    await backend(endpoint).chat(RATE_IT, sampling)
     body = endpoint.requests[0]["body"]
     assert body["structured_outputs"] == {"regex": r"[a-z ]{0,40}\\boxed\{[1-9]\}"}
     assert body["seed"] == 0
@@ -288,14 +297,14 @@ async def test_the_api_key_from_an_environment_variable(
     endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RMSERVE_TEST_REMOTE_KEY", "key-from-env")
-    await backend(endpoint, api_key_env="RMSERVE_TEST_REMOTE_KEY").judge("Rate it.", SAMPLING)
+    await backend(endpoint, api_key_env="RMSERVE_TEST_REMOTE_KEY").chat(RATE_IT, SAMPLING)
     assert endpoint.requests[0]["headers"]["Authorization"] == "Bearer key-from-env"
 
 
 async def test_the_api_key_from_a_file(endpoint: Endpoint, tmp_path: Path) -> None:
     key_file = tmp_path / "judge.key"
     key_file.write_text("  key-from-file  \nsecond line ignored\n")
-    await backend(endpoint, api_key_file=str(key_file)).judge("Rate it.", SAMPLING)
+    await backend(endpoint, api_key_file=str(key_file)).chat(RATE_IT, SAMPLING)
     assert endpoint.requests[0]["headers"]["Authorization"] == "Bearer key-from-file"
 
 
@@ -324,7 +333,9 @@ async def test_at_most_max_concurrency_requests_in_flight(endpoint: Endpoint) ->
     endpoint.script = lambda _: Answer(delay_s=0.2)
     remote = backend(endpoint, max_concurrency=2)
     start = time.monotonic()
-    results = await asyncio.gather(*(remote.judge(f"item {i}", SAMPLING) for i in range(6)))
+    results = await asyncio.gather(
+        *(remote.chat(first_turn(f"item {i}", 0), SAMPLING) for i in range(6))
+    )
     assert len(results) == 6 and len(endpoint.requests) == 6
     assert endpoint.max_in_flight == 2  # the limit, and used
     assert time.monotonic() - start >= 0.55  # three waves of 0.2 s
@@ -332,18 +343,46 @@ async def test_at_most_max_concurrency_requests_in_flight(endpoint: Endpoint) ->
 
 def test_shutdown_after_the_loop_is_gone_and_reuse_in_a_new_loop(endpoint: Endpoint) -> None:
     remote = backend(endpoint)
-    first = asyncio.run(remote.judge("Rate it.", SAMPLING))
+    first = asyncio.run(remote.chat(RATE_IT, SAMPLING))
     remote.shutdown()  # the loop that owned the client is closed: no exception
     remote.shutdown()
-    second = asyncio.run(remote.judge("Rate it.", SAMPLING))  # a new client in the new loop
+    second = asyncio.run(remote.chat(RATE_IT, SAMPLING))  # a new client in the new loop
     assert first == second and len(endpoint.requests) == 2
 
 
 async def test_shutdown_inside_the_running_loop_closes_the_client(endpoint: Endpoint) -> None:
     remote = backend(endpoint)
-    await remote.judge("Rate it.", SAMPLING)
+    await remote.chat(RATE_IT, SAMPLING)
     client = remote._client
     assert client is not None
     remote.shutdown()
     await asyncio.sleep(0.05)
     assert client.is_closed
+
+
+async def test_a_vision_judge_gets_the_items_images_before_the_prompt(endpoint: Endpoint) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(picture, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    item = Trajectory.model_validate({
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What color?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]},
+            {"role": "assistant", "content": "Red."},
+        ],
+    })  # fmt: skip
+
+    def judge(vision: bool) -> GenerativeModel:
+        remote = RemoteJudge(base_url=endpoint.base_url, model="judge-model", vision=vision)
+        spec = GenerativeSpec(name="j", kind="generative", remote=remote)
+        return GenerativeModel(spec, RemoteBackend.from_spec(remote), JudgePrompt.load(
+            "principles_pointwise"))  # fmt: skip
+
+    reward = await judge(vision=True).score(item, RequestOptions())
+    assert reward.score == 7
+    (content,) = (m["content"] for m in endpoint.requests[0]["body"]["messages"])
+    assert content[0] == {"type": "image_url", "image_url": {"url": url}}
+    assert content[1]["type"] == "text" and "User: What color? [image 1]" in content[1]["text"]
+    with pytest.raises(ItemError, match="reads text only") as caught:
+        await judge(vision=False).score(item, RequestOptions())
+    assert caught.value.code == "unsupported_content" and len(endpoint.requests) == 1
