@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from models.errors import ItemError
 from models.spec import Aggregate
@@ -28,6 +28,9 @@ class RequestOptions:
     meta_filter: bool = True
     # When the client stops waiting (time.time()); bounds calls to other models.
     deadline: float | None = None
+    # Agentic judges: the tools this request allows (None: the model's), and turns.
+    tools: tuple[str, ...] | None = None
+    max_tool_turns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,17 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """One tool call of an agentic judge: which judgement and turn, the arguments as the judge
+    wrote them (a string when they were not a JSON object), and the sandbox's result."""
+
+    sample: int
+    turn: int
+    arguments: dict[str, Any] | str
+    result: Any  # sandbox.protocol.ToolResult
+
+
+@dataclass(frozen=True)
 class Reward:
     score: float
     # All head outputs when the head has several labels (multi-aspect reward models).
@@ -62,6 +76,8 @@ class Reward:
     critique: str | None = None
     completion_tokens: int = 0
     samples: list[Sample] | None = None
+    # Agentic judges: every tool call, in order.
+    evidence: list[Evidence] | None = None
 
 
 class PeerScorer(Protocol):

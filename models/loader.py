@@ -20,24 +20,30 @@ from models.process import ProcessModel, step_tag_id
 from models.rendering import ChatRenderer
 from models.spec import DiscriminativeSpec, GenerativeSpec, ModelSpec, ProcessSpec, RemoteJudge
 from models.weights import resolve_weights
+from sandbox.protocol import Toolbox
 
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 
 
-def load_model(spec: ModelSpec, peers: PeerScorer | None = None) -> RewardModel:
+def load_model(
+    spec: ModelSpec, peers: PeerScorer | None = None, toolbox: Toolbox | None = None
+) -> RewardModel:
     """Resolve weights, check the model fits its spec, start its engine. Blocking (tens of s).
 
-    `peers` reaches the other models this one scores with (a judge's meta reward model).
+    `peers` reaches the other models this one scores with (a judge's meta reward model);
+    `toolbox` the sandbox an agentic judge calls.
 
     Cheap checks (weights present, tokenizer, chat template, head size, step tag) run before
     the engine starts, so a misconfigured model fails in seconds with a precise reason.
     """
     if isinstance(spec, GenerativeSpec) and spec.options.meta_model and peers is None:
         raise ModelLoadError("options.meta_model: this runtime cannot reach other models")
+    if isinstance(spec, GenerativeSpec) and spec.options.tools and toolbox is None:
+        raise ModelLoadError("options.tools: no sandbox is configured (RMSERVE_SANDBOX_URL)")
     if isinstance(spec, GenerativeSpec) and spec.remote is not None:
-        return _load_remote_judge(spec, spec.remote, peers)
+        return _load_remote_judge(spec, spec.remote, peers, toolbox)
     assert spec.weights is not None  # the spec's validator: weights or remote
     trust = spec.engine.trust_remote_code
     weights = resolve_weights(spec.weights, spec.revision, allow_remote_code=trust)
@@ -48,7 +54,7 @@ def load_model(spec: ModelSpec, peers: PeerScorer | None = None) -> RewardModel:
     )
     tokenizer = _load_tokenizer(tokenizer_dir, trust)
     if isinstance(spec, GenerativeSpec):
-        return _load_judge(spec, weights, tokenizer_dir, tokenizer, peers)
+        return _load_judge(spec, weights, tokenizer_dir, tokenizer, peers, toolbox)
     ChatRenderer(tokenizer, spec.engine.max_model_len, spec.options.too_long)  # has a template?
     _check_head(spec, _num_labels(weights, trust))
     if spec.kind == "process":
@@ -68,6 +74,7 @@ def _load_judge(
     tokenizer_dir: Path,
     tokenizer: Any,
     peers: PeerScorer | None,
+    toolbox: Toolbox | None,
 ) -> RewardModel:
     ChatRenderer(tokenizer, spec.engine.max_model_len, "error")  # has a chat template?
     try:
@@ -83,17 +90,17 @@ def _load_judge(
         weights, tokenizer_dir, spec.engine, spec.options.max_images if vision else None
     )
     renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
-    return GenerativeModel(spec, LocalBackend(renderer, engine), prompt, peers)
+    return GenerativeModel(spec, LocalBackend(renderer, engine), prompt, peers, toolbox)
 
 
 def _load_remote_judge(
-    spec: GenerativeSpec, remote: RemoteJudge, peers: PeerScorer | None
+    spec: GenerativeSpec, remote: RemoteJudge, peers: PeerScorer | None, toolbox: Toolbox | None
 ) -> RewardModel:
     try:
         prompt = JudgePrompt.load(spec.options.template_name)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt, peers)
+    return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt, peers, toolbox)
 
 
 def _check_memory(spec: ModelSpec, weights: Path) -> None:

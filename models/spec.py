@@ -85,6 +85,7 @@ class Sampling(_Strict):
 
 
 JudgeMode = Literal["pointwise", "pairwise"]
+ToolName = Literal["crop", "search", "code_run", "calculator", "instruction_check"]
 SampleAggregate = Literal["mean", "sum", "vote"]
 _DEFAULT_TEMPLATES = {"pointwise": "principles_pointwise", "pairwise": "rubric_pairwise"}
 
@@ -117,6 +118,13 @@ class GenerativeOptions(_Strict):
     # header before decoding, so decompression bombs are refused undecoded).
     max_images: int = Field(default=8, ge=0)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Agentic judging: the sandbox tools the judge may call, for up to max_tool_turns turns;
+    # `required`: every turn but the last must call a tool (enforced with structured_output).
+    tools: list[ToolName] = Field(default_factory=list)
+    max_tool_turns: int = Field(default=4, ge=0, le=32)
+    tool_choice: Literal["auto", "required"] = "auto"
+    # Tool results longer than this (characters) are cut before the judge reads them.
+    max_observation_chars: int = Field(default=4000, ge=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerativeOptions:

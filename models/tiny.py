@@ -19,9 +19,16 @@ from typing import Any
 STEP_TAG = "<step>"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>", STEP_TAG]
 
+# Tools (agentic judges) are listed in a system turn, as Hermes-style templates do.
+TOOLS_PREAMBLE = (
+    "{%- if tools %}<|im_start|>system\nYou may call these tools:\n"
+    "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>\n'
+    "{%- endif %}"
+)
+
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages %}"
+    "{{ bos_token }}" + TOOLS_PREAMBLE + "{%- for m in messages %}"
     "<|im_start|>{{ m['role'] }}\n"
     "{%- if m['role'] == 'tool' %}<tool_response id={{ m['tool_call_id'] }}>{{ m['content'] }}"
     "</tool_response>"

@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from models.tiny import TOOLS_PREAMBLE
+
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -32,8 +34,7 @@ RESIZE_EDGE = 4 * TILE_EDGE
 TOKENS_PER_TILE = (TILE_EDGE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
 
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages %}"
+    "{{ bos_token }}" + TOOLS_PREAMBLE + "{%- for m in messages %}"
     "<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}"
     # A plain loop over m['content'] (no filter) lets vLLM detect the "openai" content format.

@@ -144,6 +144,16 @@ class Candidate(BaseModel):
         return data
 
 
+class Document(BaseModel):
+    """A document a judge may search (the `search` tool)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=256)
+    text: str = Field(max_length=1_000_000)
+    title: str | None = Field(default=None, max_length=1000)
+
+
 class Trajectory(BaseModel):
     """One item to score: a conversation, optionally with a reference answer and metadata.
 
@@ -156,6 +166,8 @@ class Trajectory(BaseModel):
     messages: list[Message] = Field(min_length=1)
     candidates: list[Candidate] | None = Field(default=None, min_length=2, max_length=26)
     reference: str | None = None
+    # Agentic judges: documents their `search` tool ranks.
+    documents: list[Document] | None = Field(default=None, max_length=10_000)
     metadata: dict[str, Any] | None = None
 
     @field_validator("messages")

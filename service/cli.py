@@ -15,6 +15,7 @@ from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_PORT = 8001
+SANDBOX_PORT = 8002
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--model", required=True, help="the registry name of the model")
     _server_flags(worker, port_help=f"health and metrics port (default {WORKER_PORT})")
     _distributed_flags(worker)
+
+    sandbox = commands.add_parser(
+        "sandbox", help="the tool sandbox sidecar (crop, search, code_run, calculator, checks)"
+    )
+    sandbox.add_argument("--host")
+    sandbox.add_argument("--port", type=int, help=f"HTTP port (default {SANDBOX_PORT})")
+    sandbox.add_argument(
+        "--allow-unsafe-code",
+        action="store_true",
+        default=None,
+        help="development only: run code without bubblewrap when it does not work",
+    )
+    sandbox.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    sandbox.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
     dead = commands.add_parser(
         "dead-letters", help="distributed mode: list a model's dead-lettered jobs and why"
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in make_tiny_models(args.out).items():
             print(f"{name}\t{path}")
         return 0
+    if args.command == "sandbox":
+        return _run_sandbox(args)
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -119,6 +136,32 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.command == "worker" and args.port is None and "RMSERVE_PORT" not in os.environ:
         overrides["port"] = WORKER_PORT  # beside a gateway on its default port
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def _run_sandbox(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sandbox.app import create_sandbox_app
+    from sandbox.config import SandboxSettings
+    from sandbox.errors import ToolError
+    from service.logs import configure_logging
+
+    flags = {"host": args.host, "port": args.port, "allow_unsafe_code": args.allow_unsafe_code,
+             "log_json": args.log_json, "log_level": args.log_level}  # fmt: skip
+    try:
+        settings = SandboxSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid sandbox settings (RMSERVE_SANDBOX_*): {problems}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        app = create_sandbox_app(settings)
+    except ToolError as exc:  # code_run without a working bubblewrap
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
 
 
 def _check_registry(path: Path) -> int:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # A job held this long by a worker that stopped renewing it (it died) goes to another.
     reclaim_idle_s: float = Field(default=60.0, gt=0)
 
+    # Agentic judges: the tool sandbox (`rmserve sandbox`), e.g. http://127.0.0.1:8002. Unset:
+    # embedded mode runs the tools in its own process tree (code still only in bubblewrap),
+    # and a worker uses the sidecar at its default address.
+    sandbox_url: str | None = None
+
     log_level: str = "INFO"
     log_json: bool = False
 

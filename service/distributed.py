@@ -39,6 +39,7 @@ from service.peers import QueuePeers
 from service.protocol import ErrorBody
 from service.queue.base import QueueUnavailableError
 from service.queue.redis_streams import StreamQueue, StreamSettings
+from service.toolboxes import needs_tools, sidecar
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,8 @@ class WorkerRuntime:
         self.metrics.model_ready.labels(name).set(0)
         try:
             peers = QueuePeers(self.queue, self.peer_directory)
-            self.model = await asyncio.to_thread(load_model, self.spec, peers)
+            tools = sidecar(self.settings) if needs_tools([self.spec]) else None
+            self.model = await asyncio.to_thread(load_model, self.spec, peers, tools)
         except ModelLoadError as exc:
             self._out_of_service(str(exc))
             return

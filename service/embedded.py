@@ -26,6 +26,7 @@ from service.jobs import error_result
 from service.metrics import Metrics
 from service.peers import QueuePeers
 from service.queue import InProcessQueue
+from service.toolboxes import embedded_toolbox, needs_tools
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class EmbeddedRuntime:
         )
         # Judges reach their meta reward models through the queue, like clients do.
         self.peers = QueuePeers(self.queue, self.directory)
+        specs = list(registry.models.values())
+        self.toolbox = embedded_toolbox(settings) if needs_tools(specs) else None
         self._workers: dict[str, Worker] = {}
         self._loader: asyncio.Task[None] | None = None
         self._supervisors: list[asyncio.Task[None]] = []
@@ -76,7 +79,7 @@ class EmbeddedRuntime:
     async def _load(self, spec: ModelSpec) -> RewardModel | None:
         self.metrics.model_ready.labels(spec.name).set(0)
         try:
-            model = await asyncio.to_thread(load_model, spec, self.peers)
+            model = await asyncio.to_thread(load_model, spec, self.peers, self.toolbox)
         except ModelLoadError as exc:
             reason = str(exc)
         except Exception as exc:  # never let one model take the service down

@@ -33,11 +33,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`rmserve <command> --registry REGISTRY [args]` on a free (or the given) loopback port."""
+    """`rmserve <command> --registry REGISTRY [args]` on a free (or the given) loopback port
+    (`registry` None: a command without one, `rmserve sandbox`)."""
 
     def __init__(
         self,
-        registry: Path,
+        registry: Path | None,
         log_path: Path,
         *,
         command: str = "serve",
@@ -49,7 +50,8 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         argv = [
-            sys.executable, "-m", "service.cli", command, "--registry", str(registry),
+            sys.executable, "-m", "service.cli", command,
+            *(["--registry", str(registry)] if registry is not None else []),
             "--host", "127.0.0.1", "--port", str(self.port), *args,
         ]  # fmt: skip
         with log_path.open("wb") as log:

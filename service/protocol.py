@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import Aggregate
 from models.trajectory import Trajectory
+from sandbox.protocol import ToolErrorBody, ToolOutput
 
 
 class _Request(BaseModel):
@@ -25,6 +26,14 @@ class JudgeOptions(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
     return_samples: bool = Field(default=False, description="include every judgement")
+    tools: list[str] | None = Field(
+        default=None,
+        description="agentic judges: the tools this request allows, a subset of the model's "
+        "(default: all of the model's; [] judges without tools)",
+    )
+    max_tool_turns: int | None = Field(
+        default=None, ge=0, description="agentic judges: at most the model's max_tool_turns"
+    )
     meta_filter: bool | None = Field(
         default=None,
         description="judges with a meta reward model: false aggregates every judgement; "
@@ -83,6 +92,19 @@ class SampleResult(BaseModel):
     kept: bool | None = None
 
 
+class EvidenceResult(BaseModel):
+    """One tool call of an agentic judge: the judgement (`sample`) and turn it came from, the
+    arguments as the judge wrote them, the tool's output or error, and its time."""
+
+    sample: int
+    turn: int
+    tool: str
+    arguments: dict[str, Any] | str
+    output: ToolOutput | None = None
+    error: ToolErrorBody | None = None
+    elapsed_s: float
+
+
 class Timing(BaseModel):
     queue_s: float = 0.0
     compute_s: float = 0.0
@@ -99,6 +121,8 @@ class ItemResult(BaseModel):
     verdict: str | None = None
     critique: str | None = None
     samples: list[SampleResult] | None = None
+    # Agentic judges: every tool call, in order (images as data: URLs).
+    evidence: list[EvidenceResult] | None = None
     error: ItemErrorBody | None = None
     # True when the result came from the result cache (an earlier request scored this item).
     cached: bool = False

@@ -85,6 +85,18 @@ class ScoringService:
                 "(registry options.meta_model)",
                 param="options.judge.meta_filter",
             )
+        if judge.tools is not None and (extra := sorted(set(judge.tools) - set(limits.tools))):
+            raise UnprocessableEntity(
+                f"options.judge.tools: {extra} not enabled for {spec.name!r} (its tools: "
+                f"{', '.join(limits.tools) or 'none'})",
+                param="options.judge.tools",
+            )
+        if judge.max_tool_turns is not None and judge.max_tool_turns > limits.max_tool_turns:
+            raise UnprocessableEntity(
+                f"options.judge.max_tool_turns {judge.max_tool_turns} exceeds the model's "
+                f"max_tool_turns ({limits.max_tool_turns})",
+                param="options.judge.max_tool_turns",
+            )
         if judge.samples is not None and judge.samples > limits.max_samples:
             raise UnprocessableEntity(
                 f"options.judge.samples {judge.samples} exceeds the model's max_samples "

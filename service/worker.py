@@ -12,13 +12,13 @@ import asyncio
 import logging
 import time
 
-from models.base import RequestOptions, RewardModel, Sample
+from models.base import Evidence, RequestOptions, RewardModel, Sample
 from models.errors import ItemError
 from models.generative.parsing import candidate_label
 from service.cache import ResultCache
 from service.jobs import Job, error_result
 from service.metrics import Metrics
-from service.protocol import ItemResult, SampleResult, Timing, Usage
+from service.protocol import EvidenceResult, ItemResult, SampleResult, Timing, Usage
 from service.queue.base import JobQueue, QueueUnavailableError
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class Worker:
             verdict=reward.verdict,
             critique=reward.critique,
             samples=[sample_result(s) for s in reward.samples] if reward.samples else None,
+            evidence=[evidence_result(e) for e in reward.evidence] if reward.evidence else None,
             usage=Usage(
                 prompt_tokens=reward.prompt_tokens,
                 truncated_tokens=reward.truncated_tokens,
@@ -190,12 +191,27 @@ def request_options(job: Job) -> RequestOptions:
         aggregate=job.aggregate,
         deadline=job.deadline,
         meta_filter=judge.meta_filter is not False,
+        tools=tuple(judge.tools) if judge.tools is not None else None,
+        max_tool_turns=judge.max_tool_turns,
         samples=judge.samples,
         temperature=judge.temperature,
         top_p=judge.top_p,
         max_tokens=judge.max_tokens,
         seed=judge.seed,
         return_samples=judge.return_samples,
+    )
+
+
+def evidence_result(evidence: Evidence) -> EvidenceResult:
+    result = evidence.result
+    return EvidenceResult(
+        sample=evidence.sample,
+        turn=evidence.turn,
+        tool=result.tool,
+        arguments=evidence.arguments,
+        output=result.output,
+        error=result.error,
+        elapsed_s=result.elapsed_s,
     )
 
 

@@ -27,10 +27,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
-from models.base import PeerScorer, RequestOptions, Reward, Sample
-from models.engine import SamplingRequest
+from models.base import Evidence, PeerScorer, RequestOptions, Reward, Sample
+from models.engine import Completion, SamplingRequest
 from models.errors import ItemError
-from models.generative.backends import JudgeBackend, first_turn
+from models.generative.agentic import ToolLoop
+from models.generative.backends import JudgeBackend, Judged, first_turn
 from models.generative.parsing import (
     ChoiceVerdict,
     JudgementParseError,
@@ -44,7 +45,8 @@ from models.generative.parsing import (
 from models.generative.prompts import JudgePrompt, split_response, transcript
 from models.images import JudgeImage, check_count, decode_images, image_urls
 from models.spec import GenerativeSpec
-from models.trajectory import AssistantMessage, Message, Trajectory, UserMessage
+from models.trajectory import AssistantMessage, Document, Message, Trajectory, UserMessage
+from sandbox.protocol import Toolbox, ToolSpec
 
 # How long a meta reward model may take when the request gives no deadline.
 META_TIMEOUT_S = 300.0
@@ -59,6 +61,7 @@ class GenerativeModel:
         backend: JudgeBackend,
         prompt: JudgePrompt,
         peers: PeerScorer | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
         if spec.options.meta_model is not None and peers is None:
             raise ValueError(f"judge {spec.name!r} has a meta_model but no way to reach it")
@@ -68,6 +71,8 @@ class GenerativeModel:
         self._backend = backend
         self._prompt = prompt
         self._peers = peers
+        self._toolbox = toolbox
+        self._specs: list[ToolSpec] | None = None
 
     async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         images = await self._images(item)
@@ -76,7 +81,9 @@ class GenerativeModel:
         if item.candidates:
             return await self._score_candidates(item, options, images)
         context, response = split_response(item.messages)
-        return await self._pointwise(context, response, item.reference, options, images)
+        return await self._pointwise(
+            context, response, item.reference, options, images, item.documents or ()
+        )
 
     async def _images(self, item: Trajectory) -> list[JudgeImage]:
         urls = image_urls(item.messages, item.candidates or ())
@@ -96,6 +103,7 @@ class GenerativeModel:
         reference: str | None,
         options: RequestOptions,
         images: Sequence[JudgeImage],
+        documents: Sequence[Document],
     ) -> Reward:
         low, high = self._options.score_range
         text = self._prompt.pointwise(
@@ -106,10 +114,8 @@ class GenerativeModel:
             if self._options.structured_output
             else None
         )
-        judged = await self._backend.chat(
-            first_turn(text, len(images)),
-            self._sampling(options, self._samples(options), regex),
-            images,
+        judged, evidence = await self._generate(
+            text, images, documents, self._sampling(options, self._samples(options), regex), options
         )
         samples: list[Sample] = []
         verdicts: dict[int, PointwiseVerdict] = {}
@@ -130,6 +136,7 @@ class GenerativeModel:
             prompt_tokens=judged.prompt_tokens,
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
+            evidence=evidence,
         )
 
     async def _score_candidates(
@@ -139,7 +146,14 @@ class GenerativeModel:
         assert item.candidates is not None
         rewards = await asyncio.gather(
             *(
-                self._pointwise(item.messages, candidate.messages, item.reference, options, images)
+                self._pointwise(
+                    item.messages,
+                    candidate.messages,
+                    item.reference,
+                    options,
+                    images,
+                    item.documents or (),
+                )
                 for candidate in item.candidates
             )
         )
@@ -154,6 +168,7 @@ class GenerativeModel:
             prompt_tokens=sum(reward.prompt_tokens for reward in rewards),
             completion_tokens=sum(reward.completion_tokens for reward in rewards),
             samples=samples if options.return_samples else None,
+            evidence=[e for reward in rewards for e in reward.evidence or ()] or None,
         )
 
     # -- pairwise / listwise ---------------------------------------------------------------
@@ -184,12 +199,13 @@ class GenerativeModel:
             self._prompt.choice(context, [texts[i] for i in order], item.reference)
             for order in orders
         ]
-        results = await asyncio.gather(
+        generated = await asyncio.gather(
             *(
-                self._backend.chat(first_turn(prompt, len(images)), sampling, images)
-                for prompt in prompts
+                self._generate(prompt, images, item.documents or (), sampling, options, i)
+                for i, prompt in enumerate(prompts)
             )
         )
+        results = [judged for judged, _ in generated]
         samples: list[Sample] = []
         verdicts: dict[int, ChoiceVerdict] = {}
         for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
@@ -231,7 +247,60 @@ class GenerativeModel:
             prompt_tokens=sum(judged.prompt_tokens for judged in results),
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
+            evidence=[e for _, evidence in generated for e in evidence or ()] or None,
         )
+
+    # -- generation, with or without tools ---------------------------------------------------
+
+    async def _generate(
+        self,
+        prompt: str,
+        images: Sequence[JudgeImage],
+        documents: Sequence[Document],
+        sampling: SamplingRequest,
+        options: RequestOptions,
+        first_sample: int = 0,
+    ) -> tuple[Judged, list[Evidence] | None]:
+        """`sampling.n` judgements of the prompt: one engine request, or with tools one
+        agentic loop each."""
+        loop = await self._tool_loop(options, vision=bool(images))
+        if loop is None:
+            chat = first_turn(prompt, len(images))
+            return await self._backend.chat(chat, sampling, images), None
+        runs = await asyncio.gather(
+            *(
+                loop.run(prompt, images, documents, sampling, sampling.regex, first_sample + i)
+                for i in range(sampling.n)
+            )
+        )
+        completions = [Completion(run.text, run.completion_tokens, None) for run in runs]
+        evidence = [e for run in runs for e in run.evidence]
+        return Judged(completions, sum(run.prompt_tokens for run in runs)), evidence
+
+    async def _tool_loop(self, options: RequestOptions, vision: bool) -> ToolLoop | None:
+        names = options.tools if options.tools is not None else self._options.tools
+        if not names:
+            return None
+        if self._toolbox is None:
+            raise ItemError("tools_unavailable", f"judge {self.name!r} has no sandbox to call")
+        wanted = set(names) - ({"crop"} if not self._backend.vision else set())
+        specs = [spec for spec in await self._tool_specs() if spec.name in wanted]
+        turns = options.max_tool_turns
+        return ToolLoop(
+            backend=self._backend,
+            toolbox=self._toolbox,
+            specs=specs,
+            max_turns=self._options.max_tool_turns if turns is None else turns,
+            required=self._options.tool_choice == "required",
+            max_observation_chars=self._options.max_observation_chars,
+            max_image_pixels=self._options.max_image_pixels,
+        )
+
+    async def _tool_specs(self) -> list[ToolSpec]:
+        if self._specs is None:
+            assert self._toolbox is not None
+            self._specs = await self._toolbox.specs()
+        return self._specs
 
     # -- meta reward model -----------------------------------------------------------------
 

@@ -266,3 +266,28 @@ def test_vision_limits_are_per_item_errors(judges: httpx.Client) -> None:
     text_only = {"model": "tiny-judge-structured", "items": [pictured(square)]}
     (refused,) = judges.post("/v1/score", json=text_only).json()["results"]
     assert refused["error"]["type"] == "unsupported_content"
+
+
+def test_an_agentic_judge_calls_a_tool_then_answers_with_evidence(judges: httpx.Client) -> None:
+    agentic = {**item(4), "documents": [{"id": "facts", "text": "12 times 7 is 84."}]}
+    options = {"judge": {"samples": 2, "return_samples": True}}
+    body = {"model": "tiny-agent-judge", "items": [agentic], "options": options}
+    (result,) = judges.post("/v1/score", json=body).json()["results"]
+    assert result["error"] is None, result
+    assert all(1 <= s["score"] <= 10 for s in result["samples"])
+    evidence = result["evidence"]
+    assert sorted(e["sample"] for e in evidence) == [0, 1]  # one call per judgement
+    for call in evidence:
+        assert call["turn"] == 0 and call["tool"] in ("calculator", "search"), call
+        assert isinstance(call["arguments"], dict) and call["elapsed_s"] > 0
+        assert (call["output"] is None) != (call["error"] is None), call
+    # Each judgement's tokens cover both its turns (the call, then the verdict).
+    assert result["usage"]["completion_tokens"] == sum(
+        s["completion_tokens"] for s in result["samples"]
+    )
+    without = {**body, "options": {"judge": {"tools": []}}}
+    (plain,) = judges.post("/v1/score", json=without).json()["results"]
+    assert plain["error"] is None and plain["evidence"] is None
+    refused = judges.post("/v1/score", json={**body, "options": {"judge": {"tools": ["code_run"]}}})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["param"] == "options.judge.tools"

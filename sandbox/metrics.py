@@ -1,0 +1,49 @@
+"""The sidecar's Prometheus metrics: tool calls by tool and outcome, their durations, code-run
+kills by reason and the code-run concurrency."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from sandbox.code_run import CodeResult
+from sandbox.protocol import ToolResult
+from service.metrics import LATENCY_BUCKETS, HttpMetrics
+
+# Code-run statuses that mean the sandbox killed the run.
+KILLS = ("timeout", "cpu_limit", "memory_limit", "output_limit", "killed")
+
+
+class SandboxMetrics(HttpMetrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tool_calls = Counter(
+            "rmserve_tool_calls",
+            "tool calls by tool and outcome (ok or the error type)",
+            ["tool", "outcome"],
+            registry=self.registry,
+        )
+        self.tool_duration = Histogram(
+            "rmserve_tool_call_duration_seconds",
+            "time to answer a tool call, by tool",
+            ["tool"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.kills = Counter(
+            "rmserve_sandbox_kills",
+            "code runs (programs and tests) the sandbox stopped, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def observe(self, result: ToolResult, known: bool) -> None:
+        tool = result.tool if known else "unknown"
+        outcome = result.error.type if result.error is not None else "ok"
+        self.tool_calls.labels(tool, outcome).inc()
+        self.tool_duration.labels(tool).observe(result.elapsed_s)
+
+    def count_kills(self, result: CodeResult) -> None:
+        runs = ([result.run] if result.run is not None else []) + [t.run for t in result.tests]
+        for run in runs:
+            if run.status in KILLS:
+                self.kills.labels(run.status).inc()

@@ -1,0 +1,41 @@
+"""Which sandbox the judges of this process call: the sidecar at `sandbox_url`, or (embedded
+mode without one) the tools in this process tree — code still runs only inside bubblewrap."""
+
+from __future__ import annotations
+
+import logging
+
+from models.spec import GenerativeSpec, ModelSpec
+from sandbox.client import HttpToolbox
+from sandbox.protocol import Toolbox
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIDECAR = "http://127.0.0.1:8002"
+
+
+def needs_tools(specs: list[ModelSpec]) -> bool:
+    return any(isinstance(spec, GenerativeSpec) and spec.options.tools for spec in specs)
+
+
+def sidecar(settings: Settings) -> Toolbox:
+    """A worker's sandbox: the sidecar beside it."""
+    return HttpToolbox(settings.sandbox_url or DEFAULT_SIDECAR)
+
+
+def embedded_toolbox(settings: Settings) -> Toolbox:
+    """Embedded mode's sandbox: the configured sidecar, else the tools in this process tree."""
+    if settings.sandbox_url:
+        return HttpToolbox(settings.sandbox_url)
+    from sandbox.config import SandboxSettings
+    from sandbox.errors import ToolError
+    from sandbox.tools import LocalToolbox
+
+    sandbox = SandboxSettings()
+    try:
+        return LocalToolbox(sandbox)
+    except ToolError as exc:  # no working bubblewrap: serve the other tools, never run code
+        log.warning("code_run is disabled: %s", exc.message)
+        others = [name for name in sandbox.tools if name != "code_run"]
+        return LocalToolbox(sandbox.model_copy(update={"tools": others}))
