@@ -39,7 +39,9 @@ class HttpToolbox:
         while True:
             try:
                 response = await self._http().post(
-                    f"/v1/tools/{name}", content=call.model_dump_json()
+                    f"/v1/tools/{name}",
+                    content=call.model_dump_json(),
+                    headers={"Content-Type": "application/json"},
                 )
             except httpx.HTTPError as exc:
                 return _failed(name, "sandbox_unavailable", f"the sandbox is unreachable: {exc}")

@@ -10,8 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.fleet import REFRESH_S
+from service.launcher import ServerProcess
 from tests.conftest import TESTS
 from tests.distributed.conftest import Fleet, wait_for_workers
 
@@ -57,3 +59,30 @@ def test_a_judge_worker_filters_with_meta_model_workers(judge_fleet: Fleet) -> N
         kept = [s for s in filtered["samples"] if s["kept"]]
         assert len(kept) == 2 and all(s["meta_score"] is not None for s in filtered["samples"])
         assert filtered["score"] == pytest.approx(sum(s["score"] for s in kept) / 2)
+
+
+def test_an_agentic_judge_worker_calls_its_sandbox_sidecar(judge_fleet: Fleet) -> None:
+    sidecar = ServerProcess(None, judge_fleet.workdir / "sandbox.log", command="sandbox")
+    try:
+        sidecar.wait_ready(60)
+        gateway = judge_fleet.gateway()
+        judge_fleet.workers(1, "tiny-agent-judge", RMSERVE_SANDBOX_URL=sidecar.base_url)
+        item = {"messages": [{"role": "user", "content": "What is 12 * 7?"},
+                             {"role": "assistant", "content": "84"}],
+                "documents": [{"id": "facts", "text": "12 times 7 is 84."}]}  # fmt: skip
+        with httpx.Client(base_url=gateway.base_url, timeout=120) as client:
+            wait_for_workers(client, "tiny-agent-judge", 1)
+            body = {"model": "tiny-agent-judge", "items": [item]}
+            (result,) = client.post("/v1/score", json=body).json()["results"]
+        assert result["error"] is None, result
+        (call,) = result["evidence"]
+        assert call["tool"] in ("calculator", "search") and call["elapsed_s"] > 0
+        metrics = text_string_to_metric_families(httpx.get(f"{sidecar.base_url}/metrics").text)
+        samples = [s for family in metrics for s in family.samples]
+        ran = [
+            s for s in samples
+            if s.name == "rmserve_tool_calls_total" and s.labels["tool"] == call["tool"]
+        ]  # fmt: skip
+        assert ran and ran[0].value == 1  # the call ran in the sidecar
+    finally:
+        sidecar.stop()
