@@ -78,6 +78,8 @@ class Reward:
     samples: list[Sample] | None = None
     # Agentic judges: every tool call, in order.
     evidence: list[Evidence] | None = None
+    # Composite rewards: each input model's reward.
+    components: dict[str, float] | None = None
 
 
 class PeerScorer(Protocol):

@@ -18,7 +18,18 @@ from models.generative.prompts import JudgePrompt
 from models.generative.remote import RemoteBackend
 from models.process import ProcessModel, step_tag_id
 from models.rendering import ChatRenderer
-from models.spec import DiscriminativeSpec, GenerativeSpec, ModelSpec, ProcessSpec, RemoteJudge
+from models.spec import (
+    CodeTestsSpec,
+    DiscriminativeSpec,
+    FormatSpec,
+    GenerativeSpec,
+    MathSpec,
+    ModelSpec,
+    ProcessSpec,
+    RemoteJudge,
+    SimilaritySpec,
+    VerifierSpec,
+)
 from models.weights import resolve_weights
 from sandbox.protocol import Toolbox
 
@@ -38,6 +49,8 @@ def load_model(
     Cheap checks (weights present, tokenizer, chat template, head size, step tag) run before
     the engine starts, so a misconfigured model fails in seconds with a precise reason.
     """
+    if not isinstance(spec, DiscriminativeSpec | ProcessSpec | GenerativeSpec):
+        return _load_verifier(spec, peers, toolbox)
     if isinstance(spec, GenerativeSpec) and spec.options.meta_model and peers is None:
         raise ModelLoadError("options.meta_model: this runtime cannot reach other models")
     if isinstance(spec, GenerativeSpec) and spec.options.tools and toolbox is None:
@@ -101,6 +114,30 @@ def _load_remote_judge(
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
     return GenerativeModel(spec, RemoteBackend.from_spec(remote), prompt, peers, toolbox)
+
+
+def _load_verifier(
+    spec: VerifierSpec, peers: PeerScorer | None, toolbox: Toolbox | None
+) -> RewardModel:
+    """Rule-based kinds: nothing to download or start, only their options to check."""
+    from models.verifiers import rewards
+
+    if isinstance(spec, MathSpec):
+        return rewards.MathVerifier(spec)
+    if isinstance(spec, SimilaritySpec):
+        return rewards.SimilarityVerifier(spec)
+    if isinstance(spec, FormatSpec):
+        try:
+            return rewards.FormatVerifier(spec)
+        except ValueError as exc:
+            raise ModelLoadError(f"options: {exc}") from None
+    if isinstance(spec, CodeTestsSpec):
+        if toolbox is None:
+            raise ModelLoadError("code_tests needs the tool sandbox (RMSERVE_SANDBOX_URL)")
+        return rewards.CodeTestsVerifier(spec, toolbox)
+    if peers is None:
+        raise ModelLoadError("a composite reward needs to reach its input models")
+    return rewards.CompositeReward(spec, peers)
 
 
 def _check_memory(spec: ModelSpec, weights: Path) -> None:

@@ -16,6 +16,7 @@ relative to the registry file.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -197,8 +198,112 @@ class GenerativeSpec(_ModelSpecBase):
         return self
 
 
+# -- verifiers: rule-based rewards, no weights ---------------------------------------------------
+
+# Which part of the response is checked: the final assistant message, the last \boxed{} in it,
+# the last fenced code block in it, or every assistant turn.
+Extract = Literal["final", "boxed", "code_block", "full"]
+
+
+class _VerifierSpec(_Strict):
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    weights: None = None
+    revision: None = None
+    tokenizer: None = None
+    engine: EngineOptions = EngineOptions()
+
+
+class MathOptions(_Strict):
+    extract: Extract = "boxed"
+    # Seconds to parse and compare one answer (math-verify, in a child process).
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class MathSpec(_VerifierSpec):
+    """1.0 when the response's answer equals the item's `reference` (math-verify), else 0.0."""
+
+    kind: Literal["math"]
+    options: MathOptions = MathOptions()
+
+
+class CodeTestsOptions(_Strict):
+    extract: Extract = "code_block"
+    # fraction: the share of the item's tests passed; all_pass: 1.0 only if every test passes.
+    reward: Literal["fraction", "all_pass"] = "fraction"
+    # Per-test wall-clock seconds (at most the sandbox's own limit).
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class CodeTestsSpec(_VerifierSpec):
+    """Runs the response's code against the item's `tests` in the tool sandbox."""
+
+    kind: Literal["code_tests"]
+    options: CodeTestsOptions = CodeTestsOptions()
+
+
+class FormatOptions(_Strict):
+    extract: Extract = "final"
+    regex: str | None = None
+    regex_mode: Literal["search", "fullmatch"] = "search"
+    # Each tag t: exactly one <t> ... </t>, in that order.
+    required_tags: list[str] = Field(default_factory=list)
+    json_valid: bool = False
+    json_schema: dict[str, Any] | None = None
+    # all: 1.0 only if every check passes; fraction: the share of checks passed.
+    reward: Literal["all", "fraction"] = "all"
+
+    @model_validator(mode="after")
+    def _some_check(self) -> FormatOptions:
+        if not (self.regex or self.required_tags or self.json_valid or self.json_schema):
+            raise ValueError("give at least one of regex, required_tags, json_valid, json_schema")
+        return self
+
+
+class FormatSpec(_VerifierSpec):
+    kind: Literal["format"]
+    options: FormatOptions
+
+
+SimilarityMetric = Literal["exact", "fuzzy", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]
+
+
+class SimilarityOptions(_Strict):
+    extract: Extract = "final"
+    metric: SimilarityMetric = "exact"
+    case_sensitive: bool = False
+    normalize_whitespace: bool = True
+
+
+class SimilaritySpec(_VerifierSpec):
+    """Similarity of the response to the item's `reference`, in [0, 1]."""
+
+    kind: Literal["similarity"]
+    options: SimilarityOptions = SimilarityOptions()
+
+
+class CompositeOptions(_Strict):
+    # An arithmetic formula over the inputs' rewards, e.g. "0.7*math + 0.3*rm - 0.1*length":
+    # + - * / ** and min, max, abs, clip(x, lo, hi); parsed safely, never eval'd.
+    formula: str = Field(min_length=1, max_length=1000)
+    # Formula variable -> registry model. By default every model of the registry whose name is
+    # a valid variable can be used by its name.
+    inputs: dict[str, str] = Field(default_factory=dict)
+
+
+class CompositeSpec(_VerifierSpec):
+    """Combines other models' rewards (computed concurrently) with a formula; the result's
+    `components` holds each input's reward."""
+
+    kind: Literal["composite"]
+    options: CompositeOptions
+
+
+VerifierSpec = MathSpec | CodeTestsSpec | FormatSpec | SimilaritySpec | CompositeSpec
+
 ModelSpec = Annotated[
-    DiscriminativeSpec | ProcessSpec | GenerativeSpec, Field(discriminator="kind")
+    DiscriminativeSpec | ProcessSpec | GenerativeSpec | VerifierSpec,
+    Field(discriminator="kind"),
 ]
 
 
@@ -216,9 +321,21 @@ class Registry(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _composites_resolve(self) -> Registry:
+        for spec in self.models.values():
+            if isinstance(spec, CompositeSpec):
+                composite_inputs(spec, self.models)  # raises ValueError saying what is wrong
+        return self
+
     def peers(self, name: str) -> list[ModelSpec]:
-        """The models `name` scores with while it scores (a judge's meta reward model)."""
+        """The models `name` scores with while it scores (a judge's meta reward model, a
+        composite's inputs)."""
         spec = self.models[name]
+        if isinstance(spec, CompositeSpec):
+            return [
+                self.models[m] for m in sorted(set(composite_inputs(spec, self.models).values()))
+            ]
         meta = spec.options.meta_model if isinstance(spec, GenerativeSpec) else None
         return [self.models[meta]] if meta is not None else []
 
@@ -231,6 +348,30 @@ class Registry(_Strict):
                 models[name] = {"name": name, **spec} if isinstance(spec, dict) else spec
             data = {**data, "models": models}
         return data
+
+
+def composite_inputs(spec: CompositeSpec, models: Mapping[str, ModelSpec]) -> dict[str, str]:
+    """Formula variable -> model name, for the variables the formula uses; ValueError when the
+    formula is invalid, uses an unknown variable, or names a composite."""
+    from models.verifiers.formula import Formula
+
+    where = f"models.{spec.name}.options"
+    try:
+        formula = Formula(spec.options.formula)
+    except ValueError as exc:
+        raise ValueError(f"{where}.formula: {exc}") from None
+    resolved = {}
+    for variable in formula.variables:
+        target = spec.options.inputs.get(variable, variable)
+        if target not in models:
+            raise ValueError(
+                f"{where}.formula: {variable!r} is not a model of this registry (map it to one "
+                "in options.inputs)"
+            )
+        if isinstance(models[target], CompositeSpec):
+            raise ValueError(f"{where}.inputs: {target!r} is itself composite")
+        resolved[variable] = target
+    return resolved
 
 
 class RegistryError(ValueError):
@@ -265,11 +406,20 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for i, part in enumerate(loc) if not (i == 2 and part in _KINDS))
 
 
-_KINDS = ("discriminative", "process", "generative")
+_KINDS = (
+    "discriminative",
+    "process",
+    "generative",
+    "math",
+    "code_tests",
+    "format",
+    "similarity",
+    "composite",
+)
 
 
 def _with_resolved_paths(registry: Registry, base: Path) -> Registry:
-    models: dict[str, DiscriminativeSpec | ProcessSpec | GenerativeSpec] = {}
+    models: dict[str, ModelSpec] = {}
     for name, spec in registry.models.items():
         update: dict[str, Any] = {}
         if spec.weights is not None:

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sandbox.code_run import CodeTest
+
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,"
 )
@@ -168,6 +170,8 @@ class Trajectory(BaseModel):
     reference: str | None = None
     # Agentic judges: documents their `search` tool ranks.
     documents: list[Document] | None = Field(default=None, max_length=10_000)
+    # code_tests verifiers: the tests the response's code must pass.
+    tests: list[CodeTest] | None = Field(default=None, max_length=100)
     metadata: dict[str, Any] | None = None
 
     @field_validator("messages")

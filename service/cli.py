@@ -19,8 +19,18 @@ SANDBOX_PORT = 8002
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:  # the client CLI: its own flags (rmserve score --help)
+        from rmserve_client.cli import score_main
+
+        return score_main(argv[1:])
     parser = argparse.ArgumentParser(prog="rmserve", description="reward-model inference service")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "score",
+        add_help=False,
+        help="score a JSONL file of trajectories with a running service (see: score --help)",
+    )
 
     serve = commands.add_parser("serve", help="run gateway, queue and workers in one process tree")
     _server_flags(serve)

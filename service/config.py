@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # and a worker uses the sidecar at its default address.
     sandbox_url: str | None = None
 
+    # OpenRLHF compatibility (POST /get_reward): the model that scores its queries.
+    openrlhf_model: str | None = None
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
 from service.metrics import HttpMetrics, Metrics
+from service.openrlhf import add_openrlhf_route
 from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueUnavailableError
 from service.scoring import ScoringService
@@ -112,6 +113,8 @@ def create_app(
                 yield result.model_dump_json().encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    add_openrlhf_route(app, scoring, settings, authenticated)
 
     @app.get("/v1/models", tags=["models"], dependencies=authenticated)
     async def models() -> ModelList:

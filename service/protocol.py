@@ -123,6 +123,8 @@ class ItemResult(BaseModel):
     samples: list[SampleResult] | None = None
     # Agentic judges: every tool call, in order (images as data: URLs).
     evidence: list[EvidenceResult] | None = None
+    # Composite rewards: each input's reward, by formula variable.
+    components: dict[str, float] | None = None
     error: ItemErrorBody | None = None
     # True when the result came from the result cache (an earlier request scored this item).
     cached: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from models.spec import GenerativeSpec, ModelSpec
+from models.spec import CodeTestsSpec, GenerativeSpec, ModelSpec
 from sandbox.client import HttpToolbox
 from sandbox.protocol import Toolbox
 from service.config import Settings
@@ -16,7 +16,11 @@ DEFAULT_SIDECAR = "http://127.0.0.1:8002"
 
 
 def needs_tools(specs: list[ModelSpec]) -> bool:
-    return any(isinstance(spec, GenerativeSpec) and spec.options.tools for spec in specs)
+    """Agentic judges and code_tests verifiers call the sandbox."""
+    return any(
+        (isinstance(spec, GenerativeSpec) and spec.options.tools) or isinstance(spec, CodeTestsSpec)
+        for spec in specs
+    )
 
 
 def sidecar(settings: Settings) -> Toolbox:

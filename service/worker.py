@@ -174,6 +174,7 @@ class Worker:
             critique=reward.critique,
             samples=[sample_result(s) for s in reward.samples] if reward.samples else None,
             evidence=[evidence_result(e) for e in reward.evidence] if reward.evidence else None,
+            components=reward.components,
             usage=Usage(
                 prompt_tokens=reward.prompt_tokens,
                 truncated_tokens=reward.truncated_tokens,

@@ -1,0 +1,1 @@
+"""Rule-based rewards ("verifiers"): answer extraction, math equivalence, format and similarity."""
