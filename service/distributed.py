@@ -39,7 +39,7 @@ from service.peers import QueuePeers
 from service.protocol import ErrorBody
 from service.queue.base import QueueUnavailableError
 from service.queue.redis_streams import StreamQueue, StreamSettings
-from service.toolboxes import needs_tools, sidecar
+from service.toolboxes import gateway_toolbox, needs_tools, sidecar
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class GatewayRuntime:
             ),
             lifespan=self.lifespan,
             wait_for_models=False,
+            toolbox=gateway_toolbox(settings),
         )
 
     @asynccontextmanager

@@ -26,7 +26,7 @@ from service.jobs import error_result
 from service.metrics import Metrics
 from service.peers import QueuePeers
 from service.queue import InProcessQueue
-from service.toolboxes import embedded_toolbox, needs_tools
+from service.toolboxes import embedded_toolbox
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class EmbeddedRuntime:
         )
         # Judges reach their meta reward models through the queue, like clients do.
         self.peers = QueuePeers(self.queue, self.directory)
-        specs = list(registry.models.values())
-        self.toolbox = embedded_toolbox(settings) if needs_tools(specs) else None
+        # Agentic judges, code_tests and python graders run code in the sandbox.
+        self.toolbox = embedded_toolbox(settings)
         self._workers: dict[str, Worker] = {}
         self._loader: asyncio.Task[None] | None = None
         self._supervisors: list[asyncio.Task[None]] = []
@@ -60,6 +60,7 @@ class EmbeddedRuntime:
             self.metrics,
             cache=self.cache,
             lifespan=self.lifespan,
+            toolbox=self.toolbox,
         )
 
     @asynccontextmanager

@@ -12,12 +12,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandbox.protocol import Toolbox
 from service.auth import api_key_check
 from service.batches import BatchStore, MemoryBatchStore
 from service.cache import ResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, error_response, install_error_handlers
+from service.graders import Graders, RunRequest, ValidateRequest
 from service.metrics import HttpMetrics, Metrics
 from service.openrlhf import add_openrlhf_route
 from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
@@ -41,6 +43,7 @@ def create_app(
     batches: Callable[[ScoringService], BatchStore] | None = None,
     lifespan: Lifespan | None = None,
     wait_for_models: bool = True,
+    toolbox: Toolbox | None = None,
 ) -> FastAPI:
     """The gateway's routes. `batches` makes the async batch store (default: in the process);
     `wait_for_models`: /readyz fails while a model loads (embedded mode) or only when the
@@ -115,6 +118,29 @@ def create_app(
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     add_openrlhf_route(app, scoring, settings, authenticated)
+    graders = Graders(scoring, directory, toolbox)
+
+    @app.post(
+        "/v1/fine_tuning/alpha/graders/run",
+        responses=_ERRORS,
+        tags=["compatibility"],
+        dependencies=authenticated,
+    )
+    async def run_grader(request: RunRequest) -> dict[str, Any]:
+        """OpenAI graders: grade `model_sample` (and `item`) with a grader; the response has
+        `reward`, `metadata` (with `errors` flags), `sub_rewards`."""
+        return await graders.run(request)
+
+    @app.post(
+        "/v1/fine_tuning/alpha/graders/validate",
+        responses=_ERRORS,
+        tags=["compatibility"],
+        dependencies=authenticated,
+    )
+    async def validate_grader(request: ValidateRequest) -> dict[str, Any]:
+        """OpenAI graders: check a grader (422 naming the field when it is invalid)."""
+        graders.check(request.grader)
+        return {"grader": request.grader.model_dump(exclude_none=True)}
 
     @app.get("/v1/models", tags=["models"], dependencies=authenticated)
     async def models() -> ModelList:

@@ -23,6 +23,11 @@ def needs_tools(specs: list[ModelSpec]) -> bool:
     )
 
 
+def gateway_toolbox(settings: Settings) -> Toolbox | None:
+    """A distributed gateway's sandbox (python graders): the configured sidecar, if any."""
+    return HttpToolbox(settings.sandbox_url) if settings.sandbox_url else None
+
+
 def sidecar(settings: Settings) -> Toolbox:
     """A worker's sandbox: the sidecar beside it."""
     return HttpToolbox(settings.sandbox_url or DEFAULT_SIDECAR)

@@ -79,13 +79,16 @@ def test_code_tests_run_in_the_sandbox(service: httpx.Client) -> None:
     good = "```python\ndef add(a, b):\n    return a + b\nprint('ready')\n```"
     wrong = "```python\ndef add(a, b):\n    return a - b\nprint('ready')\n```"
     raises = "```python\nraise SystemExit(3)\n```"
+    spins = "```python\nwhile True:\n    pass\n```"
     results = scores(service, "unit-tests", [
         answer(good, tests=tests), answer(wrong, tests=tests), answer(raises, tests=tests),
-        answer("no code here", tests=tests), answer(good),
+        answer("no code here", tests=tests), answer(good), answer(spins, tests=tests),
     ])  # fmt: skip
     assert [r["score"] for r in results[:4]] == [1.0, pytest.approx(2 / 3), 0.0, 0.0]
     assert results[1]["scores"] == [0.0, 1.0, 1.0]
     assert results[4]["error"]["type"] == "missing_tests"
+    assert results[5]["score"] == 0.0  # every test timed out (timeout_s 2)
+    assert "timeout" in results[5]["critique"] or "cpu_limit" in results[5]["critique"]
 
 
 def test_a_composite_combines_its_inputs_concurrently(service: httpx.Client) -> None:
