@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         from rmserve_client.cli import score_main
 
         return score_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return _run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `rmserve` command line (also checked against the Dockerfile and compose files)."""
     parser = argparse.ArgumentParser(prog="rmserve", description="reward-model inference service")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     tiny.add_argument("out", type=Path)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "check-registry":
         return _check_registry(args.registry)
     if args.command == "make-tiny-models":
