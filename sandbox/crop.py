@@ -10,16 +10,17 @@ large, and the output is capped in side and pixel count. Crops are returned RGB.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.errors import ItemError
+from models.images import decode_image
 from sandbox.errors import ToolError
 
 RELATIVE_MAX: Final = 1000.0
@@ -166,37 +167,14 @@ def image_to_data_url(image: Image.Image) -> str:
 
 
 def image_from_data_url(url: str, max_pixels: int) -> Image.Image:
-    """Decode a base64 `data:image/...` URL into an RGB image. The pixel count is read from the
-    header and refused above `max_pixels` before any pixel is decoded."""
-    payload = _data_url_payload(url)
+    """Decode a base64 `data:image/...` URL into an RGB image (`models.images.decode_image`:
+    the pixel count is read from the header and refused above `max_pixels` before decoding)."""
     try:
-        opened = Image.open(io.BytesIO(payload))
-        width, height = opened.size
-        if width * height > max_pixels:
-            raise ToolError(
-                "invalid_arguments",
-                f"the image is {width}x{height} ({width * height} pixels); the limit is "
-                f"{max_pixels} pixels",
-            )
-        return opened.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ToolError("invalid_arguments", f"the image is too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ToolError("invalid_image", f"the image cannot be decoded: {exc}") from None
-
-
-def _data_url_payload(url: str) -> bytes:
-    header, comma, data = url.partition(",")
-    if not header.lower().startswith("data:") or not comma:
-        raise ToolError("invalid_arguments", "the image must be a `data:` URL")
-    mime, *params = header[len("data:") :].split(";")
-    if not mime.lower().startswith("image/"):
-        raise ToolError(
-            "invalid_arguments", f"the data: URL holds {mime or 'no type'!r}, not an image"
-        )
-    if "base64" not in (param.strip().lower() for param in params):
-        raise ToolError("invalid_arguments", "the image data: URL must be base64-encoded")
-    try:
-        return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ToolError("invalid_arguments", "the image data: URL is not valid base64") from None
+        decoded = decode_image(url, max_pixels)
+    except ValueError as exc:  # not a base64 image data: URL
+        raise ToolError("invalid_arguments", str(exc)) from None
+    except ItemError as exc:
+        code = "invalid_image" if exc.code == "invalid_image" else "invalid_arguments"
+        raise ToolError(code, exc.message) from None
+    image: Image.Image = decoded.image
+    return image

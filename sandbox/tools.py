@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,16 +212,13 @@ class LocalToolbox:
     async def _code_run(self, arguments: CodeRunArguments, _: ToolContext) -> ToolOutput:
         if self.code is None:
             raise ToolError("not_found", "code_run is not enabled")
-        limits = self.code.limits
-        if arguments.timeout_s is not None or arguments.memory_mb is not None:
-            limits = Limits(
-                **{
-                    **asdict(limits),
-                    "wall_s": min(limits.wall_s, arguments.timeout_s or limits.wall_s),
-                    "cpu_s": min(limits.cpu_s, arguments.timeout_s or limits.cpu_s),
-                    "memory_mb": min(limits.memory_mb, arguments.memory_mb or limits.memory_mb),
-                }
-            )
+        limits = self.code.limits  # the runner clamps what a call asks for to its own limits
+        limits = replace(
+            limits,
+            wall_s=arguments.timeout_s or limits.wall_s,
+            cpu_s=arguments.timeout_s or limits.cpu_s,
+            memory_mb=arguments.memory_mb or limits.memory_mb,
+        )
         result = await self.code.run(arguments.code, arguments.stdin, arguments.tests, limits)
         self.metrics.count_kills(result)
         return ToolOutput(text=code_summary(result), data=asdict(result))

@@ -223,9 +223,8 @@ class Graders:
             }.get(exc.flag)
             if detail_key is not None:
                 errors[detail_key] = exc.details
-        except ValueError as exc:  # the formula divided by zero, ...
-            reward, errors["formula_parse_error"] = 0.0, True
-            errors["other_error"] = str(exc) != ""
+        except ValueError:  # calculate_output divided by zero, or is not finite
+            reward, errors["formula_parse_error"], errors["other_error"] = 0.0, True, True
         return {
             "reward": reward,
             "metadata": {
