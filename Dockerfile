@@ -58,11 +58,10 @@ ENV PATH=/opt/rmserve/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/rmserve
 VOLUME ["/models/hf"]
-EXPOSE 8000
-# /healthz answers as soon as the server is up (models load in the background; /readyz says
-# when they are ready), so a short start period is enough.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+# gateway and serve 8000, worker 8001 (health and metrics), sandbox 8002. No HEALTHCHECK: the
+# port depends on the role, so orchestrators probe /startupz, /healthz and /readyz on it
+# (deploy/compose.yaml and the Helm chart do).
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["rmserve"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--registry", "/etc/rmserve/registry.yaml"]
 
@@ -107,8 +106,6 @@ ENV PATH=/opt/rmserve/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/rmserve
 VOLUME ["/models/hf"]
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["rmserve"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--registry", "/etc/rmserve/registry.yaml"]

@@ -21,6 +21,53 @@ PoolingTask = Literal["classify", "token_classify"]
 _GIB = 1 << 30
 
 
+class EngineStats(Protocol):
+    """Where an engine reports what it does (service.metrics records it for Prometheus)."""
+
+    def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        """After an engine step: requests running and waiting, the KV cache fraction in use."""
+
+    def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
+        """An engine step's output: the requests it advanced and the tokens it processed."""
+
+
+def stat_logger_factory(stats: EngineStats) -> Any:
+    """A vLLM stat-logger factory feeding `stats` (vLLM calls it once per engine)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class Bridge(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                stats.scheduler(
+                    scheduler_stats.num_running_reqs,
+                    scheduler_stats.num_waiting_reqs,
+                    scheduler_stats.kv_cache_usage,
+                )
+            if iteration_stats is not None:
+                # Each request the step advanced has a first-token (prefill done) or an
+                # inter-token (decode) latency in it.
+                batch = len(iteration_stats.time_to_first_tokens_iter) + len(
+                    iteration_stats.inter_token_latencies_iter
+                )
+                stats.iteration(
+                    batch, iteration_stats.num_prompt_tokens, iteration_stats.num_generation_tokens
+                )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return lambda vllm_config, engine_index=0: Bridge(vllm_config, engine_index)
+
+
 class PoolingEngine(Protocol):
     """Raw (no activation) head outputs for one tokenized input."""
 
@@ -72,8 +119,10 @@ def _start_async_llm(
     options: EngineOptions,
     runner: Literal["pooling", "generate"],
     max_images: int | None = None,
+    stats: EngineStats | None = None,
 ) -> Any:
-    """Start a vLLM AsyncLLM (blocking, tens of seconds: call it from a thread)."""
+    """Start a vLLM AsyncLLM (blocking, tens of seconds: call it from a thread). `stats`
+    receives its per-step statistics."""
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -83,6 +132,7 @@ def _start_async_llm(
         return AsyncLLM.from_engine_args(
             engine_args(model_dir, tokenizer_dir, options, runner, max_images),
             usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[stat_logger_factory(stats)] if stats is not None else None,
         )
     except Exception as exc:
         raise ModelLoadError(
@@ -99,9 +149,13 @@ class VllmPoolingEngine:
 
     @classmethod
     def start(
-        cls, model_dir: Path, tokenizer_dir: Path, options: EngineOptions
+        cls,
+        model_dir: Path,
+        tokenizer_dir: Path,
+        options: EngineOptions,
+        stats: EngineStats | None = None,
     ) -> VllmPoolingEngine:
-        llm = _start_async_llm(model_dir, tokenizer_dir, options, "pooling")
+        llm = _start_async_llm(model_dir, tokenizer_dir, options, "pooling", stats=stats)
         return cls(llm, llm.model_config.max_model_len)
 
     async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
@@ -216,9 +270,10 @@ class VllmGenerateEngine:
         tokenizer_dir: Path,
         options: EngineOptions,
         max_images: int | None = None,
+        stats: EngineStats | None = None,
     ) -> VllmGenerateEngine:
         """`max_images`: images per prompt, for a vision-language model."""
-        llm = _start_async_llm(model_dir, tokenizer_dir, options, "generate", max_images)
+        llm = _start_async_llm(model_dir, tokenizer_dir, options, "generate", max_images, stats)
         return cls(llm, llm.model_config.max_model_len)
 
     async def generate(

@@ -10,7 +10,13 @@ import psutil
 
 from models.base import PeerScorer, RewardModel
 from models.discriminative import DiscriminativeModel
-from models.engine import SEED_ON_CPU, VllmGenerateEngine, VllmPoolingEngine, cpu_platform
+from models.engine import (
+    SEED_ON_CPU,
+    EngineStats,
+    VllmGenerateEngine,
+    VllmPoolingEngine,
+    cpu_platform,
+)
 from models.errors import ModelLoadError
 from models.generative.backends import LocalBackend
 from models.generative.judge import GenerativeModel
@@ -39,12 +45,15 @@ _GIB = 1 << 30
 
 
 def load_model(
-    spec: ModelSpec, peers: PeerScorer | None = None, toolbox: Toolbox | None = None
+    spec: ModelSpec,
+    peers: PeerScorer | None = None,
+    toolbox: Toolbox | None = None,
+    stats: EngineStats | None = None,
 ) -> RewardModel:
     """Resolve weights, check the model fits its spec, start its engine. Blocking (tens of s).
 
     `peers` reaches the other models this one scores with (a judge's meta reward model);
-    `toolbox` the sandbox an agentic judge calls.
+    `toolbox` the sandbox an agentic judge calls; `stats` receives the engine's statistics.
 
     Cheap checks (weights present, tokenizer, chat template, head size, step tag) run before
     the engine starts, so a misconfigured model fails in seconds with a precise reason.
@@ -67,14 +76,14 @@ def load_model(
     )
     tokenizer = _load_tokenizer(tokenizer_dir, trust)
     if isinstance(spec, GenerativeSpec):
-        return _load_judge(spec, weights, tokenizer_dir, tokenizer, peers, toolbox)
+        return _load_judge(spec, weights, tokenizer_dir, tokenizer, peers, toolbox, stats)
     ChatRenderer(tokenizer, spec.engine.max_model_len, spec.options.too_long)  # has a template?
     _check_head(spec, _num_labels(weights, trust))
     if spec.kind == "process":
         step_tag_id(tokenizer, spec.options.step_tag)
     _check_memory(spec, weights)
     log.info("starting engine for %s from %s", spec.name, weights)
-    engine = VllmPoolingEngine.start(weights, tokenizer_dir, spec.engine)
+    engine = VllmPoolingEngine.start(weights, tokenizer_dir, spec.engine, stats)
     renderer = ChatRenderer(tokenizer, engine.max_model_len, spec.options.too_long)
     if isinstance(spec, DiscriminativeSpec):
         return DiscriminativeModel(spec, renderer, engine)
@@ -88,6 +97,7 @@ def _load_judge(
     tokenizer: Any,
     peers: PeerScorer | None,
     toolbox: Toolbox | None,
+    stats: EngineStats | None,
 ) -> RewardModel:
     ChatRenderer(tokenizer, spec.engine.max_model_len, "error")  # has a chat template?
     try:
@@ -100,7 +110,7 @@ def _load_judge(
     log.info("starting generation engine for %s from %s", spec.name, weights)
     vision = _reads_images(weights, spec.engine.trust_remote_code)
     engine = VllmGenerateEngine.start(
-        weights, tokenizer_dir, spec.engine, spec.options.max_images if vision else None
+        weights, tokenizer_dir, spec.engine, spec.options.max_images if vision else None, stats
     )
     renderer = ChatRenderer(tokenizer, engine.max_model_len, "error")
     return GenerativeModel(spec, LocalBackend(renderer, engine), prompt, peers, toolbox)

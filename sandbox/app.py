@@ -4,7 +4,7 @@
     POST /v1/tools/{name}     {"arguments": {...}, "context": {"images", "documents"}}
                               -> {"tool", "output": {"text", "images", "data"}, "error",
                                   "elapsed_s"}
-    GET  /healthz, /readyz, /metrics
+    GET  /startupz, /healthz, /readyz, /metrics
 
 A call that reaches its tool answers 200: its `error` (a failed run, an image index out of range)
 is evidence for the judge. An unknown tool is a 404, arguments that do not match the tool's
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sandbox.config import SandboxSettings
 from sandbox.errors import ToolError
@@ -29,7 +28,7 @@ from service.errors import (
     UnprocessableEntity,
     install_error_handlers,
 )
-from service.gateway import LimitsAndMetrics
+from service.http import LimitsAndMetrics, exposition
 from service.protocol import ErrorBody
 
 MAX_REQUEST_BYTES = 64 << 20
@@ -66,24 +65,31 @@ def create_sandbox_app(settings: SandboxSettings, toolbox: LocalToolbox | None =
             raise QueueFull(result.error.message, headers={"Retry-After": "1"})
         return result
 
+    @app.get("/startupz")
+    async def startupz() -> dict[str, str]:
+        """Started (startup probe): the tools were set up before the app was built."""
+        return {"status": "started"}
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Alive (liveness)."""
         return {"status": "ok"}
 
     @app.get("/readyz", responses=errors)
     async def readyz() -> dict[str, Any]:
+        """Ready (readiness): every configured tool can run."""
         if tools.code is None and "code_run" in settings.tools:
             raise Unavailable("code_run is not available")
         return {"status": "ready", "tools": tools.names}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(tools.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return exposition(tools.metrics.registry)
 
-    routes = {"/v1/tools", "/healthz", "/readyz", "/metrics"} | {
-        f"/v1/tools/{name}" for name in tools.names
-    }
     app.add_middleware(
-        LimitsAndMetrics, metrics=tools.metrics, routes=routes, max_bytes=MAX_REQUEST_BYTES
+        LimitsAndMetrics,
+        metrics=tools.metrics,
+        routes=app.router.routes,
+        max_bytes=MAX_REQUEST_BYTES,
     )
     return app

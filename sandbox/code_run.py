@@ -409,8 +409,10 @@ def _interpreter_mount_args(prefix: str) -> list[str]:
     return [] if _is_within(prefix, system_dirs) else ["--ro-bind", prefix, prefix]
 
 
-def _sandbox_args(bwrap: str, prefix: str, limits: Limits) -> list[str]:
-    """The sandboxing bwrap invocation (unprivileged), up to and including ``--``."""
+def _sandbox_args(bwrap: str, prefix: str, limits: Limits, mount_proc: bool) -> list[str]:
+    """The sandboxing bwrap invocation (unprivileged), up to and including ``--``. Without
+    `mount_proc` the sandbox has no /proc at all (container runtimes mask parts of theirs,
+    and then the kernel refuses a fresh one)."""
     tmpfs_bytes = str(limits.file_size_mb * 1024 * 1024)
     return [
         bwrap,
@@ -428,7 +430,7 @@ def _sandbox_args(bwrap: str, prefix: str, limits: Limits) -> list[str]:
         "--setenv", "LANG", "C.UTF-8",
         *_system_mount_args(),
         *_interpreter_mount_args(prefix),
-        "--proc", "/proc",
+        *(["--proc", "/proc"] if mount_proc else []),
         "--dev", "/dev",
         "--size", tmpfs_bytes, "--tmpfs", "/tmp",
         "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
@@ -583,12 +585,13 @@ class _Launcher:
     executable: str
     uid_base: int
     staging_fd: int | None = None  # bwrap-root only
+    mount_proc: bool = True
 
     def command(self, slot: int, limits: Limits, job_fd: int, status_fd: int) -> list[str]:
         harness = _harness_args(self.executable, job_fd, status_fd)
         if self.mode == "unsafe":
             return harness
-        sandbox = [*_sandbox_args(self.bwrap, self.prefix, limits), *harness]
+        sandbox = [*_sandbox_args(self.bwrap, self.prefix, limits, self.mount_proc), *harness]
         if self.mode == "bwrap-user":
             return [*_die_with_service_args(self.setpriv), *sandbox]
         assert self.staging_fd is not None
@@ -612,7 +615,9 @@ class _Launcher:
             os.close(self.staging_fd)
 
 
-def _bwrap_launcher(bwrap_name: str, uid_base: int) -> tuple[_Launcher | None, str | None]:
+def _bwrap_launcher(
+    bwrap_name: str, uid_base: int, mount_proc: bool = True
+) -> tuple[_Launcher | None, str | None]:
     """A working sandbox launcher, or why there is none (after a trial run)."""
     bwrap, setpriv, nsenter = (shutil.which(name) for name in (bwrap_name, "setpriv", "nsenter"))
     root = os.geteuid() == 0
@@ -636,11 +641,17 @@ def _bwrap_launcher(bwrap_name: str, uid_base: int) -> tuple[_Launcher | None, s
         executable=executable,
         uid_base=uid_base,
         staging_fd=staging_fd,
+        mount_proc=mount_proc,
     )
     problem = _probe(launcher)
     if problem is None:
         return launcher, None
     launcher.close()
+    if mount_proc and "mount proc" in problem:
+        problem += (
+            " (in a container, /proc is masked: turn mount_proc off, "
+            "RMSERVE_SANDBOX_MOUNT_PROC=false)"
+        )
     return None, problem
 
 
@@ -963,6 +974,7 @@ class CodeRunner:
         *,
         max_tests: int = 64,
         sandbox_uid_base: int = _DEFAULT_UID_BASE,
+        mount_proc: bool = True,
     ) -> None:
         if max_concurrency < 1 or max_queued < 0 or max_tests < 1:
             raise ValueError("need max_concurrency >= 1, max_queued >= 0, max_tests >= 1")
@@ -970,7 +982,7 @@ class CodeRunner:
         self.max_concurrency = max_concurrency
         self.max_queued = max_queued
         self.max_tests = max_tests
-        self._launcher = self._choose_launcher(bwrap, allow_unsafe, sandbox_uid_base)
+        self._launcher = self._choose_launcher(bwrap, allow_unsafe, sandbox_uid_base, mount_proc)
         self._release_launcher = weakref.finalize(self, self._launcher.close)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._free_slots = list(reversed(range(max_concurrency)))
@@ -978,16 +990,18 @@ class CodeRunner:
         self._queued = 0
 
     @staticmethod
-    def available(bwrap: str = "bwrap") -> str | None:
+    def available(bwrap: str = "bwrap", mount_proc: bool = True) -> str | None:
         """None if bubblewrap sandboxes work here (a trial run succeeded), else the reason."""
-        launcher, problem = _bwrap_launcher(bwrap, _DEFAULT_UID_BASE)
+        launcher, problem = _bwrap_launcher(bwrap, _DEFAULT_UID_BASE, mount_proc)
         if launcher is not None:
             launcher.close()
         return problem
 
     @staticmethod
-    def _choose_launcher(bwrap: str, allow_unsafe: bool, uid_base: int) -> _Launcher:
-        launcher, problem = _bwrap_launcher(bwrap, uid_base)
+    def _choose_launcher(
+        bwrap: str, allow_unsafe: bool, uid_base: int, mount_proc: bool
+    ) -> _Launcher:
+        launcher, problem = _bwrap_launcher(bwrap, uid_base, mount_proc)
         if launcher is not None:
             return launcher
         if not allow_unsafe:

@@ -32,6 +32,10 @@ class SandboxSettings(BaseSettings):
     # bubblewrap does not work. Never in production: the code can then read the host.
     allow_unsafe_code: bool = False
     bwrap: str = "bwrap"
+    # Mount a fresh /proc in each code sandbox. Turn off in containers (Docker, Kubernetes):
+    # their runtimes mask parts of /proc, and the kernel then refuses to mount a new one. The
+    # code then sees no /proc at all.
+    mount_proc: bool = True
 
     # crop: the largest image accepted (pixels, checked before decoding).
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)

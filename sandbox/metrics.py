@@ -1,11 +1,11 @@
 """The sidecar's Prometheus metrics: tool calls by tool and outcome, their durations, code-run
-kills by reason and the code-run concurrency."""
+kills by reason and the code sandboxes in use."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from sandbox.code_run import CodeResult
+from sandbox.code_run import CodeResult, CodeRunner
 from sandbox.protocol import ToolResult
 from service.metrics import LATENCY_BUCKETS, HttpMetrics
 
@@ -15,7 +15,7 @@ KILLS = ("timeout", "cpu_limit", "memory_limit", "output_limit", "killed")
 
 class SandboxMetrics(HttpMetrics):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__("sandbox")
         self.tool_calls = Counter(
             "rmserve_tool_calls",
             "tool calls by tool and outcome (ok or the error type)",
@@ -35,6 +35,22 @@ class SandboxMetrics(HttpMetrics):
             ["reason"],
             registry=self.registry,
         )
+
+        self.code_runs_active = Gauge(
+            "rmserve_sandbox_code_runs_active",
+            "code sandboxes running now",
+            registry=self.registry,
+        )
+        self.code_runs_queued = Gauge(
+            "rmserve_sandbox_code_runs_queued",
+            "code runs admitted and waiting for a free sandbox",
+            registry=self.registry,
+        )
+
+    def watch(self, runner: CodeRunner) -> None:
+        """Read the runner's occupancy at each scrape."""
+        self.code_runs_active.set_function(lambda: runner.in_flight)
+        self.code_runs_queued.set_function(lambda: runner.queued)
 
     def observe(self, result: ToolResult, known: bool) -> None:
         tool = result.tool if known else "unknown"

@@ -90,7 +90,9 @@ class LocalToolbox:
                 max_queued=settings.code_max_queued,
                 bwrap=settings.bwrap,
                 allow_unsafe=settings.allow_unsafe_code,
+                mount_proc=settings.mount_proc,
             )
+            self.metrics.watch(self.code)
         self._corpus = _load_corpus(settings.corpus) if settings.corpus else None
         every = {
             "crop": Tool(

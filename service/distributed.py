@@ -20,7 +20,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.base import RewardModel
 from models.errors import ModelLoadError
@@ -33,8 +32,9 @@ from service.directory import ModelDirectory
 from service.errors import Unavailable, install_error_handlers
 from service.fleet import WorkerAnnouncer, watch_workers
 from service.gateway import create_app
+from service.http import LimitsAndMetrics, exposition
 from service.jobs import Job
-from service.metrics import Metrics
+from service.metrics import Metrics, refresh_depths
 from service.peers import QueuePeers
 from service.protocol import ErrorBody
 from service.queue.base import QueueUnavailableError
@@ -78,7 +78,7 @@ class GatewayRuntime:
         self.client = redis_client(_require_redis(settings))
         self.queue = StreamQueue(self.client, stream_settings(settings), _process_name("gateway"))
         self.directory = ModelDirectory(registry.models.values())
-        self.metrics = Metrics()
+        self.metrics = Metrics("gateway")
         self._watcher: asyncio.Task[None] | None = None
 
     def app(self) -> FastAPI:
@@ -124,9 +124,9 @@ class WorkerRuntime:
         self.settings, self.spec = settings, spec
         self.client = redis_client(_require_redis(settings))
         self.name = _process_name(spec.name)
-        self.queue = StreamQueue(self.client, stream_settings(settings), self.name)
+        self.metrics = Metrics("worker")
+        self.queue = StreamQueue(self.client, stream_settings(settings), self.name, self.metrics)
         self.announcer = WorkerAnnouncer(self.client, spec.name, self.name)
-        self.metrics = Metrics()
         self.cache = (
             RedisResultCache(self.client, settings.result_cache_ttl_s)
             if settings.result_cache_ttl_s > 0
@@ -141,6 +141,14 @@ class WorkerRuntime:
         app = FastAPI(title=f"rmserve worker ({self.spec.name})", lifespan=self.lifespan)
         install_error_handlers(app)
         unavailable: dict[int | str, dict[str, Any]] = {503: {"model": ErrorBody}}
+
+        @app.get("/startupz", responses=unavailable)
+        async def startupz() -> dict[str, str]:
+            """Started (startup probe): loading the model has ended, well or not (a model that
+            cannot load is reported by /readyz and GET /v1/models, not fixed by a restart)."""
+            if self.announcer.status == "loading":
+                raise Unavailable(f"model {self.spec.name!r} is still loading")
+            return {"status": "started"}
 
         @app.get("/healthz", responses=unavailable)
         async def healthz() -> dict[str, str]:
@@ -164,8 +172,12 @@ class WorkerRuntime:
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+            await refresh_depths(self.metrics, self.queue, [self.spec.name])
+            return exposition(self.metrics.registry)
 
+        app.add_middleware(
+            LimitsAndMetrics, metrics=self.metrics, routes=app.router.routes, max_bytes=1 << 20
+        )
         return app
 
     @asynccontextmanager
@@ -187,7 +199,8 @@ class WorkerRuntime:
         try:
             peers = QueuePeers(self.queue, self.peer_directory)
             tools = sidecar(self.settings) if needs_tools([self.spec]) else None
-            self.model = await asyncio.to_thread(load_model, self.spec, peers, tools)
+            stats = self.metrics.engine_stats(name)
+            self.model = await asyncio.to_thread(load_model, self.spec, peers, tools, stats)
         except ModelLoadError as exc:
             self._out_of_service(str(exc))
             return

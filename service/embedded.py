@@ -37,8 +37,8 @@ class EmbeddedRuntime:
         self.settings = settings
         self.registry = registry
         self.directory = ModelDirectory(registry.models.values())
-        self.queue = InProcessQueue(settings.queue_capacity)
-        self.metrics = Metrics()
+        self.metrics = Metrics("serve")
+        self.queue = InProcessQueue(settings.queue_capacity, self.metrics)
         self.cache = (
             MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
             if settings.result_cache_ttl_s > 0
@@ -80,7 +80,9 @@ class EmbeddedRuntime:
     async def _load(self, spec: ModelSpec) -> RewardModel | None:
         self.metrics.model_ready.labels(spec.name).set(0)
         try:
-            model = await asyncio.to_thread(load_model, spec, self.peers, self.toolbox)
+            model = await asyncio.to_thread(
+                load_model, spec, self.peers, self.toolbox, self.metrics.engine_stats(spec.name)
+            )
         except ModelLoadError as exc:
             reason = str(exc)
         except Exception as exc:  # never let one model take the service down

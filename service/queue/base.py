@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from service.jobs import Job
@@ -21,6 +22,39 @@ class QueueFullError(Exception):
 
 class QueueUnavailableError(Exception):
     """The queue backend cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Depth:
+    """A model's queue: `pending` jobs are held by a worker and not yet acknowledged, `lag`
+    jobs wait for a worker."""
+
+    pending: int
+    lag: int
+
+
+class QueueEvents(Protocol):
+    """What happened to jobs in a queue, for the metrics."""
+
+    def acked(self, model: str) -> None:
+        """A job's result was stored and the job acknowledged."""
+
+    def redelivered(self, model: str) -> None:
+        """A job went to a worker again (its worker stopped or failed before finishing)."""
+
+    def dead_lettered(self, model: str) -> None:
+        """A job was given up after too many deliveries."""
+
+
+class NoEvents:
+    def acked(self, model: str) -> None:
+        pass
+
+    def redelivered(self, model: str) -> None:
+        pass
+
+    def dead_lettered(self, model: str) -> None:
+        pass
 
 
 class JobQueue(Protocol):
@@ -47,6 +81,10 @@ class JobQueue(Protocol):
 
     async def release(self, jobs: Sequence[Job]) -> None:
         """Give jobs back unscored (a worker stopping or failing), so that another takes them."""
+        ...
+
+    async def depth(self, model: str) -> Depth:
+        """The model's queue now (raises QueueUnavailableError)."""
         ...
 
     async def ping(self) -> None:

@@ -7,14 +7,17 @@ from collections.abc import AsyncGenerator, Sequence
 
 from service.jobs import Job
 from service.protocol import ItemResult
-from service.queue.base import QueueFullError
+from service.queue.base import Depth, NoEvents, QueueEvents, QueueFullError
 from service.queue.inbox import Inboxes
 
 
 class InProcessQueue:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, events: QueueEvents | None = None) -> None:
         self._capacity = capacity
+        self._events = events or NoEvents()
         self._pending: dict[str, asyncio.Queue[Job]] = {}
+        self._held: dict[str, set[str]] = {}  # model -> ids of jobs a worker holds
+        self._released: set[str] = set()  # given back: their next fetch is a redelivery
         self._inboxes = Inboxes()
 
     def _queue(self, model: str) -> asyncio.Queue[Job]:
@@ -44,21 +47,33 @@ class InProcessQueue:
         jobs = [first]
         while len(jobs) < max_jobs and not queue.empty():
             jobs.append(queue.get_nowait())
+        held = self._held.setdefault(model, set())
+        for job in jobs:
+            held.add(job.id)
+            if job.id in self._released:
+                self._released.discard(job.id)
+                self._events.redelivered(model)
         return jobs
 
     async def complete(self, job: Job, result: ItemResult) -> None:
+        self._held.get(job.model, set()).discard(job.id)
         self._inboxes.deliver(job.id, result)
+        self._events.acked(job.model)
 
     async def release(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
+            self._held.get(job.model, set()).discard(job.id)
+            self._released.add(job.id)
             self._queue(job.model).put_nowait(job)
 
-    def pending(self, model: str) -> int:
-        return self._queue(model).qsize()
+    async def depth(self, model: str) -> Depth:
+        return Depth(pending=len(self._held.get(model, ())), lag=self._queue(model).qsize())
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._pending.clear()
+        self._held.clear()
+        self._released.clear()
         self._inboxes.clear()

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.jobs import Job, error_result
 from service.protocol import ItemResult
-from service.queue.base import QueueFullError, QueueUnavailableError
+from service.queue.base import Depth, NoEvents, QueueEvents, QueueFullError, QueueUnavailableError
 from service.queue.inbox import Inboxes
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,15 @@ def batch_key(batch_id: str) -> str:
 
 
 class StreamQueue:
-    def __init__(self, client: aioredis.Redis, settings: StreamSettings, name: str | None = None):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: StreamSettings,
+        name: str | None = None,
+        events: QueueEvents | None = None,
+    ) -> None:
         self._redis = client
+        self._events = events or NoEvents()
         self._settings = settings
         self.name = name or f"rmserve-{uuid.uuid4().hex[:12]}"
         self._channel = f"rmserve:replies:{self.name}"
@@ -124,11 +131,17 @@ class StreamQueue:
         return self._redis
 
     @classmethod
-    def from_url(cls, url: str, settings: StreamSettings, name: str | None = None) -> StreamQueue:
+    def from_url(
+        cls,
+        url: str,
+        settings: StreamSettings,
+        name: str | None = None,
+        events: QueueEvents | None = None,
+    ) -> StreamQueue:
         client = aioredis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=10
         )
-        return cls(client, settings, name)
+        return cls(client, settings, name, events)
 
     # -- gateway side ------------------------------------------------------------------------
 
@@ -282,6 +295,7 @@ class StreamQueue:
         jobs: list[Job] = []
         for (entry_id, fields), job, stored in zip(entries, parsed, stored_results, strict=True):
             deliveries = counts.get(entry_id, 1)
+            self._events.redelivered(model)
             if stored is not None:  # already recorded in its batch, if any
                 await self._finish(job, ItemResult.model_validate_json(stored), record=False)
             elif deliveries > self._settings.max_deliveries:
@@ -312,6 +326,7 @@ class StreamQueue:
             self._redis.xadd(dead_key(job.model), {"job": payload, "reason": reason}, maxlen=10_000)
         )
         log.error("job %s of %s dead-lettered: %s", job.id, job.model, reason)
+        self._events.dead_lettered(job.model)
         message = f"the item could not be scored: {reason}"
         await self._finish(job, error_result(job, "dead_lettered", message))
 
@@ -330,6 +345,7 @@ class StreamQueue:
             await available(pipe.execute())
         finally:  # stored, or (Redis gone) left to be reclaimed once idle: no more renewals
             self._in_flight.get(job.model, {}).pop(job.receipt or "", None)
+        self._events.acked(job.model)
 
     async def complete(self, job: Job, result: ItemResult) -> None:
         await self._finish(job, result)
@@ -379,6 +395,21 @@ class StreamQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._groups.add(model)
+
+    async def depth(self, model: str) -> Depth:
+        try:
+            groups: Any = await available(self._redis.xinfo_groups(jobs_key(model)))
+        except ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+            return Depth(pending=0, lag=0)  # no job was ever enqueued (or Redis lost its data)
+        for group in groups:
+            if as_text(group["name"]) == GROUP:
+                lag = group.get("lag")
+                if lag is None:  # Redis cannot tell (after trimming): at most the length
+                    lag = await available(self._redis.xlen(jobs_key(model)))
+                return Depth(pending=int(group["pending"]), lag=int(lag))
+        return Depth(pending=0, lag=0)
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:
         entries: Any = await available(self._redis.xrange(dead_key(model)))

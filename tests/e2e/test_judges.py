@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.generative.prompts import JudgePrompt, split_response, transcript
 from models.trajectory import Trajectory
@@ -291,3 +292,33 @@ def test_an_agentic_judge_calls_a_tool_then_answers_with_evidence(judges: httpx.
     refused = judges.post("/v1/score", json={**body, "options": {"judge": {"tools": ["code_run"]}}})
     assert refused.status_code == 422
     assert refused.json()["error"]["param"] == "options.judge.tools"
+
+
+def engine_counters(client: httpx.Client, model: str) -> dict[str, float]:
+    wanted = {
+        "rmserve_engine_prompt_tokens_total",
+        "rmserve_engine_generation_tokens_total",
+        "rmserve_engine_batch_size_sum",
+        "rmserve_engine_batch_size_count",
+    }
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name in wanted and sample.labels.get("model") == model
+    }
+
+
+def test_engine_metrics_count_the_tokens_the_responses_report(judges: httpx.Client) -> None:
+    before = engine_counters(judges, "tiny-judge-structured")
+    body = {"model": "tiny-judge-structured", "items": [item(n) for n in range(3)]}
+    results = judges.post("/v1/score", json=body).json()["results"]
+    after = engine_counters(judges, "tiny-judge-structured")
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    prompt = sum(result["usage"]["prompt_tokens"] for result in results)
+    generated = sum(result["usage"]["completion_tokens"] for result in results)
+    assert delta["rmserve_engine_prompt_tokens_total"] == prompt
+    assert delta["rmserve_engine_generation_tokens_total"] == generated
+    # Every generated token is one step's advance of its request.
+    assert delta["rmserve_engine_batch_size_sum"] == generated
+    assert 1 <= delta["rmserve_engine_batch_size_count"] <= generated

@@ -195,6 +195,25 @@ print(open("/proc/1/environ", "rb").read().split(b"\\0"))
     await assert_still_serving(runner)
 
 
+async def test_without_proc_runs_work_and_limits_hold() -> None:
+    """mount_proc=False (containers mask /proc): the code sees no /proc, runs and tests still
+    work, and the limits still stop it."""
+    runner = CodeRunner(SMALL, mount_proc=False)
+    code = "import os, subprocess, sys\nprint(os.path.exists('/proc'), 'proc' in os.listdir('/'))\n"
+    code += "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True).stdout)"
+    run = await run_program(runner, code)
+    assert run.status == "ok", run.stderr
+    assert run.stdout.splitlines() == ["False False", "b'7\\n'"]
+    tested = await runner.run(
+        "def f(x):\n    return 2 * x\n", tests=[CodeTest(code="assert f(2) == 4")]
+    )
+    assert [test.passed for test in tested.tests] == [True]
+    assert (await run_program(runner, "while True: pass")).status in ("cpu_limit", "timeout")
+    bomb = await run_program(runner, "import os\nwhile True: os.fork()")
+    assert bomb.status != "ok"
+    await assert_still_serving(runner)
+
+
 async def test_the_code_is_not_reachable_from_the_program(runner: CodeRunner) -> None:
     code = """
 import os

@@ -140,8 +140,11 @@ def test_busy_code_sandboxes_answer_429_and_hostile_code_leaves_it_serving(
             if busy.status_code == 429:
                 break
         assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        assert metric(sandbox, "rmserve_sandbox_code_runs_active") == 1  # the hog's
     finally:
         runner.join(30)
+    assert metric(sandbox, "rmserve_sandbox_code_runs_active") == 0
+    assert metric(sandbox, "rmserve_http_requests_total", route="/v1/tools/{name}", code="429") >= 1
     assert slow[0].json()["output"]["data"]["run"]["status"] in ("cpu_limit", "timeout")
     bomb = call(sandbox, "code_run", {"code": "import os\nwhile True: os.fork()"}).json()
     assert bomb["output"]["data"]["run"]["status"] != "ok"
@@ -153,3 +156,10 @@ def test_busy_code_sandboxes_answer_429_and_hostile_code_leaves_it_serving(
         == "42"
     )
     assert kills(sandbox) == before + 1  # the spin; the fork bomb fails (fork refused)
+
+
+def test_probes_and_build_info(sandbox: httpx.Client) -> None:
+    for path in ("/startupz", "/healthz", "/readyz"):
+        assert sandbox.get(path).status_code == 200, path
+    assert metric(sandbox, "rmserve_build_info", role="sandbox") == 1
+    assert metric(sandbox, "rmserve_http_requests_total", route="/healthz", code="200") >= 1

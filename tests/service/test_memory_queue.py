@@ -9,8 +9,10 @@ import pytest
 
 from models.trajectory import Trajectory
 from service.jobs import Job
+from service.metrics import Metrics
 from service.protocol import ItemResult
 from service.queue import InProcessQueue, QueueFullError
+from service.queue.base import Depth
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 
@@ -71,7 +73,7 @@ async def test_full_queue_refuses_the_whole_request() -> None:
     with pytest.raises(QueueFullError) as caught:
         await queue.enqueue(jobs("b", 2))
     assert caught.value.retry_after_s >= 1
-    assert queue.pending("m") == 4
+    assert await queue.depth("m") == Depth(pending=0, lag=4)
     await queue.enqueue(jobs("c", 1, model="other"))  # other models are unaffected
 
 
@@ -87,3 +89,23 @@ async def test_results_stop_at_the_deadline_and_late_results_are_dropped() -> No
     assert time.monotonic() - started < 2
     (late,) = await queue.fetch("m", 1, wait_s=0.1)
     await queue.complete(late, ItemResult(index=late.index, score=2.0))  # nobody waits: no error
+
+
+async def test_depth_and_job_events_follow_the_jobs() -> None:
+    metrics = Metrics("serve")
+    queue = InProcessQueue(capacity=100, events=metrics)
+    await queue.enqueue(jobs("a", 5))
+    assert await queue.depth("m") == Depth(pending=0, lag=5)
+    held = await queue.fetch("m", 3, wait_s=0.1)
+    assert await queue.depth("m") == Depth(pending=3, lag=2)
+    await queue.complete(held[0], ItemResult(index=held[0].index, score=1.0))
+    await queue.release(held[1:])  # a stopping worker gives two back
+    assert await queue.depth("m") == Depth(pending=0, lag=4)
+    again = await queue.fetch("m", 10, wait_s=0.1)
+    assert len(again) == 4
+
+    def counted(name: str) -> float:
+        sample = metrics.registry.get_sample_value(f"rmserve_jobs_{name}_total", {"model": "m"})
+        return sample or 0
+
+    assert (counted("acked"), counted("redelivered"), counted("dead_lettered")) == (1, 2, 0)

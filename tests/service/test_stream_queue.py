@@ -18,8 +18,10 @@ import pytest
 from models.trajectory import Trajectory
 from service.jobs import Job
 from service.launcher import RedisServer
+from service.metrics import Metrics
 from service.protocol import ItemResult
 from service.queue import QueueFullError, QueueUnavailableError
+from service.queue.base import Depth
 from service.queue.redis_streams import StreamQueue, StreamSettings
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
@@ -78,6 +80,36 @@ async def test_two_workers_share_a_batch_and_every_item_is_answered_once(redis_u
     await gateway.close()
 
 
+def counted(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(f"rmserve_jobs_{name}_total", {"model": "m"}) or 0
+
+
+async def test_depth_and_job_events_follow_the_jobs(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    assert await gateway.depth("m") == Depth(pending=0, lag=0)  # no stream yet
+    batch = jobs("a", 10)
+    await gateway.enqueue(batch)
+    assert await gateway.depth("m") == Depth(pending=0, lag=10)
+    first = Metrics("worker")
+    worker = StreamQueue.from_url(redis_url, FAST, name="first", events=first)
+    held = await worker.fetch("m", 4, wait_s=0.1)
+    assert await gateway.depth("m") == Depth(pending=4, lag=6)
+    for job in held[:3]:
+        await worker.complete(job, ItemResult(index=job.index, score=1.0))
+    assert await gateway.depth("m") == Depth(pending=1, lag=6)
+    assert counted(first, "acked") == 3 and counted(first, "redelivered") == 0
+    await worker.close()  # like a crash: the fourth job stays pending
+    await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
+    second = Metrics("worker")
+    async with serving(StreamQueue.from_url(redis_url, FAST, name="second", events=second)):
+        got = await gather(gateway, batch[3:])
+    assert sum(got.values()) == 7
+    assert counted(second, "acked") == 7 and counted(second, "redelivered") == 1
+    assert counted(second, "dead_lettered") == 0
+    assert await gateway.depth("m") == Depth(pending=0, lag=0)
+    await gateway.close()
+
+
 async def test_jobs_of_a_dead_consumer_are_reclaimed(redis_url: str) -> None:
     gateway = StreamQueue.from_url(redis_url, FAST)
     batch = jobs("a", 20)
@@ -107,9 +139,11 @@ async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> No
         await crashing.close()
     await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
     results = {}
-    async with serving(StreamQueue.from_url(redis_url, FAST, name="healthy")):
+    metrics = Metrics("worker")
+    async with serving(StreamQueue.from_url(redis_url, FAST, name="healthy", events=metrics)):
         async for job_id, result in gateway.results([j.id for j in batch], time.time() + 10):
             results[job_id] = result
+    assert counted(metrics, "dead_lettered") == 1 and counted(metrics, "acked") == 3
     assert set(results) == {job.id for job in batch}
     poisoned = results["a:0"]
     assert poisoned.error is not None and poisoned.error.type == "dead_lettered"

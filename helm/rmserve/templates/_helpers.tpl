@@ -31,17 +31,276 @@ helm.sh/chart: {{ include "rmserve.chart" . }}
 {{ include "rmserve.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/component: server
+{{- end }}
+
+{{/* Selector labels of one component: (list $ "gateway"). */}}
+{{- define "rmserve.componentSelector" -}}
+{{ include "rmserve.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* All labels of one component: (list $ "gateway"). */}}
+{{- define "rmserve.componentLabels" -}}
+{{ include "rmserve.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{- define "rmserve.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
-{{/* The registry file: the `models` map under a `models:` key, as models/spec.py reads it. */}}
+{{- define "rmserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- .Values.serviceAccount.name | default (include "rmserve.fullname" .) }}
+{{- else }}
+{{- .Values.serviceAccount.name | default "default" }}
+{{- end }}
+{{- end }}
+
+{{- define "rmserve.redisName" -}}
+{{- printf "%s-redis" (include "rmserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The registry file: the `models` map under a `models:` key, as models/spec.py reads it, without
+each entry's `deploy:` (Kubernetes settings, which the registry loader would reject).
+*/}}
 {{- define "rmserve.registry" -}}
-{{- if not .Values.models }}
+{{- $models := dict }}
+{{- range $name, $spec := .Values.models }}
+{{- if $spec }}
+{{- $_ := set $models $name (omit $spec "deploy") }}
+{{- end }}
+{{- end }}
+{{- if not $models }}
 {{- fail "models: the registry needs at least one model" }}
 {{- end }}
-{{- dict "models" .Values.models | toYaml }}
+{{- dict "models" $models | toYaml }}
+{{- end }}
+
+{{/*
+Deep merge of two maps, the second one winning: (list $defaults $overrides) -> YAML. Unlike
+sprig's mergeOverwrite, a false, 0 or "" in the overrides does win (replicas: 0,
+sandbox.enabled: false, gpu.count: 0). Lists are replaced, not concatenated.
+*/}}
+{{- define "rmserve.merge" -}}
+{{- $merged := deepCopy (index . 0 | default dict) }}
+{{- range $key, $value := (index . 1 | default dict) }}
+{{- $current := get $merged $key }}
+{{- if and (kindIs "map" $value) (kindIs "map" $current) }}
+{{- $_ := set $merged $key (include "rmserve.merge" (list $current $value) | fromYaml) }}
+{{- else }}
+{{- $_ := set $merged $key $value }}
+{{- end }}
+{{- end }}
+{{- toYaml $merged }}
+{{- end }}
+
+{{/*
+One entry per model of the registry, keyed by model name (YAML; read it with fromYaml):
+  name, slug (the model label), workerName (Deployment, ScaledObject), stream, weights (bool),
+  deploy (workerDefaults merged with the model's `deploy:`), gpuCount, resources, nodeSelector,
+  tolerations, keda (bool: KEDA scales this model).
+Fails when two model names map to the same Kubernetes name.
+*/}}
+{{- define "rmserve.workers" -}}
+{{- $root := . }}
+{{- $fullname := include "rmserve.fullname" . }}
+{{- $workers := dict }}
+{{- $taken := dict }}
+{{- range $name, $spec := .Values.models }}
+{{- if $spec }}
+{{- $own := $spec.deploy | default dict }}
+{{- $deploy := include "rmserve.merge" (list $root.Values.workerDefaults $own) | fromYaml }}
+{{- /* Weights run on an engine here (a GPU by default); verifiers and remote judges do not. */}}
+{{- $weights := not (not (and $spec.weights (not $spec.remote))) }}
+{{- $gpuCount := int $deploy.gpu.count }}
+{{- if and (not $weights) (not (hasKey ($own.gpu | default dict) "count")) }}
+{{- $gpuCount = 0 }}
+{{- end }}
+{{- $resources := deepCopy ($deploy.resources | default dict) }}
+{{- if and (not $weights) (not (hasKey $own "resources")) }}
+{{- $resources = deepCopy ($root.Values.workerDefaults.resourcesWithoutWeights | default dict) }}
+{{- end }}
+{{- $nodeSelector := deepCopy ($deploy.nodeSelector | default dict) }}
+{{- $tolerations := $deploy.tolerations | default list }}
+{{- if gt $gpuCount 0 }}
+{{- $limits := deepCopy ($resources.limits | default dict) }}
+{{- $_ := set $limits $deploy.gpu.resource $gpuCount }}
+{{- $_ := set $resources "limits" $limits }}
+{{- $nodeSelector = merge $nodeSelector ($deploy.gpu.nodeSelector | default dict) }}
+{{- $tolerations = concat ($deploy.gpu.tolerations | default list) $tolerations }}
+{{- end }}
+{{- $slug := $name | lower | replace "_" "-" | replace "." "-" | trunc 63 | trimSuffix "-" }}
+{{- $workerName := printf "%s-%s" $fullname $slug | trunc 63 | trimSuffix "-" }}
+{{- if hasKey $taken $workerName }}
+{{- fail (printf "models: %q and %q both become the Kubernetes name %q; rename one of them" (get $taken $workerName) $name $workerName) }}
+{{- end }}
+{{- $_ := set $taken $workerName $name }}
+{{- $keda := and $root.Values.keda.enabled (dig "enabled" true ($deploy.keda | default dict)) }}
+{{- $_ := set $workers $name (dict
+      "name" $name "slug" $slug "workerName" $workerName "stream" (printf "rmserve:jobs:%s" $name)
+      "weights" $weights "deploy" $deploy "gpuCount" $gpuCount "resources" $resources
+      "nodeSelector" $nodeSelector "tolerations" $tolerations "keda" $keda) }}
+{{- end }}
+{{- end }}
+{{- toYaml $workers }}
+{{- end }}
+
+{{/* RMSERVE_REDIS_URL: the in-chart Redis, or a key of an existing Secret; fails without either. */}}
+{{- define "rmserve.redisUrlEnv" -}}
+- name: RMSERVE_REDIS_URL
+{{- if .Values.redis.internal.enabled }}
+  value: {{ printf "redis://%s:%d/0" (include "rmserve.redisName" .) (int .Values.redis.internal.port) | quote }}
+{{- else if .Values.redis.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.key }}
+{{- else }}
+{{- fail "redis: no Redis configured. Set redis.existingSecret to a Secret whose key redis.key holds the URL (e.g. redis://:PASSWORD@redis.example:6379/0), or redis.internal.enabled=true for a single development Redis in the chart" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by the gateway and the workers: (list $ $extraEnvMap). */}}
+{{- define "rmserve.commonEnv" -}}
+{{- $root := index . 0 -}}
+- name: HOME
+  value: /home/rmserve
+{{ include "rmserve.redisUrlEnv" $root }}
+{{- with $root.Values.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.hfToken.key }}
+{{- end }}
+{{- $env := dict "RMSERVE_LOG_LEVEL" $root.Values.logLevel "RMSERVE_LOG_JSON" $root.Values.logJson }}
+{{- $env = merge (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.env | default dict)) $env }}
+{{- range $name := keys $env | sortAlpha }}
+- name: {{ $name }}
+  value: {{ get $env $name | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+startupProbe, livenessProbe and readinessProbe on /startupz, /healthz and /readyz:
+(dict "root" $ "port" "http" "startupFailureThreshold" 30).
+*/}}
+{{- define "rmserve.httpProbes" -}}
+{{- $probes := .root.Values.probes -}}
+startupProbe:
+  httpGet:
+    path: /startupz
+    port: {{ .port }}
+  {{- toYaml (merge (dict "failureThreshold" (int .startupFailureThreshold)) $probes.startup) | nindent 2 }}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: {{ .port }}
+  {{- toYaml $probes.liveness | nindent 2 }}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: {{ .port }}
+  {{- toYaml $probes.readiness | nindent 2 }}
+{{- end }}
+
+{{/*
+The tool sandbox sidecar (`rmserve sandbox`). It listens on every address of the pod, on the named
+port `sandbox`, so that the kubelet can probe it and Prometheus scrape its /metrics; its own
+pod's containers still reach it at http://127.0.0.1:PORT. The NetworkPolicy admits that port only
+from networkPolicy.sandboxMetricsFrom (workers) or not at all (gateway).
+*/}}
+{{- define "rmserve.sandboxContainer" -}}
+{{- $sandbox := .Values.sandbox }}
+{{- if has (int $sandbox.port) (list 8000 8001) }}
+{{- fail (printf "sandbox.port: %d is the gateway's (8000) or a worker's (8001) port in the same pod; pick another" (int $sandbox.port)) }}
+{{- end }}
+{{- $security := deepCopy .Values.securityContext }}
+{{- with $sandbox.seccompProfile }}
+{{- $_ := set $security "seccompProfile" . }}
+{{- end }}
+{{- with $sandbox.appArmorProfile }}
+{{- $_ := set $security "appArmorProfile" . }}
+{{- end -}}
+- name: sandbox
+  image: {{ include "rmserve.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["rmserve"]
+  args: ["sandbox", "--host", "0.0.0.0", "--port", {{ $sandbox.port | quote }}]
+  env:
+    - name: HOME
+      value: /tmp
+    - name: RMSERVE_SANDBOX_LOG_LEVEL
+      value: {{ .Values.logLevel | quote }}
+    - name: RMSERVE_SANDBOX_LOG_JSON
+      value: {{ .Values.logJson | toString | quote }}
+    - name: RMSERVE_SANDBOX_CODE_CONCURRENCY
+      value: {{ $sandbox.codeConcurrency | toString | quote }}
+    # Container runtimes mask parts of /proc, so the kernel refuses bubblewrap a fresh procfs.
+    - name: RMSERVE_SANDBOX_MOUNT_PROC
+      value: "false"
+    {{- range $name, $value := $sandbox.env }}
+    - name: {{ $name }}
+      value: {{ $value | toString | quote }}
+    {{- end }}
+  ports:
+    - name: sandbox
+      containerPort: {{ $sandbox.port }}
+      protocol: TCP
+  {{- include "rmserve.httpProbes" (dict "root" . "port" "sandbox" "startupFailureThreshold" .Values.probes.startup.failureThreshold) | nindent 2 }}
+  resources:
+    {{- toYaml $sandbox.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $security | nindent 4 }}
+  volumeMounts:
+    - name: sandbox-tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/* Pod-level settings shared by every rmserve pod. */}}
+{{- define "rmserve.podCommon" -}}
+serviceAccountName: {{ include "rmserve.serviceAccountName" . }}
+automountServiceAccountToken: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules of gateway and workers: DNS, and Redis. */}}
+{{- define "rmserve.egressDnsAndRedis" -}}
+{{- $np := .Values.networkPolicy -}}
+# DNS
+- ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+  {{- with $np.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+# Redis
+{{- if .Values.redis.internal.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "rmserve.componentSelector" (list . "redis") | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: {{ .Values.redis.internal.port }}}
+{{- else }}
+- ports:
+    {{- range $np.redisPorts }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- with $np.redisCidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+{{- end }}
 {{- end }}
