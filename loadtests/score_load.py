@@ -1,33 +1,31 @@
-"""Load generator for a running rmserve: many concurrent clients POSTing /v1/score.
+"""Closed-loop throughput of a fixed set of items: the benchmarks' load (`run_load`).
 
-    python loadtests/score_load.py --url http://127.0.0.1:8000 --model tiny-rm \
+    python -m loadtests.score_load --url http://127.0.0.1:8000 --model tiny-rm \
         --items examples/trajectories.jsonl --concurrency 32 --batch-size 8
 
-`items` are split into requests of `batch_size` items; `concurrency` requests are kept in flight
-over one shared `httpx.AsyncClient`. Each item is sent exactly once, in order of its batch, and
-only to the given base URL, which must be a loopback address (this is a local load test, not a
-tool for loading someone else's server). A failed request (non-200, timeout, connection error)
-or an item without a score or with an error is counted, never raised.
+`items` are split into requests of `batch_size` items, sent in order by the generator's closed
+loop (`concurrency` requests in flight over one client), each item exactly once, only to a
+loopback URL. A failed request (non-200, timeout, connection error) or an item without a score is
+counted, never raised. For load at an offered rate, with scenarios and a report, see
+`python -m loadtests`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
-import json
 import math
 import sys
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
+from loadtests.generator import TIMEOUT_MARGIN_S, Request, Run, closed_loop
+from loadtests.loopback import require_loopback
+from loadtests.stats import percentile
+from loadtests.workload import read_items
 
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+__all__ = ["LoadResult", "percentile", "read_items", "require_loopback", "run_load"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class LoadResult:
     seconds: float  # wall time from the first request sent to the last response received
     items_per_s: float  # scored items (items - errors) per second of wall time
     requests: int
-    failed_requests: int  # non-200 responses, timeouts, connection errors
+    failed_requests: int  # non-200 responses, timeouts, connection errors, unsent
     latency_p50_s: float  # per request, send to response (failed requests included)
     latency_p95_s: float
     latency_p99_s: float
@@ -45,6 +43,36 @@ class LoadResult:
     scores: list[float | None] = field(repr=False)
     # Up to a few distinct error descriptions, to say what went wrong.
     error_samples: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, run: Run, items: int, batch_size: int) -> LoadResult:
+        """`run` sent the requests of `items` split by `batch_size`, in order."""
+        scores: list[float | None] = [None] * items
+        for n, record in enumerate(run.records):  # a closed loop records in plan order
+            scores[n * batch_size : n * batch_size + record.items] = record.scores
+        scored = sum(score is not None for score in scores)
+        latencies = [record.latency_s for record in run.records]
+        samples: list[str] = []
+        for record in run.records:
+            status = f"HTTP {record.status}" if isinstance(record.status, int) else record.status
+            sample = f"{status}: {record.error}" if record.error else None
+            if sample is not None and sample not in samples and len(samples) < 5:
+                samples.append(sample)
+        if run.unsent:
+            samples.append(f"{run.unsent} request(s) not sent within the time limit")
+        return cls(
+            items=items,
+            errors=items - scored,
+            seconds=run.seconds,
+            items_per_s=scored / run.seconds if run.seconds > 0 else 0.0,
+            requests=run.planned,
+            failed_requests=sum(not record.ok for record in run.records) + run.unsent,
+            latency_p50_s=percentile(latencies, 50),
+            latency_p95_s=percentile(latencies, 95),
+            latency_p99_s=percentile(latencies, 99),
+            scores=scores,
+            error_samples=samples,
+        )
 
     def summary(self) -> str:
         lines = [
@@ -57,73 +85,6 @@ class LoadResult:
         ]
         lines += [f"error        {sample}" for sample in self.error_samples]
         return "\n".join(lines)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def require_loopback(base_url: str) -> None:
-    """Raise ValueError unless `base_url` is an http(s) URL on a loopback address."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or ""
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValueError(f"{base_url!r} is not an http(s) URL")
-    if host.lower() in _LOOPBACK_NAMES:
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"{base_url!r} is not a loopback address; this load test is local only")
-
-
-class _Tally:
-    def __init__(self, items: int) -> None:
-        self.scores: list[float | None] = [None] * items
-        self.errors = 0
-        self.failed_requests = 0
-        self.latencies: list[float] = []
-        self.samples: list[str] = []
-
-    def note(self, message: str) -> None:
-        if len(self.samples) < 5 and message not in self.samples:
-            self.samples.append(message)
-
-    def fail_request(self, size: int, message: str) -> None:
-        self.failed_requests += 1
-        self.errors += size
-        self.note(message)
-
-    def take_response(self, start: int, size: int, body: Any) -> None:
-        results = body.get("results") if isinstance(body, dict) else None
-        if not isinstance(results, list):
-            self.fail_request(size, "response has no 'results' list")
-            return
-        seen: set[int] = set()
-        for result in results:
-            index = result.get("index") if isinstance(result, dict) else None
-            if not isinstance(index, int) or not 0 <= index < size or index in seen:
-                self.note(f"result with a bad or repeated index: {str(result)[:200]}")
-                continue
-            seen.add(index)
-            error, score = result.get("error"), result.get("score")
-            if error is not None:
-                self.note(f"item error: {error}")
-            elif not isinstance(score, int | float) or isinstance(score, bool):
-                self.note(f"item without a score: {str(result)[:200]}")
-            else:
-                self.scores[start + index] = float(score)
-        if len(seen) < size:
-            self.note(f"{size - len(seen)} item(s) missing from a response")
-        self.errors += sum(self.scores[start + i] is None for i in range(size))
 
 
 async def run_load(
@@ -140,67 +101,20 @@ async def run_load(
     require_loopback(base_url)
     if concurrency < 1 or batch_size < 1 or timeout_s <= 0:
         raise ValueError("concurrency and batch_size must be >= 1 and timeout_s > 0")
-    url = base_url.rstrip("/") + "/v1/score"
-    starts = list(range(0, len(items), batch_size))
-    next_batch = iter(starts)  # shared by the clients: each batch is taken exactly once
-    tally = _Tally(len(items))
-
-    async def client(http: httpx.AsyncClient) -> None:
-        for start in next_batch:
-            batch = items[start : start + batch_size]
-            sent = time.perf_counter()
-            try:
-                response = await http.post(url, json={"model": model, "items": batch})
-            except httpx.HTTPError as exc:
-                tally.latencies.append(time.perf_counter() - sent)
-                tally.fail_request(len(batch), f"{type(exc).__name__}: {exc}")
-                continue
-            tally.latencies.append(time.perf_counter() - sent)
-            if response.status_code != 200:
-                tally.fail_request(
-                    len(batch), f"HTTP {response.status_code}: {response.text[:300]}"
-                )
-                continue
-            try:
-                body = response.json()
-            except ValueError:
-                tally.fail_request(len(batch), "response body is not JSON")
-                continue
-            tally.take_response(start, len(batch), body)
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as http:
-        began = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(min(concurrency, len(starts)))))
-        seconds = time.perf_counter() - began
-
-    scored = len(items) - tally.errors
-    return LoadResult(
-        items=len(items),
-        errors=tally.errors,
-        seconds=seconds,
-        items_per_s=scored / seconds if seconds > 0 else 0.0,
-        requests=len(starts),
-        failed_requests=tally.failed_requests,
-        latency_p50_s=percentile(tally.latencies, 50),
-        latency_p95_s=percentile(tally.latencies, 95),
-        latency_p99_s=percentile(tally.latencies, 99),
-        scores=tally.scores,
-        error_samples=tally.samples,
+    plan = [
+        Request(0.0, model, items[start : start + batch_size])
+        for start in range(0, len(items), batch_size)
+    ]
+    # Bounded all the same: every round of requests taking the whole timeout.
+    rounds = math.ceil(len(plan) / concurrency)
+    run = await closed_loop(
+        base_url,
+        plan,
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        max_duration_s=max(1, rounds) * (timeout_s + TIMEOUT_MARGIN_S) + 1,
     )
-
-
-def read_items(path: Path) -> list[dict[str, Any]]:
-    """Trajectories from a JSON-lines file, one object per non-empty line."""
-    items: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        if not isinstance(item, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object")
-        items.append(item)
-    return items
+    return LoadResult.of(run, len(items), batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,25 @@ def check_count(urls: Sequence[str], max_images: int) -> None:
         )
 
 
+class ImageTooLarge(ValueError):
+    """Pillow's own decompression-bomb guard refused the image header."""
+
+
+def image_size(payload: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header, without decoding its pixels; ValueError
+    when it is not an image Pillow reads (ImageTooLarge past Pillow's bomb guard)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)) as opened:
+            width, height = opened.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from None
+    return int(width), int(height)
+
+
 def decode_image(url: str, max_pixels: int, number: int = 1) -> JudgeImage:
     """Decode one data: URL into an RGB image; ItemError when it is not a readable image or
     has more than `max_pixels` pixels (checked from the header, before decoding)."""

@@ -1,6 +1,7 @@
 """Trajectories in the OpenAI chat format: the items a client asks rmserve to score.
 
-Content is a string or a list of parts (`text`, `image_url` with a `data:` URL). Assistant
+Content is a string or a list of parts (`text`, `image_url` with a `data:` URL, or an http(s)
+URL the gateway fetches if it is on its allowlist). Assistant
 messages may carry `tool_calls`; tool messages answer them by `tool_call_id`. Unknown roles,
 wrong content types and malformed data URLs fail validation with the offending field named.
 """
@@ -12,6 +13,7 @@ import binascii
 import json
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,7 +41,13 @@ class ImageURL(_Wire):
 
     @field_validator("url")
     @classmethod
-    def _must_be_data_url(cls, url: str) -> str:
+    def _data_or_web_url(cls, url: str) -> str:
+        """A well-formed data: URL, or an http(s) URL that the gateway fetches only when it
+        is on its allowlist (service/limits.py) and refuses otherwise."""
+        if url.startswith(("https://", "http://")):
+            if not urlsplit(url).hostname:
+                raise ValueError("the image URL has no host")
+            return url
         decode_data_url(url)
         return url
 

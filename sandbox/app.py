@@ -45,7 +45,7 @@ def create_sandbox_app(settings: SandboxSettings, toolbox: LocalToolbox | None =
     )
     install_error_handlers(app)
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (404, 413, 422, 429, 503)
+        code: {"model": ErrorBody} for code in (400, 404, 413, 422, 429, 503)
     }
 
     @app.get("/v1/tools", response_model=ToolList)

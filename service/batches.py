@@ -4,7 +4,8 @@ Two stores behind one interface. Embedded mode keeps batches in the process. Dis
 keeps each batch in a Redis stream (`rmserve:batch:<id>`: a header entry, then one entry per
 result, appended by the worker that scored it), so any gateway answers for any batch and a
 batch survives the gateway that accepted it. Results are kept for `ttl_s` after the batch is
-done (Redis: after its deadline, when it is done at the latest).
+done (Redis: after its deadline, when it is done at the latest). A batch belongs to the API key
+that started it (`owner`, its name): to any other it does not exist (404).
 """
 
 from __future__ import annotations
@@ -28,17 +29,30 @@ from service.scoring import ScoringService, Submission
 
 
 class BatchStore(Protocol):
-    async def start(self, request: ScoreRequest) -> BatchStatus:
+    async def start(self, request: ScoreRequest, owner: str | None = None) -> BatchStatus:
         """Check and enqueue the batch (ApiError before any work), return its id."""
         ...
 
-    async def status(self, batch_id: str) -> BatchStatus:
-        """Progress and the results so far, in item order; NotFound when unknown/expired."""
+    async def status(self, batch_id: str, owner: str | None = None) -> BatchStatus:
+        """Progress and the results so far, in item order; NotFound when unknown/expired (or
+        another owner's)."""
         ...
 
-    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
+    async def follow(self, batch_id: str, owner: str | None = None) -> AsyncIterator[ItemResult]:
         """NotFound at once when unknown; else every result: those in, then each as it ends."""
         ...
+
+
+async def wait_done(store: BatchStore, batch_id: str, owner: str | None) -> None:
+    """Return once the batch is done (its items hold their key's quota until then); the store
+    being unreachable for a while does not end the wait."""
+    while True:
+        try:
+            async for _ in await store.follow(batch_id, owner):
+                pass
+            return
+        except Unavailable:
+            await asyncio.sleep(1.0)
 
 
 def new_batch_id() -> str:
@@ -57,6 +71,7 @@ class Batch:
     id: str
     model: str
     total: int
+    owner: str | None = None
     results: list[ItemResult] = field(default_factory=list)
     finished_at: float | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -78,12 +93,12 @@ class MemoryBatchStore:
         self._batches: dict[str, Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, request: ScoreRequest) -> BatchStatus:
+    async def start(self, request: ScoreRequest, owner: str | None = None) -> BatchStatus:
         self._expire()
         batch_id = new_batch_id()
         jobs = self._scoring.prepare(request, self._limit, batch=batch_id)
         submission = await self._scoring.enqueue(jobs)
-        batch = Batch(id=batch_id, model=request.model, total=len(jobs))
+        batch = Batch(id=batch_id, model=request.model, total=len(jobs), owner=owner)
         self._batches[batch.id] = batch
         task = asyncio.create_task(self._collect(batch, submission))
         self._tasks.add(task)
@@ -101,18 +116,18 @@ class MemoryBatchStore:
                 batch.finished_at = time.monotonic()
                 batch.changed.notify_all()
 
-    def _get(self, batch_id: str) -> Batch:
+    def _get(self, batch_id: str, owner: str | None) -> Batch:
         self._expire()
         batch = self._batches.get(batch_id)
-        if batch is None:
+        if batch is None or batch.owner != owner:
             raise _not_found(batch_id)
         return batch
 
-    async def status(self, batch_id: str) -> BatchStatus:
-        return self._get(batch_id).status(with_results=True)
+    async def status(self, batch_id: str, owner: str | None = None) -> BatchStatus:
+        return self._get(batch_id, owner).status(with_results=True)
 
-    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
-        return self._follow(self._get(batch_id))
+    async def follow(self, batch_id: str, owner: str | None = None) -> AsyncIterator[ItemResult]:
+        return self._follow(self._get(batch_id, owner))
 
     async def _follow(self, batch: Batch) -> AsyncIterator[ItemResult]:
         sent = 0
@@ -154,10 +169,12 @@ class _Record:
     last_entry: str = "0-0"
 
     @classmethod
-    def parse(cls, batch_id: str, entries: list[Any]) -> _Record:
+    def parse(cls, batch_id: str, entries: list[Any], owner: str | None) -> _Record:
         if not entries or b"header" not in entries[0][1]:
             raise _not_found(batch_id)
         header = json.loads(entries[0][1][b"header"])
+        if header.get("owner") != owner:
+            raise _not_found(batch_id)
         record = cls(batch_id, header["model"], header["ids"], header["deadline"])
         record.last_entry = as_text(entries[0][0])
         record.add(entries[1:])
@@ -215,11 +232,16 @@ class RedisBatchStore:
     ) -> None:
         self._redis, self._scoring, self._limit, self._ttl_s = client, scoring, limit, ttl_s
 
-    async def start(self, request: ScoreRequest) -> BatchStatus:
+    async def start(self, request: ScoreRequest, owner: str | None = None) -> BatchStatus:
         batch_id = new_batch_id()
         jobs = self._scoring.prepare(request, self._limit, batch=batch_id)
         key, deadline = batch_key(batch_id), jobs[0].deadline
-        header = {"model": request.model, "deadline": deadline, "ids": [j.item.id for j in jobs]}
+        header = {
+            "model": request.model,
+            "deadline": deadline,
+            "ids": [j.item.id for j in jobs],
+            "owner": owner,
+        }
         pipe = self._redis.pipeline(transaction=True)
         pipe.xadd(key, {"header": json.dumps(header)})
         pipe.expire(key, math.ceil(deadline - time.time() + self._ttl_s))
@@ -242,11 +264,11 @@ class RedisBatchStore:
             finished=len(submission.cached),
         )
 
-    async def status(self, batch_id: str) -> BatchStatus:
-        return (await self._read(batch_id)).status()
+    async def status(self, batch_id: str, owner: str | None = None) -> BatchStatus:
+        return (await self._read(batch_id, owner)).status()
 
-    async def follow(self, batch_id: str) -> AsyncIterator[ItemResult]:
-        return self._follow(await self._read(batch_id))
+    async def follow(self, batch_id: str, owner: str | None = None) -> AsyncIterator[ItemResult]:
+        return self._follow(await self._read(batch_id, owner))
 
     async def _follow(self, record: _Record) -> AsyncIterator[ItemResult]:
         for result in list(record.results.values()):
@@ -263,9 +285,9 @@ class RedisBatchStore:
         for result in record.timed_out():
             yield result
 
-    async def _read(self, batch_id: str) -> _Record:
+    async def _read(self, batch_id: str, owner: str | None) -> _Record:
         entries: Any = await self._call(self._redis.xrange(batch_key(batch_id)))
-        return _Record.parse(batch_id, entries)
+        return _Record.parse(batch_id, entries, owner)
 
     @staticmethod
     async def _call(call: Any) -> Any:

@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("registry", type=Path)
 
+    key = commands.add_parser(
+        "api-key",
+        help="make an API key: print the key once and its entry for the keys file "
+        "(RMSERVE_API_KEYS_FILE)",
+    )
+    key.add_argument("name", help="the key's name, shown in logs and errors (never the key)")
+    key.add_argument("--models", help="comma-separated models it may use (default: every model)")
+    key.add_argument("--requests-per-s", type=float, help="rate limit (token bucket)")
+    key.add_argument("--burst", type=int, help="requests at once (default: the rate)")
+    key.add_argument("--max-concurrent-items", type=int, help="items in flight at once")
+
     tiny = commands.add_parser(
         "make-tiny-models", help="write tiny random reward models (for trying rmserve offline)"
     )
@@ -112,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "sandbox":
         return _run_sandbox(args)
+    if args.command == "api-key":
+        return _api_key(args)
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -180,6 +193,35 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+def _api_key(args: argparse.Namespace) -> int:
+    """A fresh key, printed once, and its keys-file entry (its SHA-256, never the key)."""
+    import yaml
+
+    from service.auth import KeyEntry, hash_key, new_key
+
+    key = new_key()
+    fields: dict[str, Any] = {"name": args.name, "sha256": hash_key(key)}
+    if args.models is not None:
+        fields["models"] = [model.strip() for model in args.models.split(",") if model.strip()]
+    for name in ("requests_per_s", "burst", "max_concurrent_items"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    try:
+        entry = KeyEntry.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    dumped = entry.model_dump(exclude_none=True)
+    ordered = {name: dumped[name] for name in ("name", "sha256", "models") if name in dumped}
+    text = yaml.safe_dump([ordered | dumped], sort_keys=False)
+    print(f"API key {entry.name!r} (shown only now and stored nowhere: hand it to its user):")
+    print(f"\n{key}\n")
+    print("Its entry for the keys file (RMSERVE_API_KEYS_FILE), to add to its `keys:` list:")
+    print(f"\n{text}", end="")
     return 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -21,6 +23,21 @@ class Settings(BaseSettings):
     # Request limits: beyond them a request is refused with 413, before any work is done.
     max_items_per_request: int = Field(default=1024, ge=1)
     max_request_bytes: int = Field(default=64 << 20, ge=1024)
+    # Per item (413 naming the item beyond them): messages (with candidates'), characters of
+    # text, images, an image's encoded bytes and decoded pixels (read from its header).
+    max_messages_per_item: int = Field(default=1024, ge=1)
+    max_chars_per_item: int = Field(default=4_000_000, ge=1)
+    max_images_per_item: int = Field(default=16, ge=0)
+    max_image_bytes: int = Field(default=20 << 20, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Images are data: URLs. An http(s) image URL starting with one of these prefixes (comma-
+    # separated in the env var, e.g. https://images.example.com/) is fetched by the gateway;
+    # any other URL is refused. Empty: no server-side fetches at all.
+    image_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Overload: requests handled at once, and bytes of request bodies held at once, by one
+    # gateway process; beyond either it answers 429 at once instead of queueing.
+    max_concurrent_requests: int = Field(default=512, ge=1)
+    max_inflight_bytes: int = Field(default=1 << 30, ge=1024)
     # How long the gateway waits for an item's result when the request names no timeout_s.
     default_timeout_s: float = Field(default=600.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
@@ -37,8 +54,12 @@ class Settings(BaseSettings):
     # below Kubernetes' terminationGracePeriodSeconds.
     drain_grace_s: float = Field(default=30.0, ge=0)
 
-    # When set, /v1/* requires `Authorization: Bearer <key>` (comma-separated in the env var).
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # API keys (SHA-256 digests), the models and quotas of each: a YAML file (service/auth.py).
+    # When set, /v1/* and /get_reward need `Authorization: Bearer <key>`; unset: open (local use).
+    api_keys_file: FilePath | None = None
+    # A request holds its key's concurrent-items quota by a lease, renewed while it lives; a
+    # gateway that dies stops renewing, and its leases stop counting after this long.
+    quota_lease_ttl_s: float = Field(default=30.0, gt=0)
 
     # Result cache: seconds a result is kept (0: off) and, in embedded mode, how many.
     result_cache_ttl_s: float = Field(default=0.0, ge=0)
@@ -63,12 +84,33 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys_file")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _valid_keys_file(cls, path: Path | None) -> Path | None:
+        if path is not None:  # imported here: the client CLI needs no server modules
+            from service.auth import load_keys
+
+            load_keys(path)  # KeysFileError (a ValueError) names the entry and field
+        return path
+
+    @field_validator("image_url_allowlist", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [prefix.strip() for prefix in value.split(",") if prefix.strip()]
         return value
+
+    @field_validator("image_url_allowlist")
+    @classmethod
+    def _whole_hosts(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.path:
+                raise ValueError(
+                    f"{prefix!r}: give scheme, host and a path, e.g. https://images.example.com/ "
+                    "(without the path, https://images.example.com.evil.org would match too)"
+                )
+        return prefixes
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -77,6 +119,9 @@ class Settings(BaseSettings):
                 f"default_timeout_s ({self.default_timeout_s}) exceeds max_timeout_s "
                 f"({self.max_timeout_s})"
             )
-        if any(len(key) < 16 for key in self.api_keys):
-            raise ValueError("api_keys must be at least 16 characters each")
+        if "RMSERVE_API_KEYS" in os.environ:  # ignored otherwise: the gateway would be open
+            raise ValueError(
+                "RMSERVE_API_KEYS is no longer read: keys are stored hashed in a keys file, "
+                "RMSERVE_API_KEYS_FILE (`rmserve api-key NAME` prints an entry)"
+            )
         return self

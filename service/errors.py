@@ -41,6 +41,10 @@ class Unauthorized(ApiError):
     status, type = 401, "unauthorized"
 
 
+class Forbidden(ApiError):
+    status, type = 403, "forbidden"
+
+
 class NotFound(ApiError):
     status, type = 404, "not_found"
 
@@ -55,6 +59,14 @@ class UnprocessableEntity(ApiError):
 
 class QueueFull(ApiError):
     status, type = 429, "overloaded"
+
+
+class RateLimited(ApiError):
+    status, type = 429, "rate_limited"
+
+
+class TooManyItemsInFlight(ApiError):
+    status, type = 429, "too_many_items_in_flight"
 
 
 class Unavailable(ApiError):

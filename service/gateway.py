@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
 from sandbox.protocol import Toolbox
-from service.auth import api_key_check
-from service.batches import BatchStore, MemoryBatchStore
+from service.auth import ApiKey, Authenticator, Caller
+from service.batches import BatchStore, MemoryBatchStore, wait_done
 from service.cache import ResultCache
 from service.config import Settings
 from service.directory import ModelDirectory
 from service.errors import Unavailable, install_error_handlers
-from service.graders import Graders, RunRequest, ValidateRequest
+from service.graders import Graders, RunRequest, ValidateRequest, grader_models
 from service.http import LimitsAndMetrics, exposition
 from service.metrics import Metrics, refresh_depths
 from service.openrlhf import add_openrlhf_route
 from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueUnavailableError
+from service.quotas import Lease, LeasedStream, Quotas, quotas_for
 from service.scoring import ScoringService
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)
 }
 
 
@@ -46,36 +48,45 @@ def create_app(
     """The gateway's routes. `batches` makes the async batch store (default: in the process);
     `wait_for_models`: /readyz fails while a model loads (embedded mode) or only when the
     queue is unreachable (a distributed gateway serves whichever models have workers)."""
+    # Quotas live where the queue lives: in its Redis (shared by all gateways) or the process.
+    quotas = quotas_for(queue, metrics, settings.quota_lease_ttl_s, settings.max_timeout_s + 60)
     app = FastAPI(
         title="rmserve",
         summary="Reward-model inference: score agent trajectories with reward models on vLLM.",
         version="0.1.0",
-        lifespan=lifespan,
+        lifespan=_closing(lifespan, quotas),
     )
     install_error_handlers(app)
     scoring = ScoringService(settings, queue, directory, metrics, cache)
-    authenticated = [Depends(api_key_check(settings.api_keys))]
+    auth = Authenticator.from_file(settings.api_keys_file, directory.names(), metrics)
+    app.state.authenticator = auth  # service.auth.Caller: the request's key
+
+    async def admit(key: ApiKey, models: Sequence[str], items: int) -> Lease:
+        auth.authorize(key, models)
+        return await quotas.admit(key.name, key.quota, items)
 
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
         responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
         tags=["scoring"],
-        dependencies=authenticated,
     )
-    async def score(request: ScoreRequest) -> Response | ScoreResponse:
+    async def score(request: ScoreRequest, key: Caller) -> Response | ScoreResponse:
         """Score trajectories with one model. An item that cannot be scored gets an `error`;
         the other items of the batch are still scored. With `options.stream`, results come as
         NDJSON lines as each item finishes."""
+        lease = await admit(key, [request.model], len(request.items))
         if not request.options.stream:
-            return await scoring.score(request)
-        submission = await scoring.submit(request)  # errors are still proper 4xx/5xx here
+            async with lease:
+                return await scoring.score(request)
+        # Errors are still proper 4xx/5xx here; the lease ends with the streamed response.
+        submission = await lease.released_on_error(scoring.submit(request))
 
         async def lines() -> AsyncIterator[bytes]:
             async for result in scoring.stream(submission):
                 yield result.model_dump_json().encode() + b"\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return LeasedStream(lines(), lease, media_type="application/x-ndjson")
 
     store = (
         batches(scoring)
@@ -83,31 +94,31 @@ def create_app(
         else MemoryBatchStore(scoring, settings.max_items_per_batch, settings.batch_result_ttl_s)
     )
 
-    @app.post(
-        "/v1/jobs", status_code=202, responses=_ERRORS, tags=["jobs"], dependencies=authenticated
-    )
-    async def submit_batch(request: ScoreRequest, response: Response) -> BatchStatus:
+    @app.post("/v1/jobs", status_code=202, responses=_ERRORS, tags=["jobs"])
+    async def submit_batch(request: ScoreRequest, response: Response, key: Caller) -> BatchStatus:
         """Score a big batch in the background: answers 202 with the batch id at once. Poll
         GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/stream; results are kept for
-        batch_result_ttl_s after the batch is done."""
-        status = await store.start(request)
+        batch_result_ttl_s after the batch is done. Only the API key that started a batch
+        sees it."""
+        lease = await admit(key, [request.model], len(request.items))
+        status = await lease.released_on_error(store.start(request, owner=key.name))
+        quotas.release_when(lease, lambda: wait_done(store, status.id, key.name))
         response.headers["Location"] = f"/v1/jobs/{status.id}"
         return status
 
-    @app.get("/v1/jobs/{batch_id}", responses=_ERRORS, tags=["jobs"], dependencies=authenticated)
-    async def batch_status(batch_id: str) -> BatchStatus:
+    @app.get("/v1/jobs/{batch_id}", responses=_ERRORS, tags=["jobs"])
+    async def batch_status(batch_id: str, key: Caller) -> BatchStatus:
         """Progress of a batch and the results finished so far (in item order)."""
-        return await store.status(batch_id)
+        return await store.status(batch_id, owner=key.name)
 
     @app.get(
         "/v1/jobs/{batch_id}/stream",
         responses={**_ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
         tags=["jobs"],
-        dependencies=authenticated,
     )
-    async def batch_stream(batch_id: str) -> StreamingResponse:
+    async def batch_stream(batch_id: str, key: Caller) -> StreamingResponse:
         """All results of a batch as NDJSON: those finished already, then each as it finishes."""
-        results = await store.follow(batch_id)
+        results = await store.follow(batch_id, owner=key.name)
 
         async def lines() -> AsyncIterator[bytes]:
             async for result in results:
@@ -115,35 +126,39 @@ def create_app(
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    add_openrlhf_route(app, scoring, settings, authenticated)
+    add_openrlhf_route(app, scoring, settings, admit)
     graders = Graders(scoring, directory, toolbox)
 
     @app.post(
         "/v1/fine_tuning/alpha/graders/run",
         responses=_ERRORS,
         tags=["compatibility"],
-        dependencies=authenticated,
     )
-    async def run_grader(request: RunRequest) -> dict[str, Any]:
+    async def run_grader(request: RunRequest, key: Caller) -> dict[str, Any]:
         """OpenAI graders: grade `model_sample` (and `item`) with a grader; the response has
         `reward`, `metadata` (with `errors` flags), `sub_rewards`."""
-        return await graders.run(request)
+        models = grader_models(request.grader)
+        auth.authorize(key, models, param="grader.model")
+        # Model graders score one item at a time.
+        async with await quotas.admit(key.name, key.quota, min(1, len(models))):
+            return await graders.run(request)
 
     @app.post(
         "/v1/fine_tuning/alpha/graders/validate",
         responses=_ERRORS,
         tags=["compatibility"],
-        dependencies=authenticated,
     )
-    async def validate_grader(request: ValidateRequest) -> dict[str, Any]:
+    async def validate_grader(request: ValidateRequest, key: Caller) -> dict[str, Any]:
         """OpenAI graders: check a grader (422 naming the field when it is invalid)."""
+        auth.authorize(key, grader_models(request.grader), param="grader.model")
         graders.check(request.grader)
         return {"grader": request.grader.model_dump(exclude_none=True)}
 
-    @app.get("/v1/models", tags=["models"], dependencies=authenticated)
-    async def models() -> ModelList:
-        """Every model in the registry, with its status and, when unavailable, the reason."""
-        return ModelList(data=directory.infos())
+    @app.get("/v1/models", tags=["models"])
+    async def models(key: Caller) -> ModelList:
+        """Every model in the registry the API key may use, with its status and, when
+        unavailable, the reason."""
+        return ModelList(data=[info for info in directory.infos() if key.may_use(info.name)])
 
     @app.get("/startupz", responses={503: {"model": ErrorBody}}, tags=["health"])
     async def startupz() -> dict[str, str]:
@@ -188,5 +203,22 @@ def create_app(
         metrics=metrics,
         routes=app.router.routes,
         max_bytes=settings.max_request_bytes,
+        max_concurrent=settings.max_concurrent_requests,
+        max_inflight_bytes=settings.max_inflight_bytes,
     )
     return app
+
+
+def _closing(lifespan: Lifespan | None, quotas: Quotas) -> Lifespan:
+    """The runtime's lifespan, with the quota leases released at shutdown (before the runtime
+    closes the queue, whose Redis holds them in distributed mode)."""
+
+    @contextlib.asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app) if lifespan is not None else contextlib.nullcontext():
+            try:
+                yield
+            finally:
+                await quotas.close()
+
+    return run

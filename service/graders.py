@@ -141,6 +141,12 @@ Grader = Annotated[
 ]
 
 
+def grader_models(grader: Grader) -> list[str]:
+    """The registry models a grader scores with (its score_model and label_model graders)."""
+    graders = grader.subgraders().values() if isinstance(grader, Multi) else [grader]
+    return [sub.model for sub in graders if isinstance(sub, ScoreModel | LabelModel)]
+
+
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -33,17 +33,33 @@ def route_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
     return partial or "other"
 
 
-class LimitsAndMetrics:
-    """Refuses bodies over the size limit (413) and counts requests by route and status.
+# Never shed: probes must answer under overload (or the orchestrator restarts a busy server),
+# and so must the scraper.
+UNSHED = frozenset({"/startupz", "/healthz", "/readyz", "/metrics"})
 
-    The limit holds for chunked bodies too: they are counted as they arrive. Pure ASGI (no
+
+class LimitsAndMetrics:
+    """Refuses bodies over the size limit (413), sheds load (429) beyond `max_concurrent`
+    requests or `max_inflight_bytes` of request bodies held at once, and counts requests by
+    route and status.
+
+    The size limits hold for chunked bodies too: they are counted as they arrive. Pure ASGI (no
     BaseHTTPMiddleware) to keep the per-request overhead small.
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: HttpMetrics, routes: Sequence[BaseRoute], max_bytes: int
+        self,
+        app: ASGIApp,
+        metrics: HttpMetrics,
+        routes: Sequence[BaseRoute],
+        max_bytes: int,
+        max_concurrent: int | None = None,
+        max_inflight_bytes: int | None = None,
     ) -> None:
         self.app, self.metrics, self.routes, self.max_bytes = app, metrics, routes, max_bytes
+        self.max_concurrent, self.max_inflight_bytes = max_concurrent, max_inflight_bytes
+        self.active = 0  # requests being handled
+        self.inflight_bytes = 0  # bytes of their bodies, reserved or received
 
     def _too_large(self, size: int, exact: bool) -> JSONResponse:
         what = f"{size} bytes" if exact else f"more than {self.max_bytes} bytes"
@@ -53,40 +69,84 @@ class LimitsAndMetrics:
             f"request body of {what} exceeds the limit of {self.max_bytes}",
         )
 
+    @staticmethod
+    def _overloaded(reason: str) -> JSONResponse:
+        response = error_response(429, "overloaded", f"the server is at capacity ({reason})")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    def _shed(self, length: int) -> str | None:
+        """Why a new request is refused now, if it is."""
+        if self.max_concurrent is not None and self.active >= self.max_concurrent:
+            return f"{self.active} requests in progress"
+        if (
+            self.max_inflight_bytes is not None
+            and self.inflight_bytes + length > self.max_inflight_bytes
+        ):
+            return f"{self.inflight_bytes} bytes of requests in progress"
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         route = route_of(self.routes, scope)
-        started, status, received, too_large = time.perf_counter(), 500, 0, False
+        started, status, received, refusal = time.perf_counter(), 500, 0, ""
+        header = dict(scope["headers"]).get(b"content-length", b"")
+        length = int(header) if header.isdigit() else None
+        reserved = length or 0
 
         async def receive_counted() -> Message:
-            nonlocal received, too_large
+            nonlocal received, refusal, reserved
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if received > reserved:  # chunked: hold what arrives
+                    self.inflight_bytes += received - reserved
+                    reserved = received
                 if received > self.max_bytes:
-                    too_large = True
-                    raise ValueError("request body too large")
+                    refusal = "too_large"
+                elif self.max_inflight_bytes and self.inflight_bytes > self.max_inflight_bytes:
+                    refusal = "overloaded"
+                if refusal:
+                    raise ValueError("request body refused")
             return message
 
         async def send_counted(message: Message) -> None:
             nonlocal status
-            if too_large:  # the app saw the body fail; answer 413 instead of what it says
+            if refusal:  # the app saw the body fail; answer the refusal instead
                 if message["type"] == "http.response.start":
-                    status = 413
-                    await self._too_large(received, exact=False)(scope, receive, send)
+                    status = 413 if refusal == "too_large" else 429
+                    answer = (
+                        self._too_large(received, exact=False)
+                        if refusal == "too_large"
+                        else self._overloaded(f"{self.inflight_bytes} bytes of requests")
+                    )
+                    await answer(scope, receive, send)
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
+        if length is not None and length > self.max_bytes:
+            too_large: str | None = "too_large"
+            shed = None
+        else:
+            too_large, shed = None, None if route in UNSHED else self._shed(reserved)
+        admitted = too_large is None and shed is None
+        if admitted:
+            self.active += 1
+            self.inflight_bytes += reserved
         try:
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await self._too_large(int(length), exact=True)(scope, receive, send_counted)
-                return
-            await self.app(scope, receive_counted, send_counted)
+            if too_large is not None and length is not None:
+                await self._too_large(length, exact=True)(scope, receive, send_counted)
+            elif shed is not None:
+                await self._overloaded(shed)(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive_counted, send_counted)
         finally:
+            if admitted:
+                self.active -= 1
+                self.inflight_bytes -= reserved
             self.metrics.http_requests.labels(route, str(status)).inc()
             self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)

@@ -94,6 +94,25 @@ class Metrics(HttpMetrics):
             ["model"],
             registry=self.registry,
         )
+        # By reason or limit, never by key (unbounded); the gateway's log names the key.
+        self.auth_failures = Counter(
+            "rmserve_auth_failures",
+            "requests refused by API-key checks: unauthorized (no, malformed or unknown key), "
+            "forbidden (a model the key may not use)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.quota_rejections = Counter(
+            "rmserve_quota_rejections",
+            "requests refused by a per-key quota: rate (requests per second), concurrency "
+            "(items in flight)",
+            ["limit"],
+            registry=self.registry,
+        )
+        for reason in ("unauthorized", "forbidden"):
+            self.auth_failures.labels(reason)
+        for limit in ("rate", "concurrency"):
+            self.quota_rejections.labels(limit)
 
     def _per_model(self, kind: type[Counter] | type[Gauge], name: str, text: str) -> Any:
         return kind(name, text, ["model"], registry=self.registry)

@@ -19,9 +19,10 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.auth import Admit, Caller
 from service.config import Settings
 from service.errors import Unavailable, UnprocessableEntity
-from service.protocol import ScoreRequest
+from service.protocol import ErrorBody, ScoreRequest
 from service.scoring import ScoringService
 
 _SERVER_SIDE = {"timeout", "unavailable", "dead_lettered", "internal_error", "peer_unavailable"}
@@ -50,15 +51,18 @@ class RewardResponse(BaseModel):
 
 
 def add_openrlhf_route(
-    app: FastAPI, scoring: ScoringService, settings: Settings, authenticated: list[Any]
+    app: FastAPI, scoring: ScoringService, settings: Settings, admit: Admit
 ) -> None:
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)
+    }
+
     @app.post(
-        "/get_reward",
-        response_model=RewardResponse,
-        tags=["compatibility"],
-        dependencies=authenticated,
+        "/get_reward", response_model=RewardResponse, responses=errors, tags=["compatibility"]
     )
-    async def get_reward(request: RewardRequest, model: str | None = None) -> RewardResponse:
+    async def get_reward(
+        request: RewardRequest, key: Caller, model: str | None = None
+    ) -> RewardResponse:
         """OpenRLHF remote reward model (`--remote_rm_url`)."""
         name = model or settings.openrlhf_model
         if not name:
@@ -71,7 +75,10 @@ def add_openrlhf_route(
             _item(query, prompt, label)
             for query, prompt, label in zip(request.query, prompts, labels, strict=True)
         ]
-        scored = await scoring.score(ScoreRequest.model_validate({"model": name, "items": items}))
+        async with await admit(key, [name], len(items)):
+            scored = await scoring.score(
+                ScoreRequest.model_validate({"model": name, "items": items})
+            )
         failed = [result for result in scored.results if result.error is not None]
         if failed:
             problems = "; ".join(

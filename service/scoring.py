@@ -20,6 +20,7 @@ from service.errors import (
     UnprocessableEntity,
 )
 from service.jobs import Job, error_result
+from service.limits import ItemLimits, check_items, inline_images
 from service.metrics import Metrics
 from service.protocol import ItemResult, ScoreRequest, ScoreResponse
 from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
@@ -47,6 +48,14 @@ class ScoringService:
         self._directory = directory
         self._metrics = metrics
         self._cache = cache
+        self._item_limits = ItemLimits(
+            max_messages=settings.max_messages_per_item,
+            max_chars=settings.max_chars_per_item,
+            max_images=settings.max_images_per_item,
+            max_image_pixels=settings.max_image_pixels,
+            max_image_bytes=settings.max_image_bytes,
+            url_allowlist=tuple(settings.image_url_allowlist),
+        )
 
     def check_model(self, request: ScoreRequest) -> None:
         name = request.model
@@ -124,6 +133,7 @@ class ScoringService:
             raise PayloadTooLarge(
                 f"{len(request.items)} items in one request; the limit is {limit}", param="items"
             )
+        check_items(request.items, self._item_limits)
         now = time.time()
         timeout = min(
             request.options.timeout_s or self._settings.default_timeout_s,
@@ -153,6 +163,12 @@ class ScoringService:
     async def enqueue(self, jobs: list[Job]) -> Submission:
         """Answer what the cache knows, enqueue the rest (all or none)."""
         model = jobs[0].model
+        items = await inline_images([job.item for job in jobs], self._item_limits)
+        for job, item in zip(jobs, items, strict=True):
+            if item is not job.item:  # its images were fetched: key the cache on their bytes
+                job.item = item
+                if job.cache_key is not None:
+                    job.cache_key = cache_key(self._directory.spec(model), job)
         try:
             jobs, cached = await self._from_cache(jobs)
             await self._queue.enqueue(jobs)

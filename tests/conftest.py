@@ -59,7 +59,8 @@ def server(
         # SIGTERM drains the workers and shuts the engines down within the grace period (no
         # SIGKILL); uvicorn then re-raises the signal, so the exit status is -SIGTERM.
         assert running.stop(grace_s=60) in (0, -signal.SIGTERM), running.log_tail()
-        assert "Application shutdown complete" in running.log_tail(5), running.log_tail()
+        # (Python's resource tracker may warn about engine leftovers after the last line.)
+        assert "Application shutdown complete" in running.log_tail(40), running.log_tail()
 
 
 @pytest.fixture(scope="session")

@@ -109,6 +109,7 @@ gateway:
 """,
     ),
     "gvisor": ("workerDefaults: {runtimeClassName: gvisor}",),
+    "auth off": ("gateway: {auth: {enabled: false}}",),
     "everything": (
         EXTRA_VALUES,
         """
@@ -116,7 +117,7 @@ keda: {enabled: true, redis: {existingSecret: keda-redis, usernameKey: redis-use
 serviceMonitor: {enabled: true}
 hfToken: {existingSecret: hf}
 gateway:
-  apiKeys: {existingSecret: rm-api-keys}
+  auth: {existingSecret: rm-api-keys, key: keys}
   sandbox: {enabled: true}
   autoscaling: {enabled: false}
   podDisruptionBudget: {maxUnavailable: 25%}
@@ -589,7 +590,51 @@ def test_gateway_sandbox_for_python_graders(chart: helm.Chart) -> None:
     assert [c["name"] for c in pod(deployment)["containers"]] == ["gateway", "sandbox"]
     main = env(container(deployment, "gateway"))
     assert main["RMSERVE_SANDBOX_URL"] == "http://127.0.0.1:8002"
-    assert main["RMSERVE_API_KEYS"] == {"secretKeyRef": {"name": "rm-api-keys", "key": "api-keys"}}
+    assert main["RMSERVE_API_KEYS_FILE"] == "/etc/rmserve-auth/keys.yaml"
+
+
+def keys_file_source(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The Secret volume the gateway's RMSERVE_API_KEYS_FILE is in, checked to be mounted
+    read-only at the variable's directory, with the file named as the variable says."""
+    main = container(deployment, "gateway")
+    path = Path(env(main)["RMSERVE_API_KEYS_FILE"])
+    (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod(deployment)["volumes"] if v["name"] == mount["name"]]
+    (item,) = volume["secret"]["items"]
+    assert item["path"] == path.name
+    return {"secretName": volume["secret"]["secretName"], "key": item["key"]}
+
+
+def test_api_keys_are_on_by_default_from_a_mounted_secret(chart: helm.Chart) -> None:
+    assert keys_file_source(gateway(rendered(chart, "defaults"))) == {
+        "secretName": "rmserve-api-keys",
+        "key": "keys.yaml",
+    }
+    assert keys_file_source(gateway(rendered(chart, "everything"))) == {
+        "secretName": "rm-api-keys",
+        "key": "keys",
+    }
+    notes = render_raw(chart)["rmserve/templates/NOTES.txt"]
+    assert "API keys are on" in notes and "rmserve api-key" in notes
+    assert "--from-file=keys.yaml=keys.yaml" in notes
+    # Workers take jobs from Redis and serve no API: no keys there.
+    manifests = rendered(chart, "everything")
+    for deployment in manifests["Deployment"]:
+        if deployment is not gateway(manifests):
+            assert not any("RMSERVE_API_KEYS_FILE" in env(c) for c in pod(deployment)["containers"])
+            assert "api-keys" not in {v["name"] for v in pod(deployment)["volumes"]}
+
+
+def test_api_keys_are_off_only_when_disabled(chart: helm.Chart) -> None:
+    deployment = gateway(rendered(chart, "auth off"))
+    assert "RMSERVE_API_KEYS_FILE" not in env(container(deployment, "gateway"))
+    assert not [v for v in pod(deployment)["volumes"] if "secret" in v]
+    notes = render_raw(chart, values(*VALUE_SETS["auth off"]))["rmserve/templates/NOTES.txt"]
+    assert "WARNING: API keys are off" in notes
+    assert "API keys are off" not in render_raw(chart)["rmserve/templates/NOTES.txt"]
+    with pytest.raises(helm.HelmRenderError, match=r"gateway\.auth\.existingSecret is empty"):
+        render(chart, values("gateway: {auth: {existingSecret: ''}}"))
 
 
 # -- probes ------------------------------------------------------------------------------------
@@ -1102,6 +1147,8 @@ def test_service_monitors_label_targets_like_compose(chart: helm.Chart) -> None:
         ("modles: {}", "modles"),
         ("models: {skywork-rm: null}", "minProperties"),
         ("sandbox: {seccompProfile: {type: Unconfned}}", "/sandbox/seccompProfile/type"),
+        ("gateway: {auth: {enabled: 'no'}}", "/gateway/auth/enabled"),
+        ("gateway: {apiKeys: {existingSecret: keys}}", "apiKeys"),
     ],
 )
 def test_schema_rejects_bad_values(chart: helm.Chart, bad_values: str, message: str) -> None:

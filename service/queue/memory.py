@@ -26,8 +26,10 @@ class InProcessQueue:
     async def enqueue(self, jobs: Sequence[Job]) -> None:
         if not jobs:
             return
-        queue = self._queue(jobs[0].model)
-        if queue.qsize() + len(jobs) > self._capacity:
+        model = jobs[0].model
+        queue = self._queue(model)
+        # The backlog is what is not finished: waiting, and held by a worker (as in Redis).
+        if queue.qsize() + len(self._held.get(model, ())) + len(jobs) > self._capacity:
             raise QueueFullError(jobs[0].model, retry_after_s=1)
         self._inboxes.open([job.id for job in jobs])
         for job in jobs:

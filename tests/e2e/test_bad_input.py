@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import MAX_BYTES, MAX_ITEMS
 
 OK_ITEM = {
     "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 }
-PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
+
+
+def _png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PNG = _png()
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:

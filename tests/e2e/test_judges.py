@@ -248,25 +248,23 @@ def test_vision_limits_are_per_item_errors(judges: httpx.Client) -> None:
     items = [
         pictured(square, square, square),
         pictured(image_url(1200, 1000)),
-        pictured(image_url(0, 0, payload=b"GIF89a but not really")),
         pictured(square, text="look at <image> here"),
         pictured(square),
     ]
     body = {"model": "tiny-vision-judge", "items": items}
     results = judges.post("/v1/score", json=body).json()["results"]
     errors = [r["error"]["type"] if r["error"] else None for r in results]
-    assert errors == [
-        "too_many_images",
-        "image_too_large",
-        "invalid_image",
-        "unsupported_content",
-        None,
-    ], results
+    assert errors == ["too_many_images", "image_too_large", "unsupported_content", None], results
     assert "3 images; the limit is 2" in results[0]["error"]["message"]
     assert "1200x1000" in results[1]["error"]["message"]
     text_only = {"model": "tiny-judge-structured", "items": [pictured(square)]}
     (refused,) = judges.post("/v1/score", json=text_only).json()["results"]
     assert refused["error"]["type"] == "unsupported_content"
+    # An image that is no image never reaches a model: the gateway refuses the request.
+    garbage = {**body, "items": [pictured(image_url(0, 0, payload=b"GIF89a but not really"))]}
+    answer = judges.post("/v1/score", json=garbage)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"].endswith("image_url.url")
 
 
 def test_an_agentic_judge_calls_a_tool_then_answers_with_evidence(judges: httpx.Client) -> None:

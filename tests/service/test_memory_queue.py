@@ -75,6 +75,9 @@ async def test_full_queue_refuses_the_whole_request() -> None:
     assert caught.value.retry_after_s >= 1
     assert await queue.depth("m") == Depth(pending=0, lag=4)
     await queue.enqueue(jobs("c", 1, model="other"))  # other models are unaffected
+    await queue.fetch("m", 4, wait_s=0.1)  # held by a worker, still not finished
+    with pytest.raises(QueueFullError):
+        await queue.enqueue(jobs("d", 2))
 
 
 async def test_results_stop_at_the_deadline_and_late_results_are_dropped() -> None:

@@ -48,6 +48,45 @@ def test_division_by_zero_is_an_error_not_infinity() -> None:
         Formula("a / b").evaluate({"a": 1, "b": 0})
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("min()", "min() takes at least 1 argument, not 0"),
+        ("clip(rm)", "clip() takes 3 arguments, not 1"),
+        ("abs(rm, rm)", "abs() takes 1 argument, not 2"),
+        ("-" * 200 + "rm", "nested too deeply (over 100)"),
+        ("-" * 100_000 + "rm", "nested too deeply"),  # the parser's stack overflows
+        ("rm" + " + rm" * 100_000, "nested too deeply"),
+    ],
+)
+def test_wrong_arity_and_deep_nesting_are_refused_when_parsed(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=None) as caught:
+        Formula(text)
+    assert says in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "values", "says"),
+    [
+        ("9 ** 9 ** 9", {}, "math range error"),  # floats: at once, not minutes of big integers
+        ("rm ** 0.5", {"rm": -4.0}, "math domain error"),  # complex
+        ("0 ** -1", {}, "math domain error"),
+        ("rm * 10 ** 300 * 10 ** 300", {"rm": 1.0}, "not finite"),
+    ],
+)
+def test_results_that_are_not_finite_real_numbers_are_errors(
+    text: str, values: dict[str, float], says: str
+) -> None:
+    with pytest.raises(ValueError, match=None) as caught:
+        Formula(text).evaluate(values)
+    assert says in str(caught.value)
+
+
+def test_min_and_max_take_one_or_more_arguments() -> None:
+    assert Formula("min(rm)").evaluate({"rm": 0.5}) == 0.5
+    assert Formula("max(a, b, 3)").evaluate({"a": 1, "b": 2}) == 3.0
+
+
 def registry(tmp_path: Path, composite: str) -> Path:
     path = tmp_path / "registry.yaml"
     path.write_text(
