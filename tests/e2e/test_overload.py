@@ -22,8 +22,8 @@ from tests.distributed.conftest import items
 
 pytestmark = pytest.mark.engine
 
-ITEMS_PER_REQUEST = 8
-QUEUE_CAPACITY = 64  # items not finished, per model: the backlog that bounds admitted latency
+ITEMS_PER_REQUEST = 16  # fewer, larger requests: the client shares the 2 cores with the server
+QUEUE_CAPACITY = 128  # items not finished, per model: the backlog that bounds admitted latency
 LOAD_S = 15.0
 
 
@@ -67,16 +67,23 @@ async def capacity(url: str, seconds: float = 6.0) -> float:
         return done / (time.monotonic() - started)
 
 
-async def open_loop(url: str, rate: float, seconds: float) -> list[tuple[int, float]]:
+async def open_loop(url: str, rate: float, seconds: float) -> list[tuple[int | str, float]]:
     """Send at `rate` requests/s for `seconds`, whatever the answers; (status, latency) each."""
-    outcomes: list[tuple[int, float]] = []
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    outcomes: list[tuple[int | str, float]] = []
+    # A connection per request: a pool's idle keep-alive connection can be closed by the server
+    # just as the client reuses it (a client-side race real clients retry), which would hide
+    # whether the server itself ever drops a request. Here any transport error is a failure.
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def one(n: int) -> None:
             started = time.monotonic()
-            response = await client.post("/v1/score", json=body(n))
-            outcomes.append((response.status_code, time.monotonic() - started))
+            try:
+                response = await client.post("/v1/score", json=body(n))
+            except httpx.TransportError as exc:
+                outcomes.append((type(exc).__name__, time.monotonic() - started))
+            else:
+                outcomes.append((response.status_code, time.monotonic() - started))
 
         tasks, start = [], time.monotonic()
         for n in range(int(rate * seconds)):
@@ -95,7 +102,7 @@ def test_twice_the_capacity_is_shed_with_429_and_admitted_latency_stays_bounded(
     peak_rss = baseline_rss
     sampling = True
 
-    async def run() -> list[tuple[int, float]]:
+    async def run() -> list[tuple[int | str, float]]:
         async def sample() -> None:
             nonlocal peak_rss
             while sampling:
@@ -115,9 +122,13 @@ def test_twice_the_capacity_is_shed_with_429_and_admitted_latency_stays_bounded(
     admitted = sorted(latency for status, latency in outcomes if status == 200)
     p99 = statistics.quantiles(admitted, n=100)[98] if len(admitted) > 1 else admitted[0]
     # What the bounded backlog allows: a full queue drained at the measured rate, plus one
-    # request's own time, with room for the client's and the machine's noise.
+    # request's own time, with room for the client's and the machine's noise (the client runs
+    # on the same cores). Without shedding, at twice the capacity the wait grows with the run:
+    # the last requests would wait about LOAD_S / 2, so LOAD_S / 6 still tells the two apart
+    # when the capacity is high and the computed bound small.
     service_s = 1 / measured * 4  # 4 clients kept the server busy while measuring
-    bound_s = 3 * (QUEUE_CAPACITY / ITEMS_PER_REQUEST / measured + service_s) + 2
+    backlog_s = QUEUE_CAPACITY / ITEMS_PER_REQUEST / measured
+    bound_s = max(3 * (backlog_s + service_s) + 2, LOAD_S / 6)
     print(
         f"capacity {measured:.1f} req/s; offered {2 * measured:.1f} req/s for {LOAD_S:.0f} s: "
         f"{dict(statuses)}; admitted p50 {statistics.median(admitted):.3f} s, p99 {p99:.3f} s "
