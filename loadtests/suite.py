@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,39 @@ async def warm_up(
     )
 
 
+@dataclass(frozen=True)
+class _Timing:
+    """When a run began, and the machine's load then; `report` adds the end."""
+
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    began: float = field(default_factory=time.monotonic)
+    load_before: tuple[float, float, float] = field(default_factory=load_average)
+
+    def report(
+        self,
+        base_url: str,
+        config: LoadConfig,
+        server: str,
+        models: list[dict[str, Any]],
+        results: list[ScenarioResult],
+        startup_s: float | None = None,
+    ) -> Report:
+        return Report(
+            title=f"rmserve load test, {self.started:%Y-%m-%d}",
+            started=self.started.isoformat(timespec="seconds"),
+            machine=this_machine(),
+            base_url=base_url,
+            config=config,
+            server=server,
+            models=models,
+            results=results,
+            seconds=time.monotonic() - self.began,
+            startup_s=startup_s,
+            load_before=self.load_before,
+            load_after=load_average(),
+        )
+
+
 def run_suite(
     registry: Path,
     config: LoadConfig,
@@ -113,9 +147,7 @@ def run_suite(
     progress: Progress = _stderr,
 ) -> Report:
     """Start `rmserve serve` with `registry`, run the scenarios against it, stop it."""
-    started = datetime.now(UTC)
-    began = time.monotonic()
-    load_before = load_average()
+    timing = _Timing()
     with tiny_models(registry) as tiny, tempfile.TemporaryDirectory(prefix="loadtests-") as work:
         env = {TINY_MODELS_VAR: tiny} if tiny is not None else {}
         progress(f"starting rmserve serve --registry {registry}")
@@ -129,20 +161,8 @@ def run_suite(
             builder = ScenarioBuilder(config, workload, kinds)
             results = asyncio.run(drive(server.base_url, names, builder, progress))
             base_url = server.base_url
-    return Report(
-        title=f"rmserve load test, {started:%Y-%m-%d}",
-        started=started.isoformat(timespec="seconds"),
-        machine=this_machine(),
-        base_url=base_url,
-        config=config,
-        server=_server_description(registry),
-        models=models,
-        results=results,
-        seconds=time.monotonic() - began,
-        startup_s=startup_s,
-        load_before=load_before,
-        load_after=load_average(),
-    )
+    described = _server_description(registry)
+    return timing.report(base_url, config, described, models, results, startup_s)
 
 
 def run_against(
@@ -153,28 +173,13 @@ def run_against(
     progress: Progress = _stderr,
 ) -> Report:
     """Run the scenarios against a server that is already running at `base_url`."""
-    started = datetime.now(UTC)
-    began = time.monotonic()
-    load_before = load_average()
+    timing = _Timing()
     models = model_list(base_url)
     kinds = {m["name"]: m["kind"] for m in models}
     results = asyncio.run(
         drive(base_url, names, ScenarioBuilder(config, workload, kinds), progress)
     )
-    return Report(
-        title=f"rmserve load test, {started:%Y-%m-%d}",
-        started=started.isoformat(timespec="seconds"),
-        machine=this_machine(),
-        base_url=base_url,
-        config=config,
-        server="a running server (started elsewhere)",
-        models=models,
-        results=results,
-        seconds=time.monotonic() - began,
-        startup_s=None,
-        load_before=load_before,
-        load_after=load_average(),
-    )
+    return timing.report(base_url, config, "a running server (started elsewhere)", models, results)
 
 
 def _server_description(registry: Path) -> str:

@@ -1029,6 +1029,14 @@ class CodeRunner:
         return self._launcher.mode
 
     @property
+    def slot_uids(self) -> range:
+        """The uids its sandboxes run under (as root; empty otherwise)."""
+        if self._launcher.mode != "bwrap-root":
+            return range(0)
+        base = self._launcher.uid_base
+        return range(base, base + self.max_concurrency)
+
+    @property
     def in_flight(self) -> int:
         """Sandboxes running now."""
         return self._in_flight

@@ -40,7 +40,7 @@ from service.protocol import ErrorBody
 from service.queue.base import QueueUnavailableError
 from service.queue.redis_streams import StreamQueue, StreamSettings
 from service.toolboxes import gateway_toolbox, needs_tools, sidecar
-from service.worker import Worker
+from service.worker import Worker, worker_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,8 @@ class WorkerRuntime:
             log.exception("loading %s failed unexpectedly", name)
             self._out_of_service(f"unexpected error while loading: {type(exc).__name__}: {exc}")
             return
-        self.worker = Worker(
-            self.model, self.queue, self.metrics, self.settings.worker_concurrency, self.cache
-        )
+        concurrency = worker_concurrency(self.spec, self.settings.worker_concurrency)
+        self.worker = Worker(self.model, self.queue, self.metrics, concurrency, self.cache)
         self.announcer.set("ready")
         self.metrics.model_ready.labels(name).set(1)
         log.info("worker %s serves %s", self.name, name)

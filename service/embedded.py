@@ -27,7 +27,7 @@ from service.metrics import Metrics
 from service.peers import QueuePeers
 from service.queue import InProcessQueue
 from service.toolboxes import embedded_toolbox
-from service.worker import Worker
+from service.worker import Worker, worker_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EmbeddedRuntime:
         for spec in self.registry.models.values():
             model = await self._load(spec)
             if model is not None:
-                self._start_worker(model)
+                self._start_worker(spec, model)
 
     async def _load(self, spec: ModelSpec) -> RewardModel | None:
         self.metrics.model_ready.labels(spec.name).set(0)
@@ -97,10 +97,9 @@ class EmbeddedRuntime:
         log.warning("model %s is unavailable: %s", spec.name, reason)
         return None
 
-    def _start_worker(self, model: RewardModel) -> None:
-        worker = Worker(
-            model, self.queue, self.metrics, self.settings.worker_concurrency, self.cache
-        )
+    def _start_worker(self, spec: ModelSpec, model: RewardModel) -> None:
+        concurrency = worker_concurrency(spec, self.settings.worker_concurrency)
+        worker = Worker(model, self.queue, self.metrics, concurrency, self.cache)
         self._workers[model.name] = worker
         self._supervisors.append(asyncio.create_task(self._supervise(worker)))
 

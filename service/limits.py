@@ -86,7 +86,6 @@ def check_items(items: Sequence[Trajectory], limits: ItemLimits) -> None:
 async def inline_images(items: list[Trajectory], limits: ItemLimits) -> list[Trajectory]:
     """The items with every (allowlisted, already checked) http(s) image URL replaced by the
     data: URL of what it serves."""
-    fetched: dict[str, str] = {}
     remote = [
         image
         for index, item in enumerate(items)

@@ -15,6 +15,7 @@ import time
 from models.base import Evidence, RequestOptions, RewardModel, Sample
 from models.errors import ItemError
 from models.generative.parsing import candidate_label
+from models.spec import EngineOptions, ModelSpec
 from service.cache import ResultCache
 from service.jobs import Job, error_result
 from service.metrics import Metrics
@@ -24,6 +25,18 @@ from service.queue.base import JobQueue, QueueUnavailableError
 log = logging.getLogger(__name__)
 
 STORE_ATTEMPTS = 5
+# Jobs in flight for a model without an engine (verifiers, remote judges, composites).
+DEFAULT_CONCURRENCY = 256
+
+
+def worker_concurrency(spec: ModelSpec, setting: int | None) -> int:
+    """Jobs a worker of `spec` holds: the setting, else what its engine runs at once (vLLM's
+    max_num_seqs). More would only wait inside the engine, where no other worker can take them
+    and a deadline cannot skip them."""
+    if setting is not None:
+        return setting
+    engine = getattr(spec, "engine", None)
+    return engine.max_num_seqs if isinstance(engine, EngineOptions) else DEFAULT_CONCURRENCY
 
 
 class EngineFailure(Exception):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,29 @@ def start_server(registry: Path, workdir: Path, env: dict[str, str]) -> ServerPr
         server.stop()
         pytest.fail(str(exc))
     return server
+
+
+def start_sandbox(
+    log: Path, env: Mapping[str, str] | None = None, port: int | None = None
+) -> ServerProcess:
+    """A real `rmserve sandbox`, ready (the test fails, the process stopped, if it is not)."""
+    sandbox = ServerProcess(None, log, command="sandbox", env=env, port=port)
+    try:
+        sandbox.wait_ready(60)
+    except ServerFailed as exc:
+        sandbox.stop()
+        pytest.fail(str(exc))
+    return sandbox
+
+
+@contextlib.contextmanager
+def running_sandbox(log: Path, env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:
+    """`start_sandbox`, stopped on leaving."""
+    sandbox = start_sandbox(log, env)
+    try:
+        yield sandbox
+    finally:
+        sandbox.stop()
 
 
 @pytest.fixture(scope="session")

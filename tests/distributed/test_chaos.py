@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import ServerFailed, ServerProcess
-from tests.conftest import TESTS
+from tests.conftest import TESTS, start_sandbox
 from tests.distributed.conftest import Fleet, items, kill_tree, wait_for_workers
 
 pytestmark = pytest.mark.engine
@@ -88,21 +87,11 @@ class Load(threading.Thread):
         return outcome
 
 
-def start_sandbox(workdir: Path, port: int | None = None) -> ServerProcess:
-    sandbox = ServerProcess(None, workdir / f"sandbox-{time.monotonic_ns()}.log",
-                            command="sandbox", port=port)  # fmt: skip
-    try:
-        sandbox.wait_ready(60)
-    except ServerFailed as exc:
-        pytest.fail(str(exc))
-    return sandbox
-
-
 def test_kill_worker_kill_sandbox_restart_redis_under_load(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     fleet = Fleet(tmp_path, TESTS / "registry.verifiers.yaml")
-    sandbox = start_sandbox(tmp_path)
+    sandbox = start_sandbox(tmp_path / "sandbox.log")
     stop = threading.Event()
     clients: list[Load] = []
     try:
@@ -125,7 +114,7 @@ def test_kill_worker_kill_sandbox_restart_redis_under_load(
         kill_tree(sandbox, signal.SIGKILL)  # code runs fail explicitly until it is back
         marks["sandbox killed"] = time.monotonic()
         time.sleep(3)
-        sandbox = start_sandbox(tmp_path, port=sandbox.port)
+        sandbox = start_sandbox(tmp_path / "sandbox-restarted.log", port=sandbox.port)
         marks["sandbox back"] = time.monotonic()
         time.sleep(3)
 

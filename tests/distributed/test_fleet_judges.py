@@ -13,8 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.fleet import REFRESH_S
-from service.launcher import ServerProcess
-from tests.conftest import TESTS
+from tests.conftest import TESTS, start_sandbox
 from tests.distributed.conftest import Fleet, wait_for_workers
 
 pytestmark = pytest.mark.engine
@@ -62,9 +61,8 @@ def test_a_judge_worker_filters_with_meta_model_workers(judge_fleet: Fleet) -> N
 
 
 def test_an_agentic_judge_worker_calls_its_sandbox_sidecar(judge_fleet: Fleet) -> None:
-    sidecar = ServerProcess(None, judge_fleet.workdir / "sandbox.log", command="sandbox")
+    sidecar = start_sandbox(judge_fleet.workdir / "sandbox.log")
     try:
-        sidecar.wait_ready(60)
         gateway = judge_fleet.gateway()
         judge_fleet.workers(1, "tiny-agent-judge", RMSERVE_SANDBOX_URL=sidecar.base_url)
         item = {"messages": [{"role": "user", "content": "What is 12 * 7?"},

@@ -35,8 +35,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.launcher import ServerFailed, ServerProcess
-from tests.conftest import start_server
+from tests.conftest import running_sandbox, start_server
 
 pytestmark = pytest.mark.engine
 
@@ -171,16 +170,8 @@ def gateway_schema(gateway: str) -> schemathesis.BaseSchema:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("fuzz-sandbox") / "sandbox.log"
-    server = ServerProcess(None, log, command="sandbox", env=SANDBOX_ENV)
-    try:
-        server.wait_ready(60)
-    except ServerFailed as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    try:
+    with running_sandbox(log, SANDBOX_ENV) as server:
         yield server.base_url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,16 @@ import pytest
 
 from sandbox.client import HttpToolbox
 from sandbox.protocol import ToolCall
-from service.launcher import ServerFailed, ServerProcess, free_port
+from service.launcher import free_port
+from tests.conftest import running_sandbox
 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {"RMSERVE_SANDBOX_CODE_CONCURRENCY": "1", "RMSERVE_SANDBOX_CODE_MAX_QUEUED": "0"}
     log = tmp_path_factory.mktemp("client") / "sandbox.log"
-    server = ServerProcess(None, log, command="sandbox", env=env)
-    try:
-        server.wait_ready(60)
-    except ServerFailed as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    try:
+    with running_sandbox(log, env) as server:
         yield server.base_url
-    finally:
-        server.stop()
 
 
 async def test_results_and_failures_are_tool_results(sidecar: str) -> None:

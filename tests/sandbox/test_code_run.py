@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import secrets
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pydantic
@@ -29,19 +31,25 @@ UNAVAILABLE = CodeRunner.available()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"bubblewrap: {UNAVAILABLE}")
 
 SMALL = Limits(cpu_s=1, wall_s=5, memory_mb=256, processes=16, file_size_mb=4, output_bytes=4096)
-UID_BASE = 60000
 IS_ROOT = os.geteuid() == 0
+# As root, each runner of this file gets slot uids of its own (not the default 60000+, which other
+# runners on the machine use), so "nothing is left" concerns exactly the runner under test.
+_UID_BASES = itertools.count(61000 + 1000 * (os.getpid() % 50), 16)
+
+
+def new_runner(limits: Limits = SMALL, **options: Any) -> CodeRunner:
+    return CodeRunner(limits, sandbox_uid_base=next(_UID_BASES), **options)
 
 
 @pytest.fixture
 def runner() -> CodeRunner:
-    return CodeRunner(SMALL, max_concurrency=4, max_queued=64)
+    return new_runner(max_concurrency=4, max_queued=64)
 
 
 @pytest.fixture
 def cpu_runner() -> CodeRunner:
     """Generous wall clock: CPU seconds accrue slower than wall seconds on a busy machine."""
-    return CodeRunner(dataclasses.replace(SMALL, wall_s=30))
+    return new_runner(dataclasses.replace(SMALL, wall_s=30))
 
 
 async def run_program(runner: CodeRunner, code: str, stdin: str = "", **limits: float) -> RunResult:
@@ -66,18 +74,30 @@ def live_processes(predicate: str) -> list[psutil.Process]:
     return found
 
 
-def sandbox_uid_processes(slots: int = 4) -> list[psutil.Process]:
-    """Live host processes running under one of the runner's slot uids (root mode)."""
+def slot_uid_processes(uids: range) -> list[psutil.Process]:
+    """Live host processes (not zombies) running under one of ``uids``."""
     found = []
     for process in psutil.process_iter(["uids", "status"]):
-        uids = process.info["uids"]
-        if (
-            uids is not None
-            and UID_BASE <= uids.real < UID_BASE + slots
-            and process.info["status"] != psutil.STATUS_ZOMBIE
-        ):
+        real = process.info["uids"]
+        status = process.info["status"]
+        if real is not None and real.real in uids and status != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
+
+
+def describe(processes: list[psutil.Process]) -> str:
+    lines = []
+    for process in processes:
+        try:
+            with process.oneshot():
+                lines.append(
+                    f"pid {process.pid} ppid {process.ppid()} uid {process.uids().real} "
+                    f"{process.status()} age {time.time() - process.create_time():.1f}s "
+                    f"{process.cmdline()}"
+                )
+        except psutil.Error as exc:
+            lines.append(f"pid {process.pid}: {exc!r}")
+    return "\n".join(lines)
 
 
 def host_has(path: str) -> bool:
@@ -88,11 +108,16 @@ def host_can_fork() -> bool:
     return subprocess.run(["true"], check=False).returncode == 0
 
 
-async def assert_nothing_left(marker: str) -> None:
-    """No process with ``marker`` in its command line and none under a slot uid survives."""
-    deadline = time.monotonic() + 2
-    while live_processes(marker) or (IS_ROOT and sandbox_uid_processes()):
-        assert time.monotonic() < deadline, f"leftovers: {live_processes(marker)}"
+def leftovers(marker: str, uids: range) -> list[psutil.Process]:
+    return live_processes(marker) + slot_uid_processes(uids)
+
+
+async def assert_nothing_left(runner: CodeRunner, marker: str) -> None:
+    """No process with ``marker`` in its command line and none under the runner's slot uids
+    survives (killing is immediate; the wait is for the kernel's teardown)."""
+    deadline = time.monotonic() + 5
+    while found := leftovers(marker, runner.slot_uids):
+        assert time.monotonic() < deadline, f"left running:\n{describe(found)}"
         await asyncio.sleep(0.05)
 
 
@@ -198,7 +223,7 @@ print(open("/proc/1/environ", "rb").read().split(b"\\0"))
 async def test_without_proc_runs_work_and_limits_hold() -> None:
     """mount_proc=False (containers mask /proc): the code sees no /proc, runs and tests still
     work, and the limits still stop it."""
-    runner = CodeRunner(SMALL, mount_proc=False)
+    runner = new_runner(mount_proc=False)
     code = "import os, subprocess, sys\nprint(os.path.exists('/proc'), 'proc' in os.listdir('/'))\n"
     code += "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True).stdout)"
     run = await run_program(runner, code)
@@ -306,7 +331,7 @@ async def test_runs_under_a_slot_uid_when_root(runner: CodeRunner) -> None:
     assert run.status == "ok", run.stderr
     uid, gid, groups = run.stdout.split(" ", 2)
     if IS_ROOT:
-        assert UID_BASE <= int(uid) < UID_BASE + 4 and gid == uid
+        assert int(uid) in runner.slot_uids and gid == uid
         assert runner.mode == "bwrap-root"
     else:
         assert int(uid) == os.getuid()
@@ -355,7 +380,7 @@ while True:
         nonlocal peak
         while not done:
             if IS_ROOT:
-                peak = max(peak, len(sandbox_uid_processes()))
+                peak = max(peak, len(slot_uid_processes(runner.slot_uids)))
             await asyncio.sleep(0.05)
 
     sampler = asyncio.create_task(sample())
@@ -371,7 +396,7 @@ while True:
         # instant (exact count: test_process_limit_counts_only_this_run); scanning /proc is not
         # atomic while the bomb forks and dies, hence the slack - unbounded would be hundreds
         assert 0 < peak <= 2 * (SMALL.processes + 3)
-    await assert_nothing_left(marker)
+    await assert_nothing_left(runner, marker)
     assert host_can_fork()
     await assert_still_serving(runner)
 
@@ -390,7 +415,7 @@ print("parent exits")
 """
     run = await run_program(runner, code)
     assert (run.status, run.stdout) == ("ok", "parent exits\n")
-    await assert_nothing_left(f"sleep {marker}")
+    await assert_nothing_left(runner, f"sleep {marker}")
     await assert_still_serving(runner)
 
 
@@ -403,7 +428,7 @@ time.sleep(60)
 """
     run = await run_program(runner, code, wall_s=1)
     assert run.status == "timeout"
-    await assert_nothing_left(f"sleep {marker}")
+    await assert_nothing_left(runner, f"sleep {marker}")
     await assert_still_serving(runner)
 
 
@@ -411,11 +436,12 @@ def test_service_crash_kills_its_sandboxes() -> None:
     """SIGKILL the service mid-run: the kernel kills bwrap (parent death signal), and with it
     every process of the sandbox."""
     marker = f"{secrets.randbelow(10**6) + 10**6}.125"
+    uid_base = next(_UID_BASES)
     script = f"""
 import asyncio
 from sandbox.code_run import CodeRunner, Limits
 async def main():
-    runner = CodeRunner(Limits(wall_s=60))
+    runner = CodeRunner(Limits(wall_s=60), sandbox_uid_base={uid_base})
     await runner.run("import subprocess; subprocess.run(['sleep', '{marker}'])")
 asyncio.run(main())
 """
@@ -429,9 +455,10 @@ asyncio.run(main())
                 time.sleep(0.05)
         finally:
             service.kill()
-    deadline = time.monotonic() + 3
-    while live_processes(f"sleep {marker}") or (IS_ROOT and sandbox_uid_processes()):
-        assert time.monotonic() < deadline, live_processes(f"sleep {marker}")
+    uids = range(uid_base, uid_base + 4) if IS_ROOT else range(0)
+    deadline = time.monotonic() + 5
+    while found := leftovers(f"sleep {marker}", uids):
+        assert time.monotonic() < deadline, f"left running:\n{describe(found)}"
         time.sleep(0.05)
 
 
@@ -446,7 +473,7 @@ async def test_cancelled_run_kills_its_sandbox(runner: CodeRunner) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await assert_nothing_left(f"sleep {marker}")
+    await assert_nothing_left(runner, f"sleep {marker}")
     await assert_still_serving(runner)
 
 
@@ -523,7 +550,7 @@ async def test_request_limits_are_clamped_to_the_runners(cpu_runner: CodeRunner)
 
 
 async def test_fifty_concurrent_runs_complete_correctly() -> None:
-    runner = CodeRunner(SMALL, max_concurrency=4, max_queued=64)
+    runner = new_runner(max_concurrency=4, max_queued=64)
     peak_in_flight = 0
 
     async def watch() -> None:
@@ -542,7 +569,7 @@ async def test_fifty_concurrent_runs_complete_correctly() -> None:
 
 
 async def test_excess_requests_are_refused_busy() -> None:
-    runner = CodeRunner(SMALL, max_concurrency=1, max_queued=2)
+    runner = new_runner(max_concurrency=1, max_queued=2)
     outcomes = await asyncio.gather(
         *(run_program(runner, "import time; time.sleep(0.3)") for _ in range(6)),
         return_exceptions=True,
@@ -679,7 +706,7 @@ def test_code_test_validation() -> None:
 
 
 async def test_too_many_tests_are_refused() -> None:
-    runner = CodeRunner(SMALL, max_tests=2)
+    runner = new_runner(max_tests=2)
     with pytest.raises(ToolError) as refused:
         await runner.run("pass", tests=[CodeTest(code="")] * 3)
     assert refused.value.code == "invalid_arguments"

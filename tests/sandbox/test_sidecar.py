@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.launcher import ServerFailed, ServerProcess
+from tests.conftest import running_sandbox
 
 ENV = {
     "RMSERVE_SANDBOX_CODE_CONCURRENCY": "1",
@@ -30,17 +30,11 @@ ENV = {
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     log = tmp_path_factory.mktemp("sandbox") / "sandbox.log"
-    server = ServerProcess(None, log, command="sandbox", env=ENV)
-    try:
-        server.wait_ready(60)
-    except ServerFailed as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=60) as client:
-            yield client
-    finally:
-        server.stop()
+    with (
+        running_sandbox(log, ENV) as server,
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+    ):
+        yield client
 
 
 def call(client: httpx.Client, tool: str, arguments: dict[str, Any], **context: Any) -> Any:
