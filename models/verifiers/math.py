@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import re
+import select
 import threading
 import weakref
 from collections.abc import Callable
@@ -149,10 +150,27 @@ def _math_verify() -> Any:
     return math_verify
 
 
-def _init_worker() -> None:
+def _init_worker(service_pid: int) -> None:
+    _exit_with(service_pid)
     _math_verify()  # preloaded by the forkserver, normally: already imported
     # Timeouts and parse failures are reported in the verdict's detail, not on stderr.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _exit_with(pid: int) -> None:
+    """Exit when process `pid` (the service) ends. A worker waiting for tasks holds both ends of
+    its task pipe, so it would outlive a SIGKILLed service forever, and keep the forkserver and
+    the resource tracker alive with it."""
+    try:
+        service = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait() -> None:
+        select.select([service], [], [])  # readable once the process has ended
+        os._exit(1)
+
+    threading.Thread(target=wait, name="exit-with-service", daemon=True).start()
 
 
 def _ready() -> None:
@@ -235,7 +253,10 @@ def _current_pool() -> _Pool:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["__main__", "math_verify", __name__])
             executor = ProcessPoolExecutor(
-                MAX_WORKERS, mp_context=context, initializer=_init_worker
+                MAX_WORKERS,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
             )
             _pool = _Pool(executor, executor.submit(_ready))
         return _pool

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -203,6 +206,22 @@ async def test_async() -> None:
 def test_workers_come_from_a_forkserver() -> None:
     # Neither forked nor spawned by this process: their parent is the forkserver.
     assert call_in_pool(os.getppid, (), timeout_s=10) != os.getpid()
+
+
+def test_the_pool_ends_with_a_killed_service() -> None:
+    """SIGKILL the service: its workers exit, and the forkserver and resource tracker with them."""
+    script = "from models.verifiers.math import verify_math; print(verify_math('2', '2').correct)"
+    script += "; import time; time.sleep(60)"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-c", script]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as service:
+        assert service.stdout is not None and service.stdout.readline() == "True\n"
+        helpers = psutil.Process(service.pid).children(recursive=True)
+        assert any(helper.ppid() != service.pid for helper in helpers)  # a worker
+        service.kill()
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    assert alive == [], [helper.cmdline() for helper in alive]
 
 
 def test_math_verify_parsing_timeout_is_reported() -> None:
