@@ -48,8 +48,8 @@ class Settings(BaseSettings):
 
     # Jobs waiting per model before the gateway answers 429 (queue full).
     queue_capacity: int = Field(default=100_000, ge=1)
-    # Jobs a worker hands to its model at once (vLLM batches them continuously). Unset: what the
-    # model's engine runs at once (its max_num_seqs), or 256 for a model without an engine.
+    # Jobs a worker hands to its model at once (vLLM batches them continuously). Unset: twice
+    # what the model's engine runs at once (2 x max_num_seqs), or 512 for a model without one.
     worker_concurrency: int | None = Field(default=None, ge=1)
     # On SIGTERM, how long in-flight jobs may take to finish before the engines stop. Keep it
     # below Kubernetes' terminationGracePeriodSeconds.

@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 
 STORE_ATTEMPTS = 5
 # Jobs in flight for a model without an engine (verifiers, remote judges, composites).
-DEFAULT_CONCURRENCY = 256
+DEFAULT_CONCURRENCY = 512
 
 
 def worker_concurrency(spec: ModelSpec, setting: int | None) -> int:
-    """Jobs a worker of `spec` holds: the setting, else what its engine runs at once (vLLM's
-    max_num_seqs). More would only wait inside the engine, where no other worker can take them
-    and a deadline cannot skip them."""
+    """Jobs a worker of `spec` holds: the setting, else twice what its engine runs at once
+    (vLLM's max_num_seqs). The second half waits in the engine's own queue, so the engine never
+    idles while the worker refills it; more would only sit in one replica while another could
+    take them."""
     if setting is not None:
         return setting
     engine = getattr(spec, "engine", None)
-    return engine.max_num_seqs if isinstance(engine, EngineOptions) else DEFAULT_CONCURRENCY
+    return 2 * engine.max_num_seqs if isinstance(engine, EngineOptions) else DEFAULT_CONCURRENCY
 
 
 class EngineFailure(Exception):

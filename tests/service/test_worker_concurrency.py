@@ -1,4 +1,4 @@
-"""How many jobs a worker holds: the setting, else what the model's engine runs at once."""
+"""How many jobs a worker holds: the setting, else twice what the model's engine runs at once."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ def spec(**fields: object) -> ModelSpec:
     return SPECS.validate_python({"name": "m", **fields})
 
 
-def test_an_engine_model_holds_what_its_engine_runs_at_once() -> None:
-    assert worker_concurrency(spec(kind="discriminative", weights="/m"), None) == 256
+def test_an_engine_model_holds_twice_what_its_engine_runs_at_once() -> None:
+    assert worker_concurrency(spec(kind="discriminative", weights="/m"), None) == 512
     small = spec(kind="generative", weights="/m", engine={"max_num_seqs": 24})
-    assert worker_concurrency(small, None) == 24
+    assert worker_concurrency(small, None) == 48
 
 
 def test_a_model_without_an_engine_holds_the_default() -> None:
