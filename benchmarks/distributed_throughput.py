@@ -73,9 +73,9 @@ from benchmarks.score_throughput import (  # noqa: E402
     write_registry,
 )
 from loadtests.score_load import LoadResult, percentile, run_load  # noqa: E402
-from models.spec import EngineOptions  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.launcher import RedisServer, ServerFailed, ServerProcess  # noqa: E402
+from rmserve.models.spec import EngineOptions  # noqa: E402
+from rmserve.service.config import Settings  # noqa: E402
+from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess  # noqa: E402
 
 THROUGHPUT_TARGET = 0.85  # (c)/(a)
 ADDED_P50_TARGET_MS = 2.0  # (c) p50 - (b) p50, single-item requests
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from models.tiny import make_tiny_models
+    from rmserve.models.tiny import make_tiny_models
 
     with tempfile.TemporaryDirectory(prefix="rmserve-dist-bench-") as tmp:
         work_dir = Path(tmp)

@@ -61,8 +61,8 @@ from benchmarks.score_throughput import (  # noqa: E402
     parameter_count,
 )
 from loadtests.score_load import percentile, require_loopback  # noqa: E402
-from models.spec import EngineOptions, GenerativeOptions, Sampling  # noqa: E402
-from service.launcher import ServerFailed, ServerProcess  # noqa: E402
+from rmserve.models.spec import EngineOptions, GenerativeOptions, Sampling  # noqa: E402
+from rmserve.service.launcher import ServerFailed, ServerProcess  # noqa: E402
 
 MODEL = "tiny-lm"
 TARGET_RATIO = 0.9
@@ -120,9 +120,9 @@ def judge_prompt_ids(
 ) -> list[list[int]]:
     """Engine input ids of each item's judge prompt, rendered as GenerativeModel._pointwise and
     LocalBackend.judge render it."""
-    from models.generative.prompts import JudgePrompt, split_response, transcript
-    from models.rendering import ChatRenderer
-    from models.trajectory import Trajectory
+    from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
+    from rmserve.models.rendering import ChatRenderer
+    from rmserve.wire.trajectory import Trajectory
 
     prompt = JudgePrompt.load(options.template_name)
     renderer = ChatRenderer(tokenizer, max_model_len, "error")
@@ -148,7 +148,7 @@ def _llm_kwargs(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
     """vllm.LLM keyword arguments equal to what the service gives AsyncLLM (engine_args())."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from models.engine import engine_args
+    from rmserve.models.engine import engine_args
 
     served = engine_args(model_dir, model_dir, options, runner="generate")
     default = AsyncEngineArgs(model=str(model_dir))
@@ -167,7 +167,7 @@ def _service_scheduler_limits(model_dir: Path, options: EngineOptions) -> dict[s
     """The scheduler limits the service's engine gets (AsyncLLM, API-server usage context)."""
     from vllm.usage.usage_lib import UsageContext
 
-    from models.engine import engine_args
+    from rmserve.models.engine import engine_args
 
     served = engine_args(model_dir, model_dir, options, runner="generate")
     return _scheduler_limits(served.create_engine_config(UsageContext.OPENAI_API_SERVER))
@@ -178,7 +178,7 @@ def _sampling_params(judge: GenerativeOptions) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    from models.generative.parsing import pointwise_answer_regex
+    from rmserve.models.generative.parsing import pointwise_answer_regex
 
     low, high = judge.score_range
     regex = (
@@ -202,7 +202,7 @@ def baseline_child(spec_path: Path, out_path: Path) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from models.generative.parsing import JudgementParseError, parse_pointwise
+    from rmserve.models.generative.parsing import JudgementParseError, parse_pointwise
 
     spec = json.loads(spec_path.read_text())
     model_dir = Path(spec["model_dir"])
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from models.tiny import make_tiny_models
+    from rmserve.models.tiny import make_tiny_models
 
     with tempfile.TemporaryDirectory(prefix="rmserve-judge-bench-") as tmp:
         work = Path(tmp)

@@ -41,10 +41,10 @@ if str(REPO) not in sys.path:  # run as a script: make `models`, `service`, `loa
     sys.path.insert(0, str(REPO))
 
 from loadtests.score_load import LoadResult, run_load  # noqa: E402
-from models.rendering import template_messages  # noqa: E402
-from models.spec import EngineOptions  # noqa: E402
-from models.trajectory import Trajectory  # noqa: E402
-from service.launcher import ServerFailed, ServerProcess  # noqa: E402
+from rmserve.models.rendering import template_messages  # noqa: E402
+from rmserve.models.spec import EngineOptions  # noqa: E402
+from rmserve.service.launcher import ServerFailed, ServerProcess  # noqa: E402
+from rmserve.wire.trajectory import Trajectory  # noqa: E402
 
 MODEL = "tiny-rm"
 TARGET_RATIO = 0.9
@@ -244,7 +244,7 @@ def _llm_kwargs(model_dir: Path, options: EngineOptions) -> dict[str, Any]:
     """vllm.LLM keyword arguments equal to what the service gives AsyncLLM (engine_args())."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from models.engine import engine_args
+    from rmserve.models.engine import engine_args
 
     served = engine_args(model_dir, model_dir, options)
     default = AsyncEngineArgs(model=str(model_dir))
@@ -273,7 +273,7 @@ def _service_scheduler_limits(model_dir: Path, options: EngineOptions) -> dict[s
     vLLM defaults by usage context: LLM (LLM_CLASS) vs AsyncLLM.from_engine_args (ENGINE)."""
     from vllm.usage.usage_lib import UsageContext
 
-    from models.engine import engine_args
+    from rmserve.models.engine import engine_args
 
     served = engine_args(model_dir, model_dir, options)
     return _scheduler_limits(served.create_engine_config(UsageContext.ENGINE_CONTEXT))
@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from models.tiny import make_tiny_models
+    from rmserve.models.tiny import make_tiny_models
 
     with tempfile.TemporaryDirectory(prefix="rmserve-bench-") as tmp:
         work = Path(tmp)

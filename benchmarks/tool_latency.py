@@ -36,10 +36,10 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
-from models.trajectory import Document
-from sandbox.crop import crop
-from sandbox.search import SearchIndex
-from service.launcher import ServerProcess
+from rmserve.sandbox.crop import crop
+from rmserve.sandbox.search import SearchIndex
+from rmserve.service.launcher import ServerProcess
+from rmserve.wire.trajectory import Document
 
 PROGRAM = "import math\nprint(sum(math.isqrt(i) for i in range(20000)))"
 WORDS = [

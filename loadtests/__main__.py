@@ -26,7 +26,7 @@ from loadtests.report import Report, render_markdown, write_report
 from loadtests.scenarios import SCENARIOS, LoadConfig
 from loadtests.suite import REGISTRY, run_against, run_suite
 from loadtests.workload import EXAMPLES, Workload
-from service.launcher import ServerFailed
+from rmserve.service.launcher import ServerFailed
 
 
 def parse_mix(text: str) -> tuple[tuple[str, float], ...]:

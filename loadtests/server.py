@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 
 TINY_MODELS_VAR = "RMSERVE_TINY_MODELS"
 # The suite's server: no result cache (repeated items would be answered from it), quiet vLLM.
@@ -32,7 +32,7 @@ def tiny_models(registry: Path) -> Iterator[str | None]:
     elif os.environ.get(TINY_MODELS_VAR):
         yield os.environ[TINY_MODELS_VAR]
     else:
-        from models.tiny import make_tiny_models  # imports torch: only when needed
+        from rmserve.models.tiny import make_tiny_models  # imports torch: only when needed
 
         with tempfile.TemporaryDirectory(prefix="rmserve-tiny-") as out:
             make_tiny_models(Path(out))

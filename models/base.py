@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from models.errors import ItemError
-from models.spec import Aggregate
-from models.trajectory import Trajectory, has_images
+from rmserve.models.spec import Aggregate
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory, has_images
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Evidence:
     sample: int
     turn: int
     arguments: dict[str, Any] | str
-    result: Any  # sandbox.protocol.ToolResult
+    result: Any  # rmserve.wire.tools.ToolResult
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from models.base import RequestOptions, Reward, require_text_only
-from models.engine import PoolingEngine
-from models.rendering import ChatRenderer, template_messages
-from models.spec import DiscriminativeSpec
-from models.trajectory import Trajectory
+from rmserve.models.base import RequestOptions, Reward, require_text_only
+from rmserve.models.engine import PoolingEngine
+from rmserve.models.rendering import ChatRenderer, template_messages
+from rmserve.models.spec import DiscriminativeSpec
+from rmserve.wire.trajectory import Trajectory
 
 
 class DiscriminativeModel:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from models.errors import ItemError, ModelLoadError
-from models.spec import EngineOptions
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.spec import EngineOptions
+from rmserve.wire.errors import ItemError
 
 PoolingTask = Literal["classify", "token_classify"]
 

@@ -8,23 +8,23 @@ from typing import Any
 
 import psutil
 
-from models.base import PeerScorer, RewardModel
-from models.discriminative import DiscriminativeModel
-from models.engine import (
+from rmserve.models.base import PeerScorer, RewardModel
+from rmserve.models.discriminative import DiscriminativeModel
+from rmserve.models.engine import (
     SEED_ON_CPU,
     EngineStats,
     VllmGenerateEngine,
     VllmPoolingEngine,
     cpu_platform,
 )
-from models.errors import ModelLoadError
-from models.generative.backends import LocalBackend
-from models.generative.judge import GenerativeModel
-from models.generative.prompts import JudgePrompt
-from models.generative.remote import RemoteBackend
-from models.process import ProcessModel, step_tag_id
-from models.rendering import ChatRenderer
-from models.spec import (
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.generative.backends import LocalBackend
+from rmserve.models.generative.judge import GenerativeModel
+from rmserve.models.generative.prompts import JudgePrompt
+from rmserve.models.generative.remote import RemoteBackend
+from rmserve.models.process import ProcessModel, step_tag_id
+from rmserve.models.rendering import ChatRenderer
+from rmserve.models.spec import (
     CodeTestsSpec,
     DiscriminativeSpec,
     FormatSpec,
@@ -36,8 +36,8 @@ from models.spec import (
     SimilaritySpec,
     VerifierSpec,
 )
-from models.weights import resolve_weights
-from sandbox.protocol import Toolbox
+from rmserve.models.weights import resolve_weights
+from rmserve.wire.tools import Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _load_verifier(
     spec: VerifierSpec, peers: PeerScorer | None, toolbox: Toolbox | None
 ) -> RewardModel:
     """Rule-based kinds: nothing to download or start, only their options to check."""
-    from models.verifiers import rewards
+    from rmserve.models.verifiers import rewards
 
     if isinstance(spec, MathSpec):
         return rewards.MathVerifier(spec)

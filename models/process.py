@@ -15,12 +15,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from models.base import RequestOptions, Reward, require_text_only
-from models.engine import PoolingEngine
-from models.errors import ItemError, ModelLoadError
-from models.rendering import ChatRenderer, template_messages
-from models.spec import Aggregate, ProcessOptions, ProcessSpec
-from models.trajectory import Trajectory
+from rmserve.models.base import RequestOptions, Reward, require_text_only
+from rmserve.models.engine import PoolingEngine
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.rendering import ChatRenderer, template_messages
+from rmserve.models.spec import Aggregate, ProcessOptions, ProcessSpec
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory
 
 AGGREGATES: dict[Aggregate, Callable[[Sequence[float]], float]] = {
     "min": min,

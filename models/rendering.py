@@ -8,9 +8,10 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from models.errors import ItemError, ModelLoadError
-from models.spec import TooLongPolicy
-from models.trajectory import AssistantMessage, Message, SystemMessage, ToolMessage, text_of
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.spec import TooLongPolicy
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import AssistantMessage, Message, SystemMessage, ToolMessage, text_of
 
 
 @dataclass(frozen=True)

@@ -353,7 +353,7 @@ class Registry(_Strict):
 def composite_inputs(spec: CompositeSpec, models: Mapping[str, ModelSpec]) -> dict[str, str]:
     """Formula variable -> model name, for the variables the formula uses; ValueError when the
     formula is invalid, uses an unknown variable, or names a composite."""
-    from models.verifiers.formula import Formula
+    from rmserve.models.formula import Formula
 
     where = f"models.{spec.name}.options"
     try:
@@ -438,7 +438,7 @@ def _with_resolved_paths(registry: Registry, base: Path) -> Registry:
 
 def _template(name_or_path: str, base: Path) -> str:
     """A built-in template name stays; a path is resolved like weights and must exist."""
-    from models.generative.prompts import BUILTIN
+    from rmserve.models.generative.prompts import BUILTIN
 
     if (BUILTIN / f"{name_or_path}.jinja").is_file():
         return name_or_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.errors import ModelLoadError
+from rmserve.models.errors import ModelLoadError
 
 # Files a reward model needs: config, weights, tokenizer, chat template.
 _ALLOW = [

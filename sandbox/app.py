@@ -17,19 +17,18 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 
-from sandbox.config import SandboxSettings
-from sandbox.errors import ToolError
-from sandbox.protocol import ToolCall, ToolList, ToolResult
-from sandbox.tools import LocalToolbox
-from service.errors import (
+from rmserve.sandbox.config import SandboxSettings
+from rmserve.sandbox.tools import LocalToolbox
+from rmserve.web.errors import (
     NotFound,
     QueueFull,
     Unavailable,
     UnprocessableEntity,
     install_error_handlers,
 )
-from service.http import LimitsAndMetrics, exposition
-from service.protocol import ErrorBody
+from rmserve.web.http import LimitsAndMetrics, exposition
+from rmserve.wire.errors import ErrorBody, ToolError
+from rmserve.wire.tools import ToolCall, ToolList, ToolResult
 
 MAX_REQUEST_BYTES = 64 << 20
 

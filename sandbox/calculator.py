@@ -18,7 +18,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 from simpleeval import InvalidExpression, SimpleEval  # type: ignore[import-untyped]
 
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
 
 MAX_EXPRESSION_CHARS: Final = 500
 MAX_INT_DIGITS: Final = 4000  # below Python's 4300-digit int/str conversion limit

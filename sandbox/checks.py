@@ -27,7 +27,7 @@ from typing import Annotated, Any, Final, Literal
 import regex  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
 
 MAX_TEXT_CHARS: Final = 1_000_000
 MAX_REGEX_TEXT_CHARS: Final = 100_000

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from sandbox.protocol import ToolCall, ToolErrorBody, ToolList, ToolResult, ToolSpec
+from rmserve.wire.tools import ToolCall, ToolErrorBody, ToolList, ToolResult, ToolSpec
 
 
 class HttpToolbox:

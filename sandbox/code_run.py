@@ -135,9 +135,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import pydantic
-
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
+from rmserve.wire.trajectory import CodeTest
 
 logger = logging.getLogger(__name__)
 
@@ -200,26 +199,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-class CodeTest(pydantic.BaseModel):
-    """One test: run the program (plus ``code``) with ``stdin``; see ``_test_passed``."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    name: str | None = None
-    code: str | None = None
-    stdin: str | None = None
-    expected_stdout: str | None = None
-
-    @pydantic.model_validator(mode="after")
-    def _has_a_check(self) -> CodeTest:
-        if self.code is None and self.expected_stdout is None:
-            raise ValueError(
-                "a test needs `code` (Python run after the program, e.g. asserts; passes iff it "
-                "completes and the run exits 0) and/or `expected_stdout`"
-            )
-        return self
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ from typing import Final
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.errors import ItemError
-from models.images import decode_image
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ItemError, ToolError
+from rmserve.wire.images import decode_image
 
 RELATIVE_MAX: Final = 1000.0
 
@@ -167,7 +166,7 @@ def image_to_data_url(image: Image.Image) -> str:
 
 
 def image_from_data_url(url: str, max_pixels: int) -> Image.Image:
-    """Decode a base64 `data:image/...` URL into an RGB image (`models.images.decode_image`:
+    """Decode a base64 `data:image/...` URL into an RGB image (`rmserve.wire.images.decode_image`:
     the pixel count is read from the header and refused above `max_pixels` before decoding)."""
     try:
         decoded = decode_image(url, max_pixels)

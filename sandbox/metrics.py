@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from sandbox.code_run import CodeResult, CodeRunner
-from sandbox.protocol import ToolResult
-from service.metrics import LATENCY_BUCKETS, HttpMetrics
+from rmserve.sandbox.code_run import CodeResult, CodeRunner
+from rmserve.web.metrics import LATENCY_BUCKETS, HttpMetrics
+from rmserve.wire.tools import ToolResult
 
 # Code-run statuses that mean the sandbox killed the run.
 KILLS = ("timeout", "cpu_limit", "memory_limit", "output_limit", "killed")

@@ -19,8 +19,8 @@ import bm25s  # type: ignore[import-untyped]
 from bm25s.tokenization import Tokenizer  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.trajectory import Document
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
+from rmserve.wire.trajectory import Document
 
 MAX_QUERY_CHARS: Final = 1000
 MAX_TOP_K: Final = 20

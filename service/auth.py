@@ -38,9 +38,9 @@ import yaml
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.errors import Forbidden, Unauthorized
-from service.metrics import Metrics
-from service.quotas import Lease, Quota
+from rmserve.service.metrics import Metrics
+from rmserve.service.quotas import Lease, Quota
+from rmserve.web.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 

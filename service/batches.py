@@ -21,11 +21,11 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from service.errors import NotFound, Unavailable
-from service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
-from service.queue.base import QueueUnavailableError
-from service.queue.redis_streams import as_text, available, batch_key
-from service.scoring import ScoringService, Submission
+from rmserve.service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
+from rmserve.service.queue.base import QueueUnavailableError
+from rmserve.service.queue.redis_streams import as_text, available, batch_key
+from rmserve.service.scoring import ScoringService, Submission
+from rmserve.web.errors import NotFound, Unavailable
 
 
 class BatchStore(Protocol):

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from models.spec import ModelSpec
-from service.jobs import Job
-from service.protocol import ItemResult
-from service.queue.base import QueueUnavailableError
-from service.queue.redis_streams import available
+from rmserve.models.spec import ModelSpec
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue.base import QueueUnavailableError
+from rmserve.service.queue.redis_streams import available
 
 
 def cache_key(spec: ModelSpec, job: Job) -> str:

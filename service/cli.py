@@ -10,10 +10,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models.spec import RegistryError, load_registry
-from service.config import Settings
+from rmserve import examples
+from rmserve.models.spec import RegistryError, load_registry
+from rmserve.service.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER_PORT = 8001
 SANDBOX_PORT = 8002
 
@@ -21,7 +21,7 @@ SANDBOX_PORT = 8002
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["score"]:  # the client CLI: its own flags (rmserve score --help)
-        from rmserve_client.cli import score_main
+        from rmserve.client.cli import score_main
 
         return score_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -83,15 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--examples",
         type=Path,
-        default=REPO / "examples" / "trajectories.jsonl",
-        help="JSON lines, one trajectory per line",
+        default=examples.TRAJECTORIES,
+        help="JSON lines, one trajectory per line (default: the examples shipped with rmserve)",
     )
     demo.add_argument("--load-timeout-s", type=float, default=1800.0)
 
     check = commands.add_parser(
         "check-registry", help="validate a registry file and list its models"
     )
-    check.add_argument("registry", type=Path)
+    check.add_argument("registry", type=examples.registry_path)
 
     key = commands.add_parser(
         "api-key",
@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check-registry":
         return _check_registry(args.registry)
     if args.command == "make-tiny-models":
-        from models.tiny import make_tiny_models
+        from rmserve.models.tiny import make_tiny_models
 
         for name, path in make_tiny_models(args.out).items():
             print(f"{name}\t{path}")
@@ -139,14 +139,17 @@ def _run(args: argparse.Namespace) -> int:
         return _run_server(args, settings)
     if args.command == "dead-letters":
         return _dead_letters(settings, args.model)
-    from service.demo import run_demo
+    from rmserve.service.demo import run_demo
 
     return run_demo(settings, args.port, args.examples, args.load_timeout_s)
 
 
 def _server_flags(parser: argparse.ArgumentParser, port_help: str = "HTTP port") -> None:
     parser.add_argument(
-        "--registry", type=Path, help="model registry YAML (default: RMSERVE_REGISTRY)"
+        "--registry",
+        type=examples.registry_path,
+        help="model registry YAML, or a shipped one: default, tiny (default: RMSERVE_REGISTRY, "
+        "else the shipped default)",
     )
     parser.add_argument("--host")
     parser.add_argument("--port", type=int, help=port_help)
@@ -173,10 +176,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run_sandbox(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from sandbox.app import create_sandbox_app
-    from sandbox.config import SandboxSettings
-    from sandbox.errors import ToolError
-    from service.logs import configure_logging
+    from rmserve.sandbox.app import create_sandbox_app
+    from rmserve.sandbox.config import SandboxSettings
+    from rmserve.service.logs import configure_logging
+    from rmserve.wire.errors import ToolError
 
     flags = {"host": args.host, "port": args.port, "allow_unsafe_code": args.allow_unsafe_code,
              "log_json": args.log_json, "log_level": args.log_level}  # fmt: skip
@@ -200,7 +203,7 @@ def _api_key(args: argparse.Namespace) -> int:
     """A fresh key, printed once, and its keys-file entry (its SHA-256, never the key)."""
     import yaml
 
-    from service.auth import KeyEntry, hash_key, new_key
+    from rmserve.service.auth import KeyEntry, hash_key, new_key
 
     key = new_key()
     fields: dict[str, Any] = {"name": args.name, "sha256": hash_key(key)}
@@ -241,9 +244,9 @@ def _dead_letters(settings: Settings, model: str) -> int:
     import asyncio
     import json
 
-    from service.distributed import redis_client
-    from service.queue import QueueUnavailableError
-    from service.queue.redis_streams import StreamQueue, StreamSettings
+    from rmserve.service.distributed import redis_client
+    from rmserve.service.queue import QueueUnavailableError
+    from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
 
     if not settings.redis_url:
         print("error: rmserve dead-letters needs --redis-url or RMSERVE_REDIS_URL", file=sys.stderr)
@@ -272,9 +275,9 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
     """`serve` (embedded), `gateway` or `worker`: build the app, run it until SIGTERM."""
     import uvicorn
 
-    from service.distributed import GatewayRuntime, WorkerRuntime
-    from service.embedded import EmbeddedRuntime
-    from service.logs import configure_logging
+    from rmserve.service.distributed import GatewayRuntime, WorkerRuntime
+    from rmserve.service.embedded import EmbeddedRuntime
+    from rmserve.service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
     try:

@@ -10,13 +10,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from rmserve import examples
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="forbid")
 
-    registry: Path = Field(
-        default=Path("deploy/registry.example.yaml"), description="model registry YAML file"
-    )
+    # A path, or the name of a registry shipped with rmserve (default, tiny: rmserve.examples).
+    registry: Path = Field(default=examples.DEFAULT_REGISTRY, description="model registry YAML")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
@@ -85,11 +86,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _shipped_registry(cls, value: Any) -> Any:
+        return examples.registry_path(value) if isinstance(value, str | Path) else value
+
     @field_validator("api_keys_file")
     @classmethod
     def _valid_keys_file(cls, path: Path | None) -> Path | None:
         if path is not None:  # imported here: the client CLI needs no server modules
-            from service.auth import load_keys
+            from rmserve.service.auth import load_keys
 
             load_keys(path)  # KeysFileError (a ValueError) names the entry and field
         return path

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from models.spec import ModelSpec
-from service.protocol import ModelInfo, ModelStatus
+from rmserve.models.spec import ModelSpec
+from rmserve.service.protocol import ModelInfo, ModelStatus
 
 
 @dataclass

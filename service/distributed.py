@@ -21,26 +21,26 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Response
 
-from models.base import RewardModel
-from models.errors import ModelLoadError
-from models.loader import load_model
-from models.spec import ModelSpec, Registry
-from service.batches import RedisBatchStore
-from service.cache import RedisResultCache
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.errors import Unavailable, install_error_handlers
-from service.fleet import WorkerAnnouncer, watch_workers
-from service.gateway import create_app
-from service.http import LimitsAndMetrics, exposition
-from service.jobs import Job
-from service.metrics import Metrics, refresh_depths
-from service.peers import QueuePeers
-from service.protocol import ErrorBody
-from service.queue.base import QueueUnavailableError
-from service.queue.redis_streams import StreamQueue, StreamSettings
-from service.toolboxes import gateway_toolbox, needs_tools, sidecar
-from service.worker import Worker, worker_concurrency
+from rmserve.models.base import RewardModel
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.loader import load_model
+from rmserve.models.spec import ModelSpec, Registry
+from rmserve.service.batches import RedisBatchStore
+from rmserve.service.cache import RedisResultCache
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.fleet import WorkerAnnouncer, watch_workers
+from rmserve.service.gateway import create_app
+from rmserve.service.jobs import Job
+from rmserve.service.metrics import Metrics, refresh_depths
+from rmserve.service.peers import QueuePeers
+from rmserve.service.queue.base import QueueUnavailableError
+from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.service.toolboxes import gateway_toolbox, needs_tools, sidecar
+from rmserve.service.worker import Worker, worker_concurrency
+from rmserve.web.errors import Unavailable, install_error_handlers
+from rmserve.web.http import LimitsAndMetrics, exposition
+from rmserve.wire.errors import ErrorBody
 
 log = logging.getLogger(__name__)
 

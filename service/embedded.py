@@ -14,20 +14,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.base import RewardModel
-from models.errors import ModelLoadError
-from models.loader import load_model
-from models.spec import ModelSpec, Registry
-from service.cache import MemoryResultCache
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.gateway import create_app
-from service.jobs import error_result
-from service.metrics import Metrics
-from service.peers import QueuePeers
-from service.queue import InProcessQueue
-from service.toolboxes import embedded_toolbox
-from service.worker import Worker, worker_concurrency
+from rmserve.models.base import RewardModel
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.loader import load_model
+from rmserve.models.spec import ModelSpec, Registry
+from rmserve.service.cache import MemoryResultCache
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.gateway import create_app
+from rmserve.service.jobs import error_result
+from rmserve.service.metrics import Metrics
+from rmserve.service.peers import QueuePeers
+from rmserve.service.queue import InProcessQueue
+from rmserve.service.toolboxes import embedded_toolbox
+from rmserve.service.worker import Worker, worker_concurrency
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.directory import ModelDirectory
-from service.protocol import ModelStatus
-from service.queue.base import QueueUnavailableError
-from service.queue.redis_streams import available
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.protocol import ModelStatus
+from rmserve.service.queue.base import QueueUnavailableError
+from rmserve.service.queue.redis_streams import available
 
 log = logging.getLogger(__name__)
 

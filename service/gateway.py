@@ -1,4 +1,4 @@
-"""The HTTP gateway: routes only. Logic lives in ScoringService; errors in service.errors."""
+"""The HTTP gateway: routes only. Logic lives in ScoringService; errors in rmserve.web.errors."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ from typing import Any
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
-from sandbox.protocol import Toolbox
-from service.auth import ApiKey, Authenticator, Caller
-from service.batches import BatchStore, MemoryBatchStore, wait_done
-from service.cache import ResultCache
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.errors import Unavailable, install_error_handlers
-from service.graders import Graders, RunRequest, ValidateRequest, grader_models
-from service.http import LimitsAndMetrics, exposition
-from service.metrics import Metrics, refresh_depths
-from service.openrlhf import add_openrlhf_route
-from service.protocol import BatchStatus, ErrorBody, ModelList, ScoreRequest, ScoreResponse
-from service.queue.base import JobQueue, QueueUnavailableError
-from service.quotas import Lease, LeasedStream, Quotas, quotas_for
-from service.scoring import ScoringService
+from rmserve.service.auth import ApiKey, Authenticator, Caller
+from rmserve.service.batches import BatchStore, MemoryBatchStore, wait_done
+from rmserve.service.cache import ResultCache
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.graders import Graders, RunRequest, ValidateRequest, grader_models
+from rmserve.service.metrics import Metrics, refresh_depths
+from rmserve.service.openrlhf import add_openrlhf_route
+from rmserve.service.protocol import BatchStatus, ModelList, ScoreRequest, ScoreResponse
+from rmserve.service.queue.base import JobQueue, QueueUnavailableError
+from rmserve.service.quotas import Lease, LeasedStream, Quotas, quotas_for
+from rmserve.service.scoring import ScoringService
+from rmserve.web.errors import Unavailable, install_error_handlers
+from rmserve.web.http import LimitsAndMetrics, exposition
+from rmserve.wire.errors import ErrorBody
+from rmserve.wire.tools import Toolbox
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 

@@ -30,14 +30,13 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.spec import GenerativeSpec
-from models.verifiers.formula import Formula
-from models.verifiers.similarity import similarity
-from sandbox.protocol import Toolbox, ToolCall
-from service.directory import ModelDirectory
-from service.errors import NotFound, UnprocessableEntity
-from service.protocol import ItemResult, ScoreRequest
-from service.scoring import ScoringService
+from rmserve.models.formula import Formula
+from rmserve.models.spec import GenerativeSpec
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.protocol import ItemResult, ScoreRequest
+from rmserve.service.scoring import ScoringService
+from rmserve.web.errors import NotFound, Unavailable, UnprocessableEntity
+from rmserve.wire.tools import Toolbox, ToolCall
 
 
 class _Grader(BaseModel):
@@ -256,11 +255,12 @@ class Graders:
                 grader.operation,
             )
         if isinstance(grader, TextSimilarity):
-            return similarity(
+            score: float = _similarity()(
                 self._render(grader.input, sample, item),
                 self._render(grader.reference, sample, item),
-                _METRICS[grader.evaluation_metric],  # type: ignore[arg-type]
+                _METRICS[grader.evaluation_metric],
             )
+            return score
         if isinstance(grader, Python):
             return await self._python(grader, sample, item)
         messages = [
@@ -343,3 +343,16 @@ def _text(content: str | list[dict[str, Any]] | dict[str, Any]) -> str:
 
 def _tokens(result: ItemResult) -> int:
     return result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def _similarity() -> Any:
+    """The similarity verifier, imported on first use: a gateway without the verifiers extra
+    serves every other grader."""
+    try:
+        from rmserve.models.verifiers.similarity import similarity
+    except ImportError as exc:
+        raise Unavailable(
+            f"text_similarity graders need the verifiers extra (pip install 'rmserve[verifiers]'): "
+            f"{exc}"
+        ) from None
+    return similarity

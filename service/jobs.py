@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from models.spec import Aggregate
-from models.trajectory import Trajectory
-from service.protocol import ItemErrorBody, ItemResult, JudgeOptions
+from rmserve.models.spec import Aggregate
+from rmserve.service.protocol import ItemErrorBody, ItemResult, JudgeOptions
+from rmserve.wire.trajectory import Trajectory
 
 
 class Job(BaseModel):

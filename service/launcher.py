@@ -50,7 +50,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         argv = [
-            sys.executable, "-m", "service.cli", command,
+            sys.executable, "-m", "rmserve.service.cli", command,
             *(["--registry", str(registry)] if registry is not None else []),
             "--host", "127.0.0.1", "--port", str(self.port), *args,
         ]  # fmt: skip

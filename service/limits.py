@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from models.images import ImageTooLarge, image_size
-from models.trajectory import (
+from rmserve.web.errors import PayloadTooLarge, UnprocessableEntity
+from rmserve.wire.images import ImageTooLarge, image_size
+from rmserve.wire.trajectory import (
     Candidate,
     ImagePart,
     Message,
@@ -25,7 +26,6 @@ from models.trajectory import (
     Trajectory,
     decode_data_url,
 )
-from service.errors import PayloadTooLarge, UnprocessableEntity
 
 
 @dataclass(frozen=True)

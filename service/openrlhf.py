@@ -19,11 +19,12 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.auth import Admit, Caller
-from service.config import Settings
-from service.errors import Unavailable, UnprocessableEntity
-from service.protocol import ErrorBody, ScoreRequest
-from service.scoring import ScoringService
+from rmserve.service.auth import Admit, Caller
+from rmserve.service.config import Settings
+from rmserve.service.protocol import ScoreRequest
+from rmserve.service.scoring import ScoringService
+from rmserve.web.errors import Unavailable, UnprocessableEntity
+from rmserve.wire.errors import ErrorBody
 
 _SERVER_SIDE = {"timeout", "unavailable", "dead_lettered", "internal_error", "peer_unavailable"}
 

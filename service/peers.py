@@ -9,12 +9,12 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from models.errors import ItemError
-from models.trajectory import Trajectory
-from service.directory import ModelDirectory
-from service.jobs import Job
-from service.protocol import ItemResult
-from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory
 
 
 class QueuePeers:

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import Aggregate
-from models.trajectory import Trajectory
-from sandbox.protocol import ToolErrorBody, ToolOutput
+from rmserve.models.spec import Aggregate
+from rmserve.wire.tools import ToolErrorBody, ToolOutput
+from rmserve.wire.trajectory import Trajectory
 
 
 class _Request(BaseModel):
@@ -165,13 +165,3 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    param: str | None = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail

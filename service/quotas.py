@@ -41,10 +41,10 @@ import redis.asyncio as aioredis
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, RateLimited, TooManyItemsInFlight, Unavailable
-from service.metrics import Metrics
-from service.queue.base import JobQueue, QueueUnavailableError
-from service.queue.redis_streams import StreamQueue, available
+from rmserve.service.metrics import Metrics
+from rmserve.service.queue.base import JobQueue, QueueUnavailableError
+from rmserve.service.queue.redis_streams import StreamQueue, available
+from rmserve.web.errors import PayloadTooLarge, RateLimited, TooManyItemsInFlight, Unavailable
 
 log = logging.getLogger(__name__)
 

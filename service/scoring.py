@@ -8,22 +8,22 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from models.spec import GenerativeSpec, ModelSpec
-from service.cache import ResultCache, cache_key
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.errors import (
+from rmserve.models.spec import GenerativeSpec, ModelSpec
+from rmserve.service.cache import ResultCache, cache_key
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.jobs import Job, error_result
+from rmserve.service.limits import ItemLimits, check_items, inline_images
+from rmserve.service.metrics import Metrics
+from rmserve.service.protocol import ItemResult, ScoreRequest, ScoreResponse
+from rmserve.service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+from rmserve.web.errors import (
     NotFound,
     PayloadTooLarge,
     QueueFull,
     Unavailable,
     UnprocessableEntity,
 )
-from service.jobs import Job, error_result
-from service.limits import ItemLimits, check_items, inline_images
-from service.metrics import Metrics
-from service.protocol import ItemResult, ScoreRequest, ScoreResponse
-from service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
 
 
 @dataclass(frozen=True)

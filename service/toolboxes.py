@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from models.spec import CodeTestsSpec, GenerativeSpec, ModelSpec
-from sandbox.client import HttpToolbox
-from sandbox.protocol import Toolbox
-from service.config import Settings
+from rmserve.models.spec import CodeTestsSpec, GenerativeSpec, ModelSpec
+from rmserve.sandbox.client import HttpToolbox
+from rmserve.service.config import Settings
+from rmserve.wire.tools import Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def embedded_toolbox(settings: Settings) -> Toolbox:
     """Embedded mode's sandbox: the configured sidecar, else the tools in this process tree."""
     if settings.sandbox_url:
         return HttpToolbox(settings.sandbox_url)
-    from sandbox.config import SandboxSettings
-    from sandbox.errors import ToolError
-    from sandbox.tools import LocalToolbox
+    from rmserve.sandbox.config import SandboxSettings
+    from rmserve.sandbox.tools import LocalToolbox
+    from rmserve.wire.errors import ToolError
 
     sandbox = SandboxSettings()
     try:

@@ -12,15 +12,15 @@ import asyncio
 import logging
 import time
 
-from models.base import Evidence, RequestOptions, RewardModel, Sample
-from models.errors import ItemError
-from models.generative.parsing import candidate_label
-from models.spec import EngineOptions, ModelSpec
-from service.cache import ResultCache
-from service.jobs import Job, error_result
-from service.metrics import Metrics
-from service.protocol import EvidenceResult, ItemResult, SampleResult, Timing, Usage
-from service.queue.base import JobQueue, QueueUnavailableError
+from rmserve.models.base import Evidence, RequestOptions, RewardModel, Sample
+from rmserve.models.generative.parsing import candidate_label
+from rmserve.models.spec import EngineOptions, ModelSpec
+from rmserve.service.cache import ResultCache
+from rmserve.service.jobs import Job, error_result
+from rmserve.service.metrics import Metrics
+from rmserve.service.protocol import EvidenceResult, ItemResult, SampleResult, Timing, Usage
+from rmserve.service.queue.base import JobQueue, QueueUnavailableError
+from rmserve.wire.errors import ItemError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.tiny import make_tiny_models
-from service.launcher import RedisServer, ServerFailed, ServerProcess
+from rmserve.models.tiny import make_tiny_models
+from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess
 
 TESTS = Path(__file__).parent
 TINY_REGISTRY = TESTS / "registry.tiny.yaml"

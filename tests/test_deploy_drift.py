@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from models.spec import load_registry
-from sandbox.config import SandboxSettings
-from sandbox.metrics import SandboxMetrics
-from service.cli import SANDBOX_PORT, WORKER_PORT, build_parser
-from service.config import Settings
-from service.metrics import Metrics
+from rmserve.models.spec import load_registry
+from rmserve.sandbox.config import SandboxSettings
+from rmserve.sandbox.metrics import SandboxMetrics
+from rmserve.service.cli import SANDBOX_PORT, WORKER_PORT, build_parser
+from rmserve.service.config import Settings
+from rmserve.service.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -133,7 +133,7 @@ def test_the_dockerfile_runs_a_real_command_on_the_port_it_exposes() -> None:
     for command in commands:
         assert listening_port(command) in exposed, command
     assert set(DEFAULT_PORTS.values()) <= exposed  # one image runs every role
-    for package in ("service", "models", "sandbox", "rmserve_client"):
+    for package in ("service", "models", "sandbox", "rmserve.client"):
         assert f"COPY {package} ./{package}" in text, f"the image lacks the {package} package"
 
 

@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from models.spec import load_registry
+from rmserve.models.spec import load_registry
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "rmserve"
 RELEASE = "rm"

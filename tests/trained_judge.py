@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.generative.prompts import JudgePrompt, split_response, transcript
-from models.trajectory import Trajectory
+from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
+from rmserve.wire.trajectory import Trajectory
 
 
 def judge_prompt(tokenizer: Any, item: dict[str, Any], low: int = 1, high: int = 10) -> str:

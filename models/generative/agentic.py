@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from models.base import Evidence
-from models.engine import SamplingRequest
-from models.generative.backends import Chat, JudgeBackend, first_turn
-from models.images import JudgeImage, decode_image
-from models.trajectory import Document
-from sandbox.protocol import Toolbox, ToolCall, ToolContext, ToolErrorBody, ToolResult, ToolSpec
+from rmserve.models.base import Evidence
+from rmserve.models.engine import SamplingRequest
+from rmserve.models.generative.backends import Chat, JudgeBackend, first_turn
+from rmserve.wire.images import JudgeImage, decode_image
+from rmserve.wire.tools import Toolbox, ToolCall, ToolContext, ToolErrorBody, ToolResult, ToolSpec
+from rmserve.wire.trajectory import Document
 
 ANSWER_NOW = (
     "You have used all your tool calls. Give your final judgement now, in the required format, "

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from models.engine import Completion, GenerateEngine, SamplingRequest
-from models.errors import ItemError
-from models.images import JudgeImage
-from models.rendering import ChatRenderer
+from rmserve.models.engine import Completion, GenerateEngine, SamplingRequest
+from rmserve.models.rendering import ChatRenderer
+from rmserve.wire.errors import ItemError
+from rmserve.wire.images import JudgeImage
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
-from models.base import Evidence, PeerScorer, RequestOptions, Reward, Sample
-from models.engine import Completion, SamplingRequest
-from models.errors import ItemError
-from models.generative.agentic import ToolLoop
-from models.generative.backends import JudgeBackend, Judged, first_turn
-from models.generative.parsing import (
+from rmserve.models.base import Evidence, PeerScorer, RequestOptions, Reward, Sample
+from rmserve.models.engine import Completion, SamplingRequest
+from rmserve.models.generative.agentic import ToolLoop
+from rmserve.models.generative.backends import JudgeBackend, Judged, first_turn
+from rmserve.models.generative.parsing import (
     ChoiceVerdict,
     JudgementParseError,
     PointwiseVerdict,
@@ -42,11 +41,12 @@ from models.generative.parsing import (
     parse_pointwise,
     pointwise_answer_regex,
 )
-from models.generative.prompts import JudgePrompt, split_response, transcript
-from models.images import JudgeImage, check_count, decode_images, image_urls
-from models.spec import GenerativeSpec
-from models.trajectory import AssistantMessage, Document, Message, Trajectory, UserMessage
-from sandbox.protocol import Toolbox, ToolSpec
+from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
+from rmserve.models.spec import GenerativeSpec
+from rmserve.wire.errors import ItemError
+from rmserve.wire.images import JudgeImage, check_count, decode_images, image_urls
+from rmserve.wire.tools import Toolbox, ToolSpec
+from rmserve.wire.trajectory import AssistantMessage, Document, Message, Trajectory, UserMessage
 
 # How long a meta reward model may take when the request gives no deadline.
 META_TIMEOUT_S = 300.0

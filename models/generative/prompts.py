@@ -19,9 +19,9 @@ from pathlib import Path
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
-from models.errors import ItemError
-from models.generative.parsing import candidate_label
-from models.trajectory import (
+from rmserve.models.generative.parsing import candidate_label
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import (
     AssistantMessage,
     ImagePart,
     Message,

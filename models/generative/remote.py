@@ -34,11 +34,12 @@ from typing import Any
 
 import httpx
 
-from models.engine import Completion, SamplingRequest
-from models.errors import ItemError, ModelLoadError
-from models.generative.backends import Chat, Judged
-from models.images import JudgeImage
-from models.spec import RemoteJudge
+from rmserve.models.engine import Completion, SamplingRequest
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.generative.backends import Chat, Judged
+from rmserve.models.spec import RemoteJudge
+from rmserve.wire.errors import ItemError
+from rmserve.wire.images import JudgeImage
 
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 10.0

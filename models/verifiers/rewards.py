@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from models.base import PeerScorer, RequestOptions, Reward
-from models.errors import ItemError
-from models.spec import (
+from rmserve.models.base import PeerScorer, RequestOptions, Reward
+from rmserve.models.formula import Formula
+from rmserve.models.spec import (
     CodeTestsSpec,
     CompositeSpec,
     Extract,
@@ -27,13 +27,13 @@ from models.spec import (
     MathSpec,
     SimilaritySpec,
 )
-from models.trajectory import AssistantMessage, Trajectory, text_of
-from models.verifiers.extract import extract
-from models.verifiers.format import check_format, compile_regex, compile_schema
-from models.verifiers.formula import Formula
-from models.verifiers.math import verify_math_async
-from models.verifiers.similarity import similarity
-from sandbox.protocol import Toolbox, ToolCall
+from rmserve.models.verifiers.extract import extract
+from rmserve.models.verifiers.format import check_format, compile_regex, compile_schema
+from rmserve.models.verifiers.math import verify_math_async
+from rmserve.models.verifiers.similarity import similarity
+from rmserve.wire.errors import ItemError
+from rmserve.wire.tools import Toolbox, ToolCall
+from rmserve.wire.trajectory import AssistantMessage, Trajectory, text_of
 
 # How long composite inputs may take when the request gives no deadline.
 PEER_TIMEOUT_S = 300.0

@@ -7,8 +7,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.jobs import Job
-from service.protocol import ItemResult
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemResult
 
 
 class QueueFullError(Exception):

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
-from service.protocol import ItemResult
+from rmserve.service.protocol import ItemResult
 
 Delivery = tuple[str, ItemResult]
 Check = Callable[[list[str]], Awaitable[list[Delivery]]]

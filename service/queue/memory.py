@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-from service.jobs import Job
-from service.protocol import ItemResult
-from service.queue.base import Depth, NoEvents, QueueEvents, QueueFullError
-from service.queue.inbox import Inboxes
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue.base import Depth, NoEvents, QueueEvents, QueueFullError
+from rmserve.service.queue.inbox import Inboxes
 
 
 class InProcessQueue:

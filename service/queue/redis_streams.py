@@ -32,10 +32,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs import Job, error_result
-from service.protocol import ItemResult
-from service.queue.base import Depth, NoEvents, QueueEvents, QueueFullError, QueueUnavailableError
-from service.queue.inbox import Inboxes
+from rmserve.service.jobs import Job, error_result
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue.base import (
+    Depth,
+    NoEvents,
+    QueueEvents,
+    QueueFullError,
+    QueueUnavailableError,
+)
+from rmserve.service.queue.inbox import Inboxes
 
 log = logging.getLogger(__name__)
 

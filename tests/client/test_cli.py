@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rmserve_client.cli import score_main
+from rmserve.client.cli import score_main
 from tests.client import ScriptedServer, error_reply
 
 

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from rmserve_client import (
+from rmserve.client import (
     AsyncRewardClient,
     RetryPolicy,
     RewardClient,
     RewardServiceError,
     ScoreResult,
 )
-from rmserve_client import client as client_module
+from rmserve.client import client as client_module
 from tests.client import Reply, ScriptedServer, error_reply
 
 MODES = ["sync", "async"]

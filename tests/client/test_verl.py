@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rmserve_client import RewardServiceError, verl
+from rmserve.client import RewardServiceError, verl
 from tests.client import Reply, ScriptedServer, error_reply
 
 
@@ -52,7 +52,7 @@ def test_item_error_gives_zero_and_a_warning(
 ) -> None:
     body = {"model": "rm", "results": [{"index": 0, "error": {"type": "timeout", "message": "m"}}]}
     server.script(Reply(body=body))
-    with caplog.at_level(logging.WARNING, logger="rmserve_client.verl"):
+    with caplog.at_level(logging.WARNING, logger="rmserve.client.verl"):
         assert verl.compute_score("gsm8k", "abcd", "42") == 0.0
     assert "1 of 1 items got no score" in caplog.text and "timeout: 1" in caplog.text
 

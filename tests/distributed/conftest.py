@@ -14,7 +14,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.launcher import RedisServer, ServerFailed, ServerProcess
+from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess
 from tests.conftest import TINY_REGISTRY
 
 RECLAIM_IDLE_S = 3.0

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.fleet import REFRESH_S
+from rmserve.service.fleet import REFRESH_S
 from tests.conftest import TESTS, start_sandbox
 from tests.distributed.conftest import Fleet, wait_for_workers
 

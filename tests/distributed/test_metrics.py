@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 from tests.distributed.conftest import Fleet, items, wait_for_workers
 
 pytestmark = pytest.mark.engine

@@ -16,7 +16,7 @@ def rmserve(
     *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "rmserve.service.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 from tests.conftest import TESTS, start_server
 
 pytestmark = pytest.mark.engine

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.generative.prompts import JudgePrompt, split_response, transcript
-from models.trajectory import Trajectory
-from service.launcher import ServerProcess
+from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
+from rmserve.service.launcher import ServerProcess
+from rmserve.wire.trajectory import Trajectory
 from tests.conftest import TESTS, start_server
 from tests.trained_judge import train_judge
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 from tests.conftest import start_server
 from tests.e2e.test_bad_input import error_of
 

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 from tests.conftest import TINY_REGISTRY, start_server
 from tests.distributed.conftest import items
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import ServerProcess, free_port
+from rmserve.service.launcher import ServerProcess, free_port
 from tests.conftest import start_server
 
 pytestmark = pytest.mark.engine

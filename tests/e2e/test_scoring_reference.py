@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from models.tiny import STEP_TAG
+from rmserve.models.tiny import STEP_TAG
 from tests.e2e import reference as ref
 
 TOL = 1e-4

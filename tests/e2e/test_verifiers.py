@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import ServerProcess
+from rmserve.service.launcher import ServerProcess
 from tests.conftest import TESTS, start_server
 
 pytestmark = pytest.mark.engine
@@ -124,7 +124,7 @@ def test_the_score_cli_scores_a_jsonl_file(service: httpx.Client, tmp_path: Path
     items = [answer("\\boxed{2}", "2"), answer("\\boxed{3}", "2"), answer("\\boxed{1}")]
     source.write_text("\n".join(json.dumps({**item, "id": f"q{i}"}) for i, item in
                                 enumerate(items)) + "\n")  # fmt: skip
-    command = [sys.executable, "-m", "service.cli", "score", str(source), "--model", "math",
+    command = [sys.executable, "-m", "rmserve.service.cli", "score", str(source), "--model", "math",
                "-o", str(out), "--url", str(service.base_url)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr  # one item has no reference

@@ -25,8 +25,8 @@ from loadtests.report import REQUESTS_FILE
 from loadtests.scenarios import SCENARIOS, LoadConfig, ScenarioBuilder
 from loadtests.suite import REGISTRY
 from loadtests.workload import Workload
-from models.spec import load_registry
-from service.launcher import free_port
+from rmserve.models.spec import load_registry
+from rmserve.service.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "no-such-model"

@@ -12,17 +12,22 @@ from typing import Any
 
 import pytest
 
-from models.base import RequestOptions
-from models.engine import Completion, SamplingRequest
-from models.generative.agentic import ANSWER_NOW, ToolLoop, parse_tool_calls, tool_call_regex
-from models.generative.backends import Chat, Judged
-from models.generative.judge import GenerativeModel
-from models.generative.prompts import JudgePrompt
-from models.images import JudgeImage
-from models.spec import GenerativeSpec
-from models.trajectory import Document, Trajectory
-from sandbox.config import SandboxSettings
-from sandbox.tools import LocalToolbox
+from rmserve.models.base import RequestOptions
+from rmserve.models.engine import Completion, SamplingRequest
+from rmserve.models.generative.agentic import (
+    ANSWER_NOW,
+    ToolLoop,
+    parse_tool_calls,
+    tool_call_regex,
+)
+from rmserve.models.generative.backends import Chat, Judged
+from rmserve.models.generative.judge import GenerativeModel
+from rmserve.models.generative.prompts import JudgePrompt
+from rmserve.models.spec import GenerativeSpec
+from rmserve.sandbox.config import SandboxSettings
+from rmserve.sandbox.tools import LocalToolbox
+from rmserve.wire.images import JudgeImage
+from rmserve.wire.trajectory import Document, Trajectory
 
 SAMPLING = SamplingRequest(temperature=0.0, top_p=1.0, max_tokens=64, seed=None)
 CALC = '<tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}</tool_call>'

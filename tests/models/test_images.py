@@ -11,9 +11,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from models.errors import ItemError
-from models.images import check_count, decode_image, image_urls
-from models.trajectory import Trajectory
+from rmserve.wire.errors import ItemError
+from rmserve.wire.images import check_count, decode_image, image_urls
+from rmserve.wire.trajectory import Trajectory
 
 
 def data_url(payload: bytes, mime: str = "image/png") -> str:

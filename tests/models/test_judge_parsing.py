@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from models.generative.parsing import (
+from rmserve.models.generative.parsing import (
     ChoiceVerdict,
     JudgementParseError,
     PointwiseVerdict,

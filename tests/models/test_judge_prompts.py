@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from models.base import require_text_only
-from models.errors import ItemError
-from models.generative.parsing import parse_choice, parse_pointwise
-from models.generative.prompts import JudgePrompt, split_response, transcript
-from models.trajectory import Trajectory
+from rmserve.models.base import require_text_only
+from rmserve.models.generative.parsing import parse_choice, parse_pointwise
+from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory
 
 AGENT = Trajectory.model_validate({"messages": [
     {"role": "system", "content": "You can search."},

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from models.process import AGGREGATES, step_score
-from models.spec import ProcessOptions
+from rmserve.models.process import AGGREGATES, step_score
+from rmserve.models.spec import ProcessOptions
 
 
 def options(**kwargs: object) -> ProcessOptions:

@@ -19,16 +19,17 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from models.base import RequestOptions
-from models.engine import SamplingRequest
-from models.errors import ItemError, ModelLoadError
-from models.generative.backends import first_turn
-from models.generative.judge import GenerativeModel
-from models.generative.prompts import JudgePrompt
-from models.generative.remote import RemoteBackend
-from models.spec import GenerativeSpec, RemoteJudge
-from models.trajectory import Trajectory
-from service.launcher import free_port
+from rmserve.models.base import RequestOptions
+from rmserve.models.engine import SamplingRequest
+from rmserve.models.errors import ModelLoadError
+from rmserve.models.generative.backends import first_turn
+from rmserve.models.generative.judge import GenerativeModel
+from rmserve.models.generative.prompts import JudgePrompt
+from rmserve.models.generative.remote import RemoteBackend
+from rmserve.models.spec import GenerativeSpec, RemoteJudge
+from rmserve.service.launcher import free_port
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory
 
 PROMPT_TOKENS = 11
 RATE_IT = first_turn("Rate it.", 0)

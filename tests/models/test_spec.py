@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.spec import (
+from rmserve.models.spec import (
     DiscriminativeSpec,
     GenerativeSpec,
     ProcessSpec,

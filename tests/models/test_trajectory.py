@@ -7,8 +7,8 @@ import base64
 import pytest
 from pydantic import ValidationError
 
-from models.rendering import template_messages
-from models.trajectory import Trajectory, decode_data_url
+from rmserve.models.rendering import template_messages
+from rmserve.wire.trajectory import Trajectory, decode_data_url
 
 
 def test_tool_calls_become_template_mappings() -> None:

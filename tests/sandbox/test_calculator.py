@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sandbox.calculator import CalculatorArguments, calculate, format_result
-from sandbox.errors import ToolError
+from rmserve.sandbox.calculator import CalculatorArguments, calculate, format_result
+from rmserve.wire.errors import ToolError
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sandbox.checks import (
+from rmserve.sandbox.checks import (
     CheckArguments,
     CheckResult,
     RegexMatchArguments,
@@ -16,7 +16,7 @@ from sandbox.checks import (
     count_words,
     run_check,
 )
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
 
 
 def check(**arguments: Any) -> CheckResult:

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sandbox.client import HttpToolbox
-from sandbox.protocol import ToolCall
-from service.launcher import free_port
+from rmserve.sandbox.client import HttpToolbox
+from rmserve.service.launcher import free_port
+from rmserve.wire.tools import ToolCall
 from tests.conftest import running_sandbox
 
 

@@ -23,9 +23,10 @@ import psutil
 import pydantic
 import pytest
 
-from sandbox import code_run
-from sandbox.code_run import CodeRunner, CodeTest, Limits, RunResult
-from sandbox.errors import ToolError
+from rmserve.sandbox import code_run
+from rmserve.sandbox.code_run import CodeRunner, Limits, RunResult
+from rmserve.wire.errors import ToolError
+from rmserve.wire.trajectory import CodeTest
 
 UNAVAILABLE = CodeRunner.available()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"bubblewrap: {UNAVAILABLE}")
@@ -439,7 +440,7 @@ def test_service_crash_kills_its_sandboxes() -> None:
     uid_base = next(_UID_BASES)
     script = f"""
 import asyncio
-from sandbox.code_run import CodeRunner, Limits
+from rmserve.sandbox.code_run import CodeRunner, Limits
 async def main():
     runner = CodeRunner(Limits(wall_s=60), sandbox_uid_base={uid_base})
     await runner.run("import subprocess; subprocess.run(['sleep', '{marker}'])")
@@ -727,7 +728,7 @@ def test_available_reports_a_reason() -> None:
 async def test_unsafe_fallback_warns_and_still_applies_limits(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="sandbox.code_run"):
+    with caplog.at_level(logging.WARNING, logger="rmserve.sandbox.code_run"):
         runner = CodeRunner(SMALL, bwrap="no-such-bwrap", allow_unsafe=True)
     assert runner.mode == "unsafe"
     assert "UNSAFE CODE EXECUTION" in caplog.text
@@ -743,7 +744,7 @@ def test_non_root_service_mode() -> None:
     bwrap-user mode, a per-run process limit and a contained fork bomb."""
     script = """
 import asyncio, os, subprocess
-from sandbox.code_run import CodeRunner, Limits
+from rmserve.sandbox.code_run import CodeRunner, Limits
 
 FORKS = '''
 import os, time

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 from pydantic import ValidationError
 
-from sandbox.crop import (
+from rmserve.sandbox.crop import (
     CropArguments,
     CropLimits,
     crop,
@@ -20,7 +20,7 @@ from sandbox.crop import (
     pixel_box,
     select_image,
 )
-from sandbox.errors import ToolError
+from rmserve.wire.errors import ToolError
 
 RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255,) * 3
 RECTANGLE = (600, 100, 700, 150)  # white, inside the green quadrant; right/bottom exclusive

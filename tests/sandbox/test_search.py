@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from models.trajectory import Document
-from sandbox.errors import ToolError
-from sandbox.search import SearchArguments, SearchIndex, split
+from rmserve.sandbox.search import SearchArguments, SearchIndex, split
+from rmserve.wire.errors import ToolError
+from rmserve.wire.trajectory import Document
 
 CORPUS = [
     Document(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from models.spec import DiscriminativeSpec
-from models.trajectory import Trajectory
-from service.cache import MemoryResultCache, cache_key
-from service.jobs import Job
-from service.protocol import ItemErrorBody, ItemResult
+from rmserve.models.spec import DiscriminativeSpec
+from rmserve.service.cache import MemoryResultCache, cache_key
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemErrorBody, ItemResult
+from rmserve.wire.trajectory import Trajectory
 
 SPEC = DiscriminativeSpec(name="rm", kind="discriminative", weights="org/rm", revision="v1")
 

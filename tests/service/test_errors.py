@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.errors import field_path
+from rmserve.web.errors import field_path
 
 
 def test_field_path_drops_union_members() -> None:

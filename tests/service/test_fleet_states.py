@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from models.spec import DiscriminativeSpec
-from service import fleet
-from service.directory import ModelDirectory, ModelEntry
-from service.fleet import WorkerAnnouncer, model_state, watch_workers, workers_key
+from rmserve.models.spec import DiscriminativeSpec
+from rmserve.service import fleet
+from rmserve.service.directory import ModelDirectory, ModelEntry
+from rmserve.service.fleet import WorkerAnnouncer, model_state, watch_workers, workers_key
 
 SPECS = [DiscriminativeSpec(name=n, kind="discriminative", weights=f"org/{n}") for n in "ab"]
 

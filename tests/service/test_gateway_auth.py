@@ -22,15 +22,15 @@ import yaml
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from models.spec import DiscriminativeSpec
-from service.auth import KeysFileError, hash_key, load_keys, new_key
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.gateway import create_app
-from service.launcher import free_port
-from service.metrics import Metrics
-from service.queue import InProcessQueue
-from service.quotas import Quota
+from rmserve.models.spec import DiscriminativeSpec
+from rmserve.service.auth import KeysFileError, hash_key, load_keys, new_key
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.gateway import create_app
+from rmserve.service.launcher import free_port
+from rmserve.service.metrics import Metrics
+from rmserve.service.queue import InProcessQueue
+from rmserve.service.quotas import Quota
 
 ADMIN, TEAM_A = new_key(), new_key()
 ITEM = {"messages": [{"role": "user", "content": "hi"}]}
@@ -275,7 +275,7 @@ def test_quota_fields_come_from_the_entry_else_the_defaults(tmp_path: Path) -> N
 def test_auth_is_off_without_a_keys_file_and_the_gateway_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="rmserve.service.auth"):
         app = gateway_app(Settings())
     assert "authentication is off" in caplog.text and "/v1/*" in caplog.text
     with serving(app) as url:
@@ -290,7 +290,7 @@ def test_auth_is_off_without_a_keys_file_and_the_gateway_says_so(
 
 def api_key_command(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "api-key", *args],
+        [sys.executable, "-m", "rmserve.service.cli", "api-key", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -366,7 +366,7 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path: Path) -> None:
         ({"RMSERVE_API_KEYS_FILE": str(path)}, "keys[0] ('team-b').sha256"),
     ]:
         done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--port", "1"],
+            [sys.executable, "-m", "rmserve.service.cli", "serve", "--port", "1"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from models.trajectory import Trajectory
-from service.jobs import Job
-from service.metrics import Metrics
-from service.protocol import ItemResult
-from service.queue import InProcessQueue, QueueFullError
-from service.queue.base import Depth
+from rmserve.service.jobs import Job
+from rmserve.service.metrics import Metrics
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue import InProcessQueue, QueueFullError
+from rmserve.service.queue.base import Depth
+from rmserve.wire.trajectory import Trajectory
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 

@@ -25,22 +25,22 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
-from models.base import RewardModel
-from models.loader import load_model
-from models.spec import ModelSpec, load_registry
-from service.auth import hash_key, new_key
-from service.batches import BatchStore, RedisBatchStore
-from service.config import Settings
-from service.directory import ModelDirectory
-from service.errors import TooManyItemsInFlight
-from service.gateway import create_app
-from service.launcher import free_port
-from service.metrics import Metrics
-from service.queue import InProcessQueue, JobQueue
-from service.queue.redis_streams import StreamQueue, StreamSettings
-from service.quotas import Quota, Quotas, RedisLimiter
-from service.scoring import ScoringService
-from service.worker import Worker
+from rmserve.models.base import RewardModel
+from rmserve.models.loader import load_model
+from rmserve.models.spec import ModelSpec, load_registry
+from rmserve.service.auth import hash_key, new_key
+from rmserve.service.batches import BatchStore, RedisBatchStore
+from rmserve.service.config import Settings
+from rmserve.service.directory import ModelDirectory
+from rmserve.service.gateway import create_app
+from rmserve.service.launcher import free_port
+from rmserve.service.metrics import Metrics
+from rmserve.service.queue import InProcessQueue, JobQueue
+from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.service.quotas import Quota, Quotas, RedisLimiter
+from rmserve.service.scoring import ScoringService
+from rmserve.service.worker import Worker
+from rmserve.web.errors import TooManyItemsInFlight
 
 REPO = Path(__file__).resolve().parents[2]
 KEY, OTHER_KEY = new_key(), new_key()
@@ -359,8 +359,8 @@ import asyncio, sys
 
 import redis.asyncio as aioredis
 
-from service.metrics import Metrics
-from service.quotas import Quota, Quotas, RedisLimiter
+from rmserve.service.metrics import Metrics
+from rmserve.service.quotas import Quota, Quotas, RedisLimiter
 
 
 async def main() -> None:

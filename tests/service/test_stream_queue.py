@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from models.trajectory import Trajectory
-from service.jobs import Job
-from service.launcher import RedisServer
-from service.metrics import Metrics
-from service.protocol import ItemResult
-from service.queue import QueueFullError, QueueUnavailableError
-from service.queue.base import Depth
-from service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.service.jobs import Job
+from rmserve.service.launcher import RedisServer
+from rmserve.service.metrics import Metrics
+from rmserve.service.protocol import ItemResult
+from rmserve.service.queue import QueueFullError, QueueUnavailableError
+from rmserve.service.queue.base import Depth
+from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.wire.trajectory import Trajectory
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 FAST = StreamSettings(capacity=1000, max_deliveries=2, reclaim_idle_s=0.3, sweep_s=0.5)
@@ -154,7 +154,8 @@ async def test_a_poison_job_goes_to_the_dead_letter_stream(redis_url: str) -> No
     await gateway.close()
     listed = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "service.cli", "dead-letters", "m", "--redis-url", redis_url],
+        [sys.executable, "-m", "rmserve.service.cli", "dead-letters", "m",
+         "--redis-url", redis_url],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     (line,) = [json.loads(text) for text in listed.stdout.splitlines()]
@@ -206,7 +207,7 @@ async def test_a_full_queue_refuses_the_request(redis_url: str) -> None:
 
 
 async def test_unreachable_redis_is_reported_quickly() -> None:
-    from service.launcher import free_port
+    from rmserve.service.launcher import free_port
 
     gateway = StreamQueue.from_url(f"redis://127.0.0.1:{free_port()}/0", FAST)
     started = time.monotonic()

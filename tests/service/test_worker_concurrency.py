@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pydantic
 
-from models.spec import ModelSpec
-from service.worker import DEFAULT_CONCURRENCY, worker_concurrency
+from rmserve.models.spec import ModelSpec
+from rmserve.service.worker import DEFAULT_CONCURRENCY, worker_concurrency
 
 SPECS: pydantic.TypeAdapter[ModelSpec] = pydantic.TypeAdapter(ModelSpec)
 

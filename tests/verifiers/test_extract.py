@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.verifiers.extract import Extract, extract
+from rmserve.models.verifiers.extract import Extract, extract
 
 TEXT = "Reasoning...\n\\boxed{1}\n```python\nprint(1)\n```\nso \\boxed{2}"
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import pytest
 
-from models.verifiers.format import FormatCheck, check_format, compile_regex, compile_schema
+from rmserve.models.verifiers.format import FormatCheck, check_format, compile_regex, compile_schema
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from models.spec import RegistryError, load_registry
-from models.verifiers.formula import Formula
+from rmserve.models.formula import Formula
+from rmserve.models.spec import RegistryError, load_registry
 
 
 @pytest.mark.parametrize(

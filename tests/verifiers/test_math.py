@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from models.verifiers import math as math_verifier
-from models.verifiers.math import (
+from rmserve.models.verifiers import math as math_verifier
+from rmserve.models.verifiers.math import (
     MathVerdict,
     as_latex,
     call_in_pool,
@@ -210,7 +210,8 @@ def test_workers_come_from_a_forkserver() -> None:
 
 def test_the_pool_ends_with_a_killed_service() -> None:
     """SIGKILL the service: its workers exit, and the forkserver and resource tracker with them."""
-    script = "from models.verifiers.math import verify_math; print(verify_math('2', '2').correct)"
+    script = "from rmserve.models.verifiers.math import verify_math"
+    script += "; print(verify_math('2', '2').correct)"
     script += "; import time; time.sleep(60)"
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.verifiers.similarity import METRICS, Metric, similarity
+from rmserve.models.verifiers.similarity import METRICS, Metric, similarity
 
 REFERENCE = "the cat sat on the mat"
 CLOSE = "the cat sat on a mat"

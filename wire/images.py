@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import ItemError
-from models.trajectory import Candidate, ImagePart, Message, UserMessage, decode_data_url
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Candidate, ImagePart, Message, UserMessage, decode_data_url
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sandbox.code_run import CodeTest
-
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,"
 )
@@ -135,6 +133,27 @@ class ToolMessage(_Wire):
 Message = Annotated[
     SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
 ]
+
+
+class CodeTest(BaseModel):
+    """One test: run the program (plus ``code``) with ``stdin``. When it passes is the rule of
+    `rmserve.sandbox.code_run`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    code: str | None = None
+    stdin: str | None = None
+    expected_stdout: str | None = None
+
+    @model_validator(mode="after")
+    def _has_a_check(self) -> CodeTest:
+        if self.code is None and self.expected_stdout is None:
+            raise ValueError(
+                "a test needs `code` (Python run after the program, e.g. asserts; passes iff it "
+                "completes and the run exits 0) and/or `expected_stdout`"
+            )
+        return self
 
 
 class Candidate(BaseModel):

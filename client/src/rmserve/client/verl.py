@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rmserve_client.client import DEFAULT_URL, RewardClient, ScoreResult
+from rmserve.client.client import DEFAULT_URL, RewardClient, ScoreResult
 
 log = logging.getLogger(__name__)
 ERROR_SCORE = 0.0

@@ -4,7 +4,7 @@ tested and benchmarked without a model hub. Its answers are random text, not des
     make_tiny_vlm(DIR)  ->  DIR with config, random weights, tokenizer, processor, chat template
 
 Architecture: Idefics3 (SmolVLM's): a SigLIP-style vision tower, a pixel-shuffle connector and
-a Llama language model (head_dim 64, as in models/tiny.py, with its byte-level BPE tokenizer and
+a Llama language model (head_dim 64, as in tiny/llama.py, with its byte-level BPE tokenizer and
 ChatML). Idefics3 is chosen because vLLM's LLaVA / Qwen2-VL / Gemma3 modules import torchvision,
 which vLLM's CPU install here lacks; Idefics3's PIL image processor needs none.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.tiny import TOOLS_PREAMBLE
+from rmserve.models.tiny.llama import TOOLS_PREAMBLE
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -67,7 +67,7 @@ def make_tiny_vlm(
         LlamaConfig,
     )
 
-    from models.tiny import build_tokenizer, llama_options
+    from rmserve.models.tiny.llama import build_tokenizer, llama_options
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": _image_tokens()})

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.trajectory import Document
+from rmserve.wire.trajectory import Document
 
 
 class _Wire(BaseModel):

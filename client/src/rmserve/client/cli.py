@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from rmserve_client.client import (
+from rmserve.client.client import (
     API_KEY_ENV,
     DEFAULT_URL,
     RewardClient,
@@ -250,3 +250,17 @@ def _natural(text: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(score_main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rmserve-client score ...`: the client distribution's own command (the server's `rmserve
+    score` is the same command)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["score"]:
+        print(
+            "usage: rmserve-client score INPUT --model NAME -o OUTPUT [options]\n"
+            "(rmserve-client score --help lists the options)",
+            file=sys.stderr,
+        )
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    return score_main(args[1:])

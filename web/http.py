@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
-from service.metrics import HttpMetrics
+from rmserve.web.errors import error_response
+from rmserve.web.metrics import HttpMetrics
 
 
 def exposition(registry: CollectorRegistry) -> Response:

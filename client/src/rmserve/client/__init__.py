@@ -3,7 +3,7 @@ the `rmserve score` command."""
 
 from __future__ import annotations
 
-from rmserve_client.client import (
+from rmserve.client.client import (
     AsyncRewardClient,
     ItemError,
     RetryPolicy,

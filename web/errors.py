@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.protocol import ErrorBody, ErrorDetail
+from rmserve.wire.errors import ErrorBody, ErrorDetail
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,6 @@
-"""Generate tiny random reward models, saved like real ones, for tests, benchmarks and trying
-rmserve without a model hub. Their scores are random functions of the input, not judgements.
-
-    rmserve make-tiny-models DIR
-      DIR/tiny-rm    sequence classification, 1 label
-      DIR/tiny-prm   token classification, 2 labels, step tag <step>
-      DIR/tiny-lm    causal LM (a "judge" whose judgements are random text)
-      DIR/tiny-vlm   vision-language model (Idefics3; see models/tiny_vlm.py)
-
-A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
-tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
-"""
+"""The tiny Llamas: a byte-level BPE tokenizer trained on a small built-in corpus, a ChatML-style
+chat template with tool calls, and random tiny-rm, tiny-prm and tiny-lm (head_dim 64: the CPU
+attention backend refuses smaller heads)."""
 
 from __future__ import annotations
 
@@ -74,10 +65,10 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
     return tokenizer
 
 
-def make_tiny_models(
+def make_tiny_text_models(
     out: Path, *, hidden_size: int = 128, layers: int = 2, max_positions: int = 4096, seed: int = 0
 ) -> dict[str, Path]:
-    """Write tiny-rm, tiny-prm, tiny-lm and tiny-vlm under `out`; return their directories."""
+    """Write tiny-rm, tiny-prm and tiny-lm under `out`; return their directories."""
     import torch
     from transformers import (
         LlamaConfig,
@@ -99,11 +90,6 @@ def make_tiny_models(
         paths[name] = out / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
-    from models.tiny_vlm import make_tiny_vlm
-
-    paths["tiny-vlm"] = make_tiny_vlm(
-        out / "tiny-vlm", hidden_size=hidden_size, layers=layers, max_positions=max_positions
-    )
     return paths
 
 

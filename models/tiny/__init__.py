@@ -1,0 +1,31 @@
+"""Generate tiny random reward models, saved like real ones, for tests, benchmarks and trying
+rmserve without a model hub. Their scores are random functions of the input, not judgements.
+
+    rmserve make-tiny-models DIR
+      DIR/tiny-rm    sequence classification, 1 label
+      DIR/tiny-prm   token classification, 2 labels, step tag <step>
+      DIR/tiny-lm    causal LM (a "judge" whose judgements are random text)
+      DIR/tiny-vlm   vision-language model (Idefics3; see tiny/vlm.py)
+
+A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
+tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rmserve.models.tiny.llama import STEP_TAG, make_tiny_text_models
+from rmserve.models.tiny.vlm import make_tiny_vlm
+
+__all__ = ["STEP_TAG", "make_tiny_models"]
+
+
+def make_tiny_models(
+    out: Path, *, hidden_size: int = 128, layers: int = 2, max_positions: int = 4096, seed: int = 0
+) -> dict[str, Path]:
+    """Write tiny-rm, tiny-prm, tiny-lm and tiny-vlm under `out`; return their directories."""
+    sizes = {"hidden_size": hidden_size, "layers": layers, "max_positions": max_positions}
+    paths = make_tiny_text_models(out, seed=seed, **sizes)
+    paths["tiny-vlm"] = make_tiny_vlm(out / "tiny-vlm", **sizes)
+    return paths
