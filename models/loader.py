@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from rmserve.models.base import PeerScorer, RewardModel
 from rmserve.models.discriminative import DiscriminativeModel
 from rmserve.models.engine import (
@@ -155,6 +153,7 @@ def _check_memory(spec: ModelSpec, weights: Path) -> None:
 
     vLLM would fail too, but from its engine process, with the reason only in its log.
     """
+    import psutil  # like vllm, a model worker's (rmserve[worker]): verifier workers have neither
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu() or spec.engine.kv_cache_gib is None:

@@ -120,7 +120,9 @@ def _cell(result: dict[str, Any] | None) -> str:
     text = "-" if score is None else f"{score:.3f}"
     steps = result.get("step_scores")
     if steps:
-        text += " [dim]steps " + " ".join("-" if s is None else f"{s:.2f}" for s in steps) + "[/dim]"
+        text += (
+            " [dim]steps " + " ".join("-" if s is None else f"{s:.2f}" for s in steps) + "[/dim]"
+        )
     return text
 
 
@@ -146,7 +148,9 @@ def _print_rewards(runs: list[ModelRun], items: list[dict[str, Any]]) -> None:
         console.print(f"[dim]{type_}[/dim]: {message}", highlight=False)
 
 
-def _summary(models: list[dict[str, Any]], runs: list[ModelRun], items: list[dict[str, Any]]) -> int:
+def _summary(
+    models: list[dict[str, Any]], runs: list[ModelRun], items: list[dict[str, Any]]
+) -> int:
     served = [run for run in runs if run.failure is None]
     for run in runs:
         if run.failure is not None:

@@ -133,8 +133,8 @@ def test_the_dockerfile_runs_a_real_command_on_the_port_it_exposes() -> None:
     for command in commands:
         assert listening_port(command) in exposed, command
     assert set(DEFAULT_PORTS.values()) <= exposed  # one image runs every role
-    for package in ("service", "models", "sandbox", "rmserve.client"):
-        assert f"COPY {package} ./{package}" in text, f"the image lacks the {package} package"
+    for folder in ("wire", "web", "sandbox", "models", "service", "examples", "client"):
+        assert f"COPY {folder} ./{folder}" in text, f"the image lacks the {folder} folder"
 
 
 # -- compose -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rmserve import examples
 from rmserve.models.spec import (
     DiscriminativeSpec,
     GenerativeSpec,
@@ -24,12 +25,16 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_example_registries_load() -> None:
-    example = load_registry(REPO / "deploy" / "registry.example.yaml")
+    example = load_registry(REPO / "deploy" / "registry.gpu.yaml")
     assert isinstance(example.models["skywork-rm"], DiscriminativeSpec)
     prm = example.models["qwen-math-prm"]
     assert isinstance(prm, ProcessSpec) and prm.options.step_tag == "<extra_0>"
-    for tiny in (REPO / "tests" / "registry.tiny.yaml", REPO / "examples" / "registry.tiny.yaml"):
+    for tiny in (REPO / "tests" / "registry.tiny.yaml", examples.TINY_REGISTRY):
         assert load_registry(tiny).models["tiny-prm"].kind == "process"
+    default = load_registry(examples.DEFAULT_REGISTRY)
+    kinds = {name: spec.kind for name, spec in default.models.items()}
+    assert kinds == {"math": "math", "unit-tests": "code_tests", "boxed": "format",
+                     "math-reward": "composite", "skywork-rm": "discriminative"}  # fmt: skip
 
 
 def test_names_env_vars_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
