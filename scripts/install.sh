@@ -29,10 +29,10 @@ fi
 # importing transformers' models fails ("operator torchvision::nms does not exist").
 # rmserve needs none of them, so remove them.
 .venv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
-# Wheels for tests/test_packaging.py, which installs the client alone and the sidecar from its
-# own extra in fresh virtualenvs, offline: the client's and the sandbox extra's dependencies, and
-# the antlr4 runtime that hydra (verl's configuration) pins.
-.venv/bin/pip wheel --quiet --wheel-dir .venv/wheelhouse ./client ".[sandbox]" \
+# Wheels for tests/test_packaging.py, which installs the client alone, the sidecar and the
+# verifiers from their extras in fresh virtualenvs, offline: their dependencies, and the antlr4
+# runtime that hydra (verl's configuration) pins.
+.venv/bin/pip wheel --quiet --wheel-dir .venv/wheelhouse ./client ".[sandbox,verifiers]" \
   "antlr4-python3-runtime==4.9.3"
 .venv/bin/python - <<'PY'
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification  # noqa: F401

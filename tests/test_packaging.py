@@ -136,6 +136,24 @@ def test_the_client_installs_beside_hydras_antlr_pin(
     _run(python, "-c", "import antlr4, rmserve.client.verl")
 
 
+def test_the_verifiers_install_beside_hydras_antlr_pin(
+    wheels: dict[str, Path], tmp_path: Path
+) -> None:
+    """A verifier worker fits a trainer's environment too: math-verify parses with the antlr4
+    runtime hydra pins."""
+    python = _fresh_venv(tmp_path / "venv")
+    verifiers = f"{wheels['server']}[verifiers]"
+    _run(python, "-m", "pip", "install", "-q", "--find-links", WHEELHOUSE,
+         "antlr4-python3-runtime==4.9.3", wheels["client"], verifiers)  # fmt: skip
+    _run(python, "-m", "pip", "check")
+    assert _installed(python)["antlr4-python3-runtime"] == "4.9.3"
+    script = textwrap.dedent(r"""
+        from rmserve.models.verifiers.math import verify_math
+        print(verify_math(r"\frac{1}{2}", "0.5").correct, verify_math(r"\sqrt{9}", "4").correct)
+    """)
+    assert _run(python, "-c", script, cwd=tmp_path).split() == ["True", "False"]
+
+
 def test_the_sidecar_runs_from_its_own_extra(wheels: dict[str, Path], tmp_path: Path) -> None:
     """The base install imports the gateway; `rmserve[sandbox]` adds what the sidecar needs,
     and it serves tool calls without any model or verifier package."""
