@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from rmserve.models.spec import Aggregate
 from rmserve.wire.errors import ItemError
 from rmserve.wire.trajectory import Trajectory, has_images
+
+# How a discriminative model turns an item into tokens: its chat template (the default), or the
+# text of the item's messages, concatenated and tokenized as is (no template, no special tokens
+# added), the way OpenRLHF's serve_rm scores its queries.
+Render = Literal["chat_template", "raw"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class RequestOptions:
     # Agentic judges: the tools this request allows (None: the model's), and turns.
     tools: tuple[str, ...] | None = None
     max_tool_turns: int | None = None
+    # Discriminative models: chat template or raw text (the gateway refuses raw for others).
+    render: Render = "chat_template"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from rmserve.models.base import RequestOptions, Reward, require_text_only
+from rmserve.models.base import Render, RequestOptions, Reward, require_text_only
 from rmserve.models.engine import PoolingEngine
 from rmserve.models.rendering import ChatRenderer, template_messages
 from rmserve.models.spec import DiscriminativeSpec
-from rmserve.wire.trajectory import Trajectory
+from rmserve.wire.trajectory import Trajectory, text_of
 
 
 class DiscriminativeModel:
@@ -21,7 +21,7 @@ class DiscriminativeModel:
 
     async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         require_text_only(item, self.name)
-        text = self._renderer.render(template_messages(item.messages))
+        text = self._text(item, options.render)
         engine_input = self._renderer.fit(self._renderer.encode(text))
         (logits,) = await self._engine.pool(engine_input.token_ids, "classify")
         return Reward(
@@ -30,6 +30,11 @@ class DiscriminativeModel:
             prompt_tokens=len(engine_input.token_ids),
             truncated_tokens=engine_input.truncated_tokens,
         )
+
+    def _text(self, item: Trajectory, render: Render) -> str:
+        if render == "raw":  # already templated by the caller: tokenized as is
+            return "".join(text_of(message.content) for message in item.messages)
+        return self._renderer.render(template_messages(item.messages))
 
     def shutdown(self) -> None:
         self._engine.shutdown()

@@ -18,12 +18,22 @@ dictionary attacks, and 256 random bits cannot be guessed, so a stolen file reve
 fast hash costs a microsecond per request and finds the key with one dict lookup (no
 comparison loop whose timing could leak anything).
 
+A request carries its key as `Authorization: Bearer <key>`, or as HTTP Basic credentials with
+the key as the password, `Authorization: Basic base64(<name>:<key>)`: what an HTTP client sends
+for a URL with user info (`http://team-a:KEY@host:8000/get_reward`), the only way to give a
+trainer without header options (OpenRLHF) a key. The user name is not checked (rmserve's
+convention is the key's name, for whoever reads the URL): the key alone identifies the caller,
+so a name to match would add a way to fail and no secret. A 401 names what is wrong with the
+header and advertises both schemes (`WWW-Authenticate: Bearer, Basic realm="rmserve"`).
+
 Without a keys file authentication is off (local use): every request is the "anonymous" key,
 with every model and no quota. Health, readiness and metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import math
@@ -48,6 +58,7 @@ KEY_PREFIX = "rms_"
 ALL_MODELS = "*"
 ANONYMOUS = "anonymous"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BASIC_CHALLENGE = 'Basic realm="rmserve"'
 
 
 class KeysFileError(ValueError):
@@ -188,7 +199,7 @@ def _where(raw: Any, loc: tuple[int | str, ...]) -> str:
 
 
 class Authenticator:
-    """Checks the bearer key of a request (401) and the models it may use (403)."""
+    """Checks the key of a request, Bearer or Basic (401), and the models it may use (403)."""
 
     def __init__(self, keys: Mapping[str, ApiKey] | None, metrics: Metrics) -> None:
         self._keys, self._metrics = keys, metrics
@@ -215,23 +226,58 @@ class Authenticator:
         header = request.headers.get("authorization")
         if header is None:
             raise self._unauthorized(
-                "missing API key: send the header 'Authorization: Bearer <key>'", "Bearer"
+                "missing API key: send the header 'Authorization: Bearer <key>', or Basic "
+                "credentials with the key as the password (a URL's http://NAME:KEY@host)"
             )
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
+        scheme, _, credentials = header.partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer":
+            if not credentials or " " in credentials:
+                raise self._unauthorized(
+                    "malformed Authorization header: expected 'Bearer <key>'", "invalid_request"
+                )
+            token, error = credentials, "invalid_token"
+        elif scheme.lower() == "basic":
+            token, error = self._basic_password(credentials), None
+        else:
             raise self._unauthorized(
-                "malformed Authorization header: expected 'Bearer <key>'",
-                'Bearer error="invalid_request"',
+                "malformed Authorization header: expected 'Bearer <key>' or "
+                "'Basic base64(NAME:KEY)'",
+                "invalid_request",
             )
         key = self._keys.get(hash_key(token))
         if key is None:
-            raise self._unauthorized("invalid API key", 'Bearer error="invalid_token"')
+            raise self._unauthorized("invalid API key", error)
         return key
 
-    def _unauthorized(self, message: str, challenge: str) -> Unauthorized:
+    def _basic_password(self, credentials: str) -> str:
+        """The password of Basic credentials (the key), or 401 saying what is malformed; the
+        user part is not checked. Never echoes the credentials: they hold the key."""
+        malformed = "malformed Authorization header: Basic credentials"
+        if not credentials or " " in credentials:
+            raise self._unauthorized(f"{malformed} must be one base64 token, base64(NAME:KEY)")
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except binascii.Error:
+            raise self._unauthorized(f"{malformed} are not valid base64") from None
+        except UnicodeDecodeError:
+            raise self._unauthorized(f"{malformed} are not UTF-8 once decoded") from None
+        _, colon, password = decoded.partition(":")
+        if not colon:
+            raise self._unauthorized(f"{malformed} have no ':' between the user and the key")
+        if not password:
+            raise self._unauthorized(
+                f"{malformed} have an empty password: the API key goes in the password "
+                "(NAME:KEY; in a URL, http://NAME:KEY@host)"
+            )
+        return password
+
+    def _unauthorized(self, message: str, bearer_error: str | None = None) -> Unauthorized:
+        """401 advertising both schemes; `bearer_error`: RFC 6750's error code for a request
+        that used Bearer (or no known scheme)."""
         self._metrics.auth_failures.labels("unauthorized").inc()
-        return Unauthorized(message, headers={"WWW-Authenticate": challenge})
+        bearer = f'Bearer error="{bearer_error}"' if bearer_error else "Bearer"
+        return Unauthorized(message, headers={"WWW-Authenticate": f"{bearer}, {BASIC_CHALLENGE}"})
 
     def authorize(self, key: ApiKey, models: Iterable[str], param: str = "model") -> None:
         """Forbidden (403, naming the key and the model) unless the key may use every model."""

@@ -34,6 +34,8 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
         "options": spec.options.model_dump(mode="json"),
         "aggregate": job.aggregate,
         "judge": job.judge.model_dump() if job.judge is not None else None,
+        # Only when not the default, so the keys of earlier results still match.
+        **({"render": job.render} if job.render != "chat_template" else {}),
         # What is scored: not the item's id or metadata.
         "item": job.item.model_dump(mode="json", exclude={"id", "metadata"}),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, field_validator, model_validator
@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0)
 
     # API keys (SHA-256 digests), the models and quotas of each: a YAML file (service/auth.py).
-    # When set, /v1/* and /get_reward need `Authorization: Bearer <key>`; unset: open (local use).
+    # When set, /v1/* and /get_reward need `Authorization: Bearer <key>` (or Basic with the key
+    # as the password); unset: open (local use).
     api_keys_file: FilePath | None = None
     # A request holds its key's concurrent-items quota by a lease, renewed while it lives; a
     # gateway that dies stops renewing, and its leases stop counting after this long.
@@ -80,8 +81,13 @@ class Settings(BaseSettings):
     # and a worker uses the sidecar at its default address.
     sandbox_url: str | None = None
 
-    # OpenRLHF compatibility (POST /get_reward): the model that scores its queries.
+    # OpenRLHF compatibility (POST /get_reward): the model that scores its queries, and how a
+    # query (the actor's decoded prompt + response) becomes an item (`?query_format=` overrides
+    # it): auto parses a known chat template's turns back into messages (plain text when there
+    # is none), plain splits the text at the prompt, raw scores the text as is (discriminative
+    # models; see service/openrlhf.py).
     openrlhf_model: str | None = None
+    openrlhf_query_format: Literal["auto", "plain", "raw"] = "auto"
 
     log_level: str = "INFO"
     log_json: bool = False

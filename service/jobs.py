@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from rmserve.models.base import Render
 from rmserve.models.spec import Aggregate
 from rmserve.service.protocol import ItemErrorBody, ItemResult, JudgeOptions
 from rmserve.wire.trajectory import Trajectory
@@ -19,6 +20,7 @@ class Job(BaseModel):
     deadline: float
     aggregate: Aggregate | None = None
     judge: JudgeOptions | None = None
+    render: Render = "chat_template"
     # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
     reply_to: str | None = None
     # The async batch (POST /v1/jobs) the job belongs to. With Redis, the worker appends the

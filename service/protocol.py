@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rmserve.models.base import Render
 from rmserve.models.spec import Aggregate
 from rmserve.wire.tools import ToolErrorBody, ToolOutput
 from rmserve.wire.trajectory import Trajectory
@@ -57,6 +58,12 @@ class ScoreOptions(_Request):
     )
     judge: JudgeOptions | None = Field(
         default=None, description="generative judges: sampling and inference-time scaling"
+    )
+    render: Render = Field(
+        default="chat_template",
+        description="discriminative models: `chat_template` renders the messages with the "
+        "model's chat template; `raw` scores the text of the messages, concatenated, tokenized "
+        "as is (no template, no special tokens added), for text a trainer already templated",
     )
 
 

@@ -70,6 +70,12 @@ class ScoringService:
         if entry.status == "unavailable":
             raise Unavailable(f"model {name!r} is unavailable: {entry.reason}", param="model")
         self._check_judge_options(request, entry.spec)
+        if request.options.render == "raw" and entry.spec.kind != "discriminative":
+            raise UnprocessableEntity(
+                f"options.render 'raw' applies to discriminative models; {name!r} is "
+                f"{entry.spec.kind}",
+                param="options.render",
+            )
         if request.options.aggregate and entry.spec.kind != "process":
             raise UnprocessableEntity(
                 f"options.aggregate applies to process reward models; {name!r} is "
@@ -150,6 +156,7 @@ class ScoringService:
                 deadline=now + timeout,
                 aggregate=request.options.aggregate,
                 judge=request.options.judge,
+                render=request.options.render,
                 batch=batch,
             )
             for index, item in enumerate(request.items)

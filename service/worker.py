@@ -200,10 +200,11 @@ class Worker:
 def request_options(job: Job) -> RequestOptions:
     judge = job.judge
     if judge is None:
-        return RequestOptions(aggregate=job.aggregate, deadline=job.deadline)
+        return RequestOptions(aggregate=job.aggregate, deadline=job.deadline, render=job.render)
     return RequestOptions(
         aggregate=job.aggregate,
         deadline=job.deadline,
+        render=job.render,
         meta_filter=judge.meta_filter is not False,
         tools=tuple(judge.tools) if judge.tools is not None else None,
         max_tool_turns=judge.max_tool_turns,

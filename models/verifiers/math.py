@@ -41,6 +41,11 @@ _ATTEMPTS = 2
 _DETAIL_CHARS = 200
 
 
+class MathVerifyFailed(RuntimeError):
+    """math-verify gave no verdict (it timed out, or its worker died). Not a wrong answer: a
+    reward made up from it would teach the policy something false."""
+
+
 @dataclass(frozen=True)
 class MathVerdict:
     correct: bool
@@ -48,16 +53,17 @@ class MathVerdict:
 
 
 def verify_math(answer: str, reference: str, timeout_s: float = 5.0) -> MathVerdict:
-    """Whether `answer` equals `reference` mathematically (math-verify), and why."""
+    """Whether `answer` equals `reference` mathematically (math-verify), and why; raises
+    `MathVerifyFailed` when math-verify gives no verdict."""
     args = (answer, reference, _step_timeout(timeout_s))
     if not answer.strip():
         return MathVerdict(False, "empty answer")
     try:
         return call_in_pool(_check, args, timeout_s)
     except TimeoutError:
-        return _timed_out(timeout_s)
+        raise MathVerifyFailed(f"math-verify did not finish within {timeout_s:g} s") from None
     except BrokenProcessPool as exc:
-        return MathVerdict(False, f"the math-verify worker died: {exc}")
+        raise MathVerifyFailed(f"the math-verify worker died: {exc}") from None
 
 
 async def verify_math_async(answer: str, reference: str, timeout_s: float = 5.0) -> MathVerdict:
@@ -68,19 +74,15 @@ async def verify_math_async(answer: str, reference: str, timeout_s: float = 5.0)
     try:
         return await call_in_pool_async(_check, args, timeout_s)
     except TimeoutError:
-        return _timed_out(timeout_s)
+        raise MathVerifyFailed(f"math-verify did not finish within {timeout_s:g} s") from None
     except BrokenProcessPool as exc:
-        return MathVerdict(False, f"the math-verify worker died: {exc}")
+        raise MathVerifyFailed(f"the math-verify worker died: {exc}") from None
 
 
 def _step_timeout(timeout_s: float) -> int:
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, not {timeout_s}")
     return max(1, int(timeout_s / 2))
-
-
-def _timed_out(timeout_s: float) -> MathVerdict:
-    return MathVerdict(False, f"math-verify did not finish within {timeout_s:g} s")
 
 
 # -- in the worker -------------------------------------------------------------------------------

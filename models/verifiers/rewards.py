@@ -29,7 +29,7 @@ from rmserve.models.spec import (
 )
 from rmserve.models.verifiers.extract import extract
 from rmserve.models.verifiers.format import check_format, compile_regex, compile_schema
-from rmserve.models.verifiers.math import verify_math_async
+from rmserve.models.verifiers.math import MathVerifyFailed, verify_math_async
 from rmserve.models.verifiers.similarity import similarity
 from rmserve.wire.errors import ItemError
 from rmserve.wire.tools import Toolbox, ToolCall
@@ -82,7 +82,10 @@ class MathVerifier(_Verifier):
         answer = response_part(item, self._options.extract)
         if answer is None:
             return _nothing(self._options.extract)
-        verdict = await verify_math_async(answer, reference, self._options.timeout_s)
+        try:
+            verdict = await verify_math_async(answer, reference, self._options.timeout_s)
+        except MathVerifyFailed as exc:
+            raise ItemError("verifier_error", str(exc)) from None
         return Reward(score=1.0 if verdict.correct else 0.0, critique=verdict.detail)
 
 

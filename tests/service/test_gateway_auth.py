@@ -4,6 +4,7 @@ models per key, batches per key, `rmserve api-key`, and settings."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import subprocess
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import httpx
 import pytest
 import uvicorn
@@ -33,6 +36,8 @@ from rmserve.service.queue import InProcessQueue
 from rmserve.service.quotas import Quota
 
 ADMIN, TEAM_A = new_key(), new_key()
+# A key (the keys file holds any string's digest) with characters a URL's user info must encode.
+ODD = "odd key:with@/,%?#chars-" + new_key()[4:]
 ITEM = {"messages": [{"role": "user", "content": "hi"}]}
 MODELS = ("rm", "rm2", "ready")
 
@@ -74,7 +79,10 @@ def serving(app: FastAPI) -> Iterator[str]:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = keys_file(
         tmp_path_factory.mktemp("keys") / "keys.yaml",
-        "keys:\n" + entry("admin", ADMIN) + entry("team-a", TEAM_A, "[rm, ready]"),
+        "keys:\n"
+        + entry("admin", ADMIN)
+        + entry("team-a", TEAM_A, "[rm, ready]")
+        + entry("odd", ODD, "[ready]"),
     )
     with serving(gateway_app(Settings(api_keys_file=path))) as url:
         yield url
@@ -94,17 +102,42 @@ def counter(base_url: str, name: str, label: str) -> float:
 # -- 401 -----------------------------------------------------------------------------------------
 
 
+BASIC = 'Basic realm="rmserve"'
+MALFORMED_BASIC = "malformed Authorization header: Basic credentials"
+
+
+def basic(credentials: bytes) -> dict[str, str]:
+    return {"authorization": f"Basic {base64.b64encode(credentials).decode()}"}
+
+
 @pytest.mark.parametrize(
     ("headers", "challenge", "says"),
     [
-        ({}, "Bearer", "missing API key: send the header 'Authorization: Bearer <key>'"),
-        ({"authorization": f"Basic {ADMIN}"}, 'Bearer error="invalid_request"', "malformed"),
-        ({"authorization": "Bearer"}, 'Bearer error="invalid_request"', "malformed"),
-        ({"authorization": "Bearer a b"}, 'Bearer error="invalid_request"', "malformed"),
-        (bearer("rms_" + "x" * 43), 'Bearer error="invalid_token"', "invalid API key"),
-        (bearer(hash_key(ADMIN)), 'Bearer error="invalid_token"', "invalid API key"),
+        ({}, f"Bearer, {BASIC}", "missing API key: send the header 'Authorization: Bearer <key>'"
+         ", or Basic credentials with the key as the password (a URL's http://NAME:KEY@host)"),
+        ({"authorization": f"Token {ADMIN}"}, f'Bearer error="invalid_request", {BASIC}',
+         "malformed Authorization header: expected 'Bearer <key>' or 'Basic base64(NAME:KEY)'"),
+        ({"authorization": "Bearer"}, f'Bearer error="invalid_request", {BASIC}', "malformed"),
+        ({"authorization": "Bearer a b"}, f'Bearer error="invalid_request", {BASIC}', "malformed"),
+        (bearer("rms_" + "x" * 43), f'Bearer error="invalid_token", {BASIC}', "invalid API key"),
+        (bearer(hash_key(ADMIN)), f'Bearer error="invalid_token", {BASIC}', "invalid API key"),
+        # Basic: the key in the password; each malformation named (never echoing the header).
+        ({"authorization": "Basic"}, f"Bearer, {BASIC}", f"{MALFORMED_BASIC} must be one base64"),
+        ({"authorization": "Basic YTpi YTpi"}, f"Bearer, {BASIC}", "must be one base64 token"),
+        ({"authorization": f"Basic {ADMIN}"}, f"Bearer, {BASIC}",  # the key, not base64(user:key)
+         f"{MALFORMED_BASIC} are not valid base64"),
+        ({"authorization": "Basic YWRtaW46eA"}, f"Bearer, {BASIC}", "not valid base64"),  # padding
+        (basic(b"admin:\xff" + ADMIN.encode()), f"Bearer, {BASIC}",
+         f"{MALFORMED_BASIC} are not UTF-8 once decoded"),
+        (basic(ADMIN.encode()), f"Bearer, {BASIC}",
+         f"{MALFORMED_BASIC} have no ':' between the user and the key"),
+        (basic(f"{ADMIN}:".encode()), f"Bearer, {BASIC}",  # http://KEY@host: the key as the user
+         f"{MALFORMED_BASIC} have an empty password: the API key goes in the password "
+         "(NAME:KEY; in a URL, http://NAME:KEY@host)"),
+        (basic(f"admin:{ADMIN}x".encode()), f"Bearer, {BASIC}", "invalid API key"),
+        (basic(f"admin:{hash_key(ADMIN)}".encode()), f"Bearer, {BASIC}", "invalid API key"),
     ],
-)
+)  # fmt: skip
 def test_a_missing_malformed_or_unknown_key_is_401(
     gateway: str, headers: dict[str, str], challenge: str, says: str
 ) -> None:
@@ -116,7 +149,7 @@ def test_a_missing_malformed_or_unknown_key_is_401(
         assert response.headers["www-authenticate"] == challenge
         error = response.json()["error"]
         assert error["type"] == "unauthorized" and says in error["message"]
-        assert ADMIN not in response.text
+        assert ADMIN not in response.text and ADMIN[4:20] not in response.text
     assert counter(gateway, "rmserve_auth_failures_total", "unauthorized") == before + 5
 
 
@@ -125,6 +158,76 @@ def test_probes_and_metrics_stay_open(gateway: str) -> None:
     assert httpx.get(f"{gateway}/metrics").status_code == 200
     ready = httpx.get(f"{gateway}/readyz")
     assert ready.status_code == 503 and "still loading: rm, rm2" in ready.json()["error"]["message"]
+
+
+# -- Basic credentials from a URL's user info (OpenRLHF) ----------------------------------------
+# OpenRLHF has no auth or header options (v0.11.0, commit 3c3be6234e0cb353e76bb8019947db9dfe99fca7,
+# openrlhf/utils/agent.py:338-353: `session.post(url, json=data)` on a new aiohttp.ClientSession):
+# the key can only ride in the URL, `--reward.remote_url http://NAME:KEY@host:8000/get_reward`,
+# which aiohttp sends as `Authorization: Basic base64(NAME:KEY)` (ClientRequest.update_host:
+# `if url.raw_user or url.raw_password: self.auth = BasicAuth(url.user or "", url.password or "")`).
+
+
+async def aiohttp_call(url: str, json: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """GET (or POST `json`) with a real aiohttp client, as OpenRLHF calls: a fresh session."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        method = session.get if json is None else session.post
+        async with method(url, json=json) as response:
+            return response.status, await response.json()
+
+
+def with_user_info(base_url: str, user_info: str, path: str) -> str:
+    return base_url.replace("http://", f"http://{user_info}@", 1) + path
+
+
+async def test_a_url_with_the_key_as_password_authenticates_with_basic(gateway: str) -> None:
+    async def models(user_info: str) -> list[str]:
+        status, body = await aiohttp_call(with_user_info(gateway, user_info, "/v1/models"))
+        assert status == 200, body
+        return [model["name"] for model in body["data"]]
+
+    assert await models(f"team-a:{TEAM_A}") == ["rm", "ready"]
+    assert await models(f"admin:{ADMIN}") == ["rm", "rm2", "ready"]
+    # The user part is not checked: the key alone says who calls (another key's name, none).
+    assert await models(f"admin:{TEAM_A}") == ["rm", "ready"]
+    assert await models(f":{TEAM_A}") == ["rm", "ready"]
+
+    status, body = await aiohttp_call(f"{gateway}/v1/models")  # no user info: no header
+    assert status == 401 and body["error"]["message"].startswith("missing API key")
+    status, body = await aiohttp_call(with_user_info(gateway, TEAM_A, "/v1/models"))
+    assert status == 401 and "empty password: the API key goes in the password" in str(body)
+    assert TEAM_A not in str(body)
+    status, body = await aiohttp_call(with_user_info(gateway, f"team-a:{TEAM_A}x", "/v1/models"))
+    assert status == 401 and body["error"]["message"] == "invalid API key"
+
+
+async def test_openrlhfs_request_with_user_info_passes_auth_to_the_model_checks(
+    gateway: str,
+) -> None:
+    # The per-sample body of agent.py:287 and 331-336 (one query, its prompt and label).
+    sample = {"query": ["Q: 2+2? A: \\boxed{4}"], "prompts": ["Q: 2+2? A:"], "labels": ["4"]}
+    url = with_user_info(gateway, f"team-a:{TEAM_A}", "/get_reward?model={}")
+    status, body = await aiohttp_call(url.format("rm2"), sample)
+    assert status == 403, body  # authenticated as team-a, which may not use rm2
+    assert body["error"]["message"] == "key 'team-a' may not use model 'rm2'; allowed: ready, rm"
+    status, body = await aiohttp_call(url.format("rm"), sample)
+    assert status == 503 and "loading" in body["error"]["message"]  # admitted; rm is loading
+
+
+async def test_a_key_with_url_special_characters_is_percent_encoded_in_the_url(
+    gateway: str,
+) -> None:
+    # OpenRLHF splits --reward.remote_url on commas (several reward servers; v0.11.0,
+    # openrlhf/cli/train_ppo_ray.py:630), so a ',' of the
+    # key must be encoded as %2C like the other characters; aiohttp decodes the password.
+    remote_url = with_user_info(gateway, f"odd:{quote(ODD, safe='')}", "/v1/models")
+    assert "," not in remote_url and "%2C" in remote_url
+    (url,) = remote_url.split(",")
+    status, body = await aiohttp_call(url)
+    assert status == 200, body
+    assert [model["name"] for model in body["data"]] == ["ready"]
+    unencoded = with_user_info(gateway, f"odd:{ODD}", "/v1/models")
+    assert len(unencoded.split(",")) == 2  # what OpenRLHF would make of it: two broken URLs
 
 
 # -- 403 and models per key ----------------------------------------------------------------------

@@ -14,9 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rmserve.models.base import RequestOptions
+from rmserve.models.spec import MathOptions, MathSpec
 from rmserve.models.verifiers import math as math_verifier
 from rmserve.models.verifiers.math import (
     MathVerdict,
+    MathVerifyFailed,
     as_latex,
     call_in_pool,
     call_in_pool_async,
@@ -24,6 +27,9 @@ from rmserve.models.verifiers.math import (
     verify_math,
     verify_math_async,
 )
+from rmserve.models.verifiers.rewards import MathVerifier
+from rmserve.wire.errors import ItemError
+from rmserve.wire.trajectory import Trajectory
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -260,21 +266,21 @@ def test_timeout_kills_the_stuck_worker_and_the_pool_recovers() -> None:
     assert verify_math("0.5", "1/2").correct
 
 
-def test_verify_math_timeout_is_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_math_timeout_is_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout is not a wrong answer: it raises, and the verifier reports an item error."""
     monkeypatch.setattr(math_verifier, "_check", stuck_check)
-    assert verify_math("1", "1", timeout_s=0.5) == MathVerdict(
-        False, "math-verify did not finish within 0.5 s"
-    )
+    with pytest.raises(MathVerifyFailed, match=r"did not finish within 0\.5 s"):
+        verify_math("1", "1", timeout_s=0.5)
     monkeypatch.undo()
     assert verify_math("1", "1").correct
 
 
-async def test_async_timeout_is_a_verdict_and_the_pool_recovers(
+async def test_async_timeout_is_no_verdict_and_the_pool_recovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(math_verifier, "_check", stuck_check)
-    verdict = await verify_math_async("1", "1", timeout_s=0.5)
-    assert verdict == MathVerdict(False, "math-verify did not finish within 0.5 s")
+    with pytest.raises(MathVerifyFailed, match=r"did not finish within 0\.5 s"):
+        await verify_math_async("1", "1", timeout_s=0.5)
     monkeypatch.undo()
     assert (await verify_math_async("1", "1")).correct
 
@@ -292,3 +298,18 @@ def test_shutdown_then_use_again() -> None:
     shutdown_math_pool()
     shutdown_math_pool()  # idempotent
     assert verify_math("2", "2").correct
+
+
+async def test_the_math_verifier_gives_no_reward_without_a_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """math-verify timing out is an item error (`verifier_error`), never a reward of 0.0."""
+    verifier = MathVerifier(MathSpec(name="math", kind="math", options=MathOptions(timeout_s=0.5)))
+    item = Trajectory.model_validate(
+        {"messages": [{"role": "assistant", "content": "\\boxed{1}"}], "reference": "1"}
+    )
+    assert (await verifier.score(item, RequestOptions())).score == 1.0
+    monkeypatch.setattr(math_verifier, "_check", stuck_check)
+    with pytest.raises(ItemError) as raised:
+        await verifier.score(item, RequestOptions())
+    assert raised.value.code == "verifier_error" and "did not finish" in raised.value.message

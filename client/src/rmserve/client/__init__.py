@@ -1,5 +1,6 @@
-"""Python client for rmserve: sync and async scoring clients, a verl reward function and
-the `rmserve score` command."""
+"""Python client for rmserve: sync and async scoring clients, trainer adapters (verl:
+`rmserve.client.verl`, `rmserve.client.verl_manager`; OpenRLHF: `rmserve.client.openrlhf`;
+TRL) and the `rmserve score` command."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from rmserve.client.client import (
     RewardServiceError,
     ScoreResult,
 )
+from rmserve.client.policy import ItemFailed
 
 __all__ = [
     "AsyncRewardClient",
     "ItemError",
+    "ItemFailed",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",
