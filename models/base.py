@@ -50,6 +50,8 @@ class Sample:
     # Pairwise: the chosen candidate's index (in the item's order) and the order shown.
     choice: int | None = None
     order: list[int] | None = None
+    # Listwise: each candidate's score in the item's order (None: this judgement gave none).
+    scores: list[float | None] | None = None
     # Why the judgement did not parse (parse_error), when it did not.
     error: str | None = None
     # Meta reward model filtering: the judgement's rating, and whether it was aggregated.
@@ -71,8 +73,9 @@ class Evidence:
 @dataclass(frozen=True)
 class Reward:
     score: float
-    # All head outputs when the head has several labels (multi-aspect reward models).
-    scores: list[float] | None = None
+    # All head outputs when the head has several labels (multi-aspect reward models), or one
+    # score per candidate (None: a listwise judge gave that candidate no score).
+    scores: list[float | None] | None = None
     # Process reward models: one score per step; None for a step cut off by truncation.
     step_scores: list[float | None] | None = None
     prompt_tokens: int = 0
@@ -117,7 +120,7 @@ def require_text_only(item: Trajectory, model_name: str) -> None:
         raise ItemError(
             "unsupported_content",
             f"model {model_name!r} scores one response per item; `candidates` needs a "
-            "generative judge in pairwise mode",
+            "generative judge in pairwise or listwise mode",
         )
     if has_images(item):
         raise ItemError(

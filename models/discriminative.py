@@ -26,7 +26,7 @@ class DiscriminativeModel:
         (logits,) = await self._engine.pool(engine_input.token_ids, "classify")
         return Reward(
             score=logits[self._label],
-            scores=logits if len(logits) > 1 else None,
+            scores=[*logits] if len(logits) > 1 else None,
             prompt_tokens=len(engine_input.token_ids),
             truncated_tokens=engine_input.truncated_tokens,
         )

@@ -28,12 +28,17 @@ class EngineStats(Protocol):
     def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         """After an engine step: requests running and waiting, the KV cache fraction in use."""
 
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        """Since the last report: prompt tokens looked up in the prefix cache, and found."""
+
     def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
         """An engine step's output: the requests it advanced and the tokens it processed."""
 
 
 def stat_logger_factory(stats: EngineStats) -> Any:
-    """A vLLM stat-logger factory feeding `stats` (vLLM calls it once per engine)."""
+    """A vLLM stat-logger factory feeding `stats` (vLLM calls it once per engine). A custom
+    stat logger turns vLLM's statistics on despite `disable_log_stats` (which only keeps its
+    own loggers off): the scheduler then counts prefix-cache queries and hits, per step."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class Bridge(StatLoggerBase):
@@ -53,6 +58,9 @@ def stat_logger_factory(stats: EngineStats) -> Any:
                     scheduler_stats.num_waiting_reqs,
                     scheduler_stats.kv_cache_usage,
                 )
+                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+                if prefix is not None and (prefix.queries or prefix.hits):
+                    stats.prefix_cache(prefix.queries, prefix.hits)
             if iteration_stats is not None:
                 # Each request the step advanced has a first-token (prefill done) or an
                 # inter-token (decode) latency in it.
@@ -76,6 +84,10 @@ class PoolingEngine(Protocol):
 
     async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
         """Rows of head outputs: one row for `classify`, one per token for `token_classify`."""
+        ...
+
+    async def supports(self, task: PoolingTask) -> bool:
+        """Whether the loaded model serves `task` (`classify` pooling the last token)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -105,6 +117,7 @@ def engine_args(
         gpu_memory_utilization=options.gpu_memory_utilization,
         max_num_seqs=options.max_num_seqs,
         max_num_batched_tokens=options.max_num_batched_tokens,
+        block_size=options.block_size,
         enforce_eager=options.enforce_eager,
         tensor_parallel_size=options.tensor_parallel_size,
         trust_remote_code=options.trust_remote_code,
@@ -147,6 +160,7 @@ class VllmPoolingEngine:
         self._llm = llm
         self.max_model_len = max_model_len
         self._ids = itertools.count()
+        self._tasks: frozenset[str] | None = None
 
     @classmethod
     def start(
@@ -172,6 +186,19 @@ class VllmPoolingEngine:
         data = final.outputs.data
         rows: list[list[float]] = data.reshape(-1, data.shape[-1]).tolist()
         return rows
+
+    async def supports(self, task: PoolingTask) -> bool:
+        # The tasks of the model's pooler, asked of the engine core once (AsyncLLM caches
+        # them too). A *ForTokenClassification model is loaded through vLLM's seq-cls
+        # adapter, whose pooler serves token_classify and classify with the same head.
+        if self._tasks is None:
+            tasks = set(await self._llm.get_supported_tasks())
+            pooler = self._llm.model_config.pooler_config
+            if pooler is None or pooler.seq_pooling_type != "LAST":
+                # classify of a prefix equals a token's row only when it pools the last token.
+                tasks.discard("classify")
+            self._tasks = frozenset(tasks)
+        return task in self._tasks
 
     def shutdown(self) -> None:
         self._llm.shutdown()

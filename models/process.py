@@ -11,6 +11,7 @@ read at each tag position:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,8 +78,8 @@ class ProcessModel:
         kept = [p - engine_input.truncated_tokens for p in positions]
         if all(p < 0 for p in kept):
             raise ItemError("too_long", "truncation to max_model_len removed every step")
-        rows = await self._engine.pool(engine_input.token_ids, "token_classify")
-        step_scores = [step_score(rows[p], self._options) if p >= 0 else None for p in kept]
+        rows = await self._tag_rows(engine_input.token_ids, kept)
+        step_scores = [step_score(row, self._options) if row is not None else None for row in rows]
         scored = [s for s in step_scores if s is not None]
         return Reward(
             score=AGGREGATES[options.aggregate or self._options.aggregate](scored),
@@ -86,6 +87,34 @@ class ProcessModel:
             prompt_tokens=len(engine_input.token_ids),
             truncated_tokens=engine_input.truncated_tokens,
         )
+
+    async def _tag_rows(
+        self, token_ids: list[int], positions: list[int]
+    ) -> list[list[float] | None]:
+        """The head's raw output at each tag position (None for a tag truncated away).
+
+        With `reuse_prefix`, one `classify` request per tag on the ids up to and including
+        it: attention is causal, so the last-token output of `token_ids[: p + 1]` is the
+        per-token output at p. vLLM serves last-token pooling from its prefix cache (it
+        never does for per-token pooling), so the prompt a group of items shares and each
+        item's earlier steps are computed once rather than once per item and per step.
+        """
+        if self._options.reuse_prefix and await self._engine.supports("classify"):
+            kept = [p for p in positions if p >= 0]
+            tasks = [
+                asyncio.ensure_future(self._engine.pool(token_ids[: p + 1], "classify"))
+                for p in kept
+            ]
+            try:
+                outputs = await asyncio.gather(*tasks)
+            finally:
+                # A failed step fails the item: stop computing its other steps.
+                for task in tasks:
+                    task.cancel()
+            by_position = {p: rows[0] for p, rows in zip(kept, outputs, strict=True)}
+            return [by_position.get(p) for p in positions]
+        rows = await self._engine.pool(token_ids, "token_classify")
+        return [rows[p] if p >= 0 else None for p in positions]
 
     def _tagged_text(self, item: Trajectory) -> tuple[str, int]:
         chat = template_messages(item.messages)

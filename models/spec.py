@@ -41,6 +41,10 @@ class EngineOptions(_Strict):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    # Tokens per KV cache block: the prefix cache reuses whole blocks only, so a smaller block
+    # shares more of a GRPO group's prompt (and a PRM's earlier steps). None: vLLM's default
+    # (16 on GPUs, 128 on CPU, where multiples of 32 run fastest).
+    block_size: int | None = Field(default=None, ge=1)
     # Skip graph compilation: starts several times faster, runs somewhat slower.
     enforce_eager: bool = False
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -74,6 +78,11 @@ class ProcessOptions(_Strict):
     # `positive_label` (Qwen2.5-Math-PRM), sigmoid of that label, or the raw logit.
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     positive_label: int = Field(default=1, ge=0)
+    # Score each step as its own request on the conversation up to its tag (the head's output
+    # at a tag equals the last-token output of that prefix, attention being causal), so vLLM's
+    # prefix cache computes a group's shared prompt and earlier steps once. Off: one request
+    # per item reading every token's output, which vLLM never serves from the prefix cache.
+    reuse_prefix: bool = True
 
 
 class Sampling(_Strict):
@@ -85,17 +94,22 @@ class Sampling(_Strict):
     seed: int | None = None
 
 
-JudgeMode = Literal["pointwise", "pairwise"]
+JudgeMode = Literal["pointwise", "pairwise", "listwise"]
 ToolName = Literal["crop", "search", "code_run", "calculator", "instruction_check"]
 SampleAggregate = Literal["mean", "sum", "vote"]
-_DEFAULT_TEMPLATES = {"pointwise": "principles_pointwise", "pairwise": "rubric_pairwise"}
+_DEFAULT_TEMPLATES = {
+    "pointwise": "principles_pointwise",
+    "pairwise": "rubric_pairwise",
+    "listwise": "listwise",
+}
 
 
 class GenerativeOptions(_Strict):
     # pointwise: each response gets a score in score_range; pairwise: the item's `candidates`
-    # are compared and the judge names the best (listwise for more than two).
+    # are compared and the judge names the best (any number of them); listwise: one judgement
+    # sees all the item's `candidates` and gives each a score in score_range.
     mode: JudgeMode = "pointwise"
-    # A built-in template name (principles_pointwise, rubric_pairwise) or a .jinja file;
+    # A built-in template name (principles_pointwise, rubric_pairwise, listwise) or a .jinja file;
     # by default the built-in one of the mode.
     template: str | None = None
     score_range: tuple[int, int] = (1, 10)

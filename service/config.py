@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=3, ge=1)
     # A job held this long by a worker that stopped renewing it (it died) goes to another.
     reclaim_idle_s: float = Field(default=60.0, gt=0)
+    # How gateways route jobs to workers: prefix sends the items of one prompt to the same
+    # worker while it has room (its engine computes the prompt once), the others to any free
+    # worker; shared gives every job to whichever worker is free; round_robin sends each job to
+    # the next worker in turn (a baseline that ignores prompts and load). Gateways and workers
+    # both read it; mixing is safe (a shared worker is never routed to).
+    routing: Literal["prefix", "round_robin", "shared"] = "prefix"
 
     # Agentic judges: the tool sandbox (`rmserve sandbox`), e.g. http://127.0.0.1:8002. Unset:
     # embedded mode runs the tools in its own process tree (code still only in bubblewrap),

@@ -2,7 +2,8 @@
 
 Gateways are stateless: jobs, results, async batches, the result cache and the workers' states
 all live in Redis, so any gateway answers any request. A worker hosts one model: it loads it,
-announces its state, takes jobs from the model's stream as engine capacity frees up, and on
+announces its state, takes jobs from the model's streams (its own, to which gateways route the
+items of the prompts it has cached, and the shared one) as engine capacity frees up, and on
 SIGTERM drains (stops reading, finishes in-flight jobs within the grace period, releases the
 rest to other workers).
 """
@@ -29,7 +30,7 @@ from rmserve.service.batches import RedisBatchStore
 from rmserve.service.cache import RedisResultCache
 from rmserve.service.config import Settings
 from rmserve.service.directory import ModelDirectory
-from rmserve.service.fleet import WorkerAnnouncer, watch_workers
+from rmserve.service.fleet import STALE_S, WorkerAnnouncer, watch_workers
 from rmserve.service.gateway import create_app
 from rmserve.service.jobs import Job
 from rmserve.service.metrics import Metrics, refresh_depths
@@ -59,6 +60,8 @@ def stream_settings(settings: Settings) -> StreamSettings:
         max_deliveries=settings.max_deliveries,
         reclaim_idle_s=settings.reclaim_idle_s,
         result_ttl_s=max(settings.batch_result_ttl_s, settings.max_timeout_s),
+        routing=settings.routing,
+        stale_s=STALE_S,
     )
 
 
@@ -76,9 +79,11 @@ class GatewayRuntime:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.client = redis_client(_require_redis(settings))
-        self.queue = StreamQueue(self.client, stream_settings(settings), _process_name("gateway"))
-        self.directory = ModelDirectory(registry.models.values())
         self.metrics = Metrics("gateway")
+        self.queue = StreamQueue(
+            self.client, stream_settings(settings), _process_name("gateway"), self.metrics
+        )
+        self.directory = ModelDirectory(registry.models.values())
         self._watcher: asyncio.Task[None] | None = None
 
     def app(self) -> FastAPI:
@@ -210,6 +215,8 @@ class WorkerRuntime:
             return
         concurrency = worker_concurrency(self.spec, self.settings.worker_concurrency)
         self.worker = Worker(self.model, self.queue, self.metrics, concurrency, self.cache)
+        if (stream := self.queue.own_stream(name)) is not None:
+            self.announcer.take_routed_jobs(stream, concurrency)
         self.announcer.set("ready")
         self.metrics.model_ready.labels(name).set(1)
         log.info("worker %s serves %s", self.name, name)

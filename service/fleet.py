@@ -1,10 +1,11 @@
 """Distributed mode: which workers serve each model, and in what state.
 
 Every worker writes its state into the hash `rmserve:workers:<model>` (field: its consumer name;
-value: JSON status, reason, time) every HEARTBEAT_S; every gateway reads the hashes every
-REFRESH_S into its ModelDirectory, so requests are checked against memory, not Redis. Times are
-Redis server time (no clock skew between machines). A worker silent for STALE_S is gone: the
-gateway drops its entry.
+value: JSON status, reason, time and, with prefix routing, its own stream and concurrency, by
+which the gateways' admission routes jobs: service.queue.redis_streams) every HEARTBEAT_S;
+every gateway reads the hashes every REFRESH_S into its ModelDirectory, so requests are checked
+against memory, not Redis. Times are Redis server time (no clock skew between machines). A
+worker silent for STALE_S is gone: the gateway drops its entry.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 from rmserve.service.directory import ModelDirectory
 from rmserve.service.protocol import ModelStatus
 from rmserve.service.queue.base import QueueUnavailableError
-from rmserve.service.queue.redis_streams import available
+from rmserve.service.queue.redis_streams import available, workers_key
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,7 @@ HEARTBEAT_S = 2.0
 STALE_S = 10.0
 REFRESH_S = 1.0
 
-
-def workers_key(model: str) -> str:
-    return f"rmserve:workers:{model}"
+__all__ = ["WorkerAnnouncer", "model_state", "watch_workers", "workers_key"]
 
 
 async def _redis_time(client: aioredis.Redis) -> float:
@@ -45,7 +44,14 @@ class WorkerAnnouncer:
         self._redis, self.model, self.worker = client, model, worker
         self.status: ModelStatus = "loading"
         self.reason: str | None = None
+        # Where jobs routed to this worker go, and how many it takes (prefix routing).
+        self.routing: dict[str, Any] = {}
         self._changed = asyncio.Event()
+
+    def take_routed_jobs(self, stream: str, concurrency: int) -> None:
+        """Announce the worker's own stream: gateways route jobs to it while it is ready."""
+        self.routing = {"stream": stream, "concurrency": concurrency}
+        self._changed.set()
 
     def set(self, status: ModelStatus, reason: str | None = None) -> None:
         self.status, self.reason = status, reason
@@ -62,7 +68,8 @@ class WorkerAnnouncer:
                 await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
 
     async def _publish(self) -> None:
-        state = {"status": self.status, "reason": self.reason, "at": await _redis_time(self._redis)}
+        at = await _redis_time(self._redis)
+        state = {"status": self.status, "reason": self.reason, "at": at, **self.routing}
         await available(self._redis.hset(workers_key(self.model), self.worker, json.dumps(state)))
 
     async def withdraw(self) -> None:

@@ -10,6 +10,13 @@ from rmserve.service.protocol import ItemErrorBody, ItemResult, JudgeOptions
 from rmserve.wire.trajectory import Trajectory
 
 
+class GroupMember(BaseModel):
+    """An item of the request that a folded group job (listwise judging) stands for."""
+
+    index: int
+    id: str | None = None
+
+
 class Job(BaseModel):
     id: str
     model: str
@@ -21,6 +28,10 @@ class Job(BaseModel):
     aggregate: Aggregate | None = None
     judge: JudgeOptions | None = None
     render: Render = "chat_template"
+    # Distributed mode: jobs with the same key (a hash of the item's prompt: the conversation
+    # before the response) go to the same worker while it has room, so its engine computes the
+    # shared prompt once (service.queue.redis_streams). None: any worker.
+    prefix_key: str | None = None
     # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
     reply_to: str | None = None
     # The async batch (POST /v1/jobs) the job belongs to. With Redis, the worker appends the
@@ -28,6 +39,9 @@ class Job(BaseModel):
     batch: str | None = None
     # Where the worker caches the result (result cache on); None: not cached.
     cache_key: str | None = None
+    # A listwise judge's job for a whole group: the request's items it scores, in candidate
+    # order (the gateway unfolds the result; service.groups). Kept by the gateway, not sent.
+    members: list[GroupMember] | None = Field(default=None, exclude=True)
     # The queue's handle for acknowledging this delivery (a stream entry id); not serialized.
     receipt: str | None = Field(default=None, exclude=True)
 

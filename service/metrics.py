@@ -97,6 +97,14 @@ class Metrics(HttpMetrics):
             "rmserve_queue_pending", "jobs delivered to a worker and not yet acknowledged"
         )
         self.queue_lag = gauge("rmserve_queue_lag", "jobs in the queue no worker has taken yet")
+        self.routed_jobs = Counter(
+            "rmserve_routed_jobs",
+            "jobs a gateway admitted, by route: affinity (to the worker their prompt prefers), "
+            "fallback (another, the preferred one being loaded), shared (to any worker), "
+            "round_robin (to the next worker in turn)",
+            ["model", "route"],
+            registry=self.registry,
+        )
 
     def _engine_metrics(self) -> None:
         counter, gauge = partial(self._per_model, Counter), partial(self._per_model, Gauge)
@@ -123,6 +131,15 @@ class Metrics(HttpMetrics):
             "rmserve_engine_kv_cache_usage_ratio",
             "fraction of the engine's KV cache in use at its last step",
         )
+        # The hit rate of a worker's engine is hits / queries (each worker serves its own).
+        self.engine_prefix_cache_queries = counter(
+            "rmserve_engine_prefix_cache_queries",
+            "prompt tokens the vLLM engine looked up in its prefix cache",
+        )
+        self.engine_prefix_cache_hits = counter(
+            "rmserve_engine_prefix_cache_hits",
+            "prompt tokens the vLLM engine found in its prefix cache (not computed again)",
+        )
 
     # service.queue.base.QueueEvents
     def acked(self, model: str) -> None:
@@ -133,6 +150,9 @@ class Metrics(HttpMetrics):
 
     def dead_lettered(self, model: str) -> None:
         self.jobs_dead_lettered.labels(model).inc()
+
+    def routed(self, model: str, route: str, jobs: int) -> None:
+        self.routed_jobs.labels(model, route).inc(jobs)
 
     def engine_stats(self, model: str) -> EngineStatsRecorder:
         return EngineStatsRecorder(self, model)
@@ -166,11 +186,17 @@ class EngineStatsRecorder:
         self._running = metrics.engine_running.labels(model)
         self._waiting = metrics.engine_waiting.labels(model)
         self._kv_cache = metrics.engine_kv_cache_usage.labels(model)
+        self._prefix_queries = metrics.engine_prefix_cache_queries.labels(model)
+        self._prefix_hits = metrics.engine_prefix_cache_hits.labels(model)
 
     def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         self._running.set(running)
         self._waiting.set(waiting)
         self._kv_cache.set(kv_cache_usage)
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self._prefix_queries.inc(queries)
+        self._prefix_hits.inc(hits)
 
     def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
         if batch > 0:

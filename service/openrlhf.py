@@ -27,6 +27,7 @@ whatever `on_error` says.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -165,6 +166,8 @@ def query_item(
     query: str, prompt: str, fields: dict[str, Any], how: QueryFormat, warned: set[str]
 ) -> tuple[Trajectory | None, ItemErrorBody | None]:
     """The item a query becomes, or why it cannot become one."""
+    if prompt and "group" not in fields:  # the samples of one prompt form a group
+        fields = {**fields, "group": hashlib.sha256(prompt.encode()).hexdigest()[:32]}
     if how == "raw":
         messages = [{"role": "user", "content": query}]
     else:

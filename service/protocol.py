@@ -90,6 +90,8 @@ class SampleResult(BaseModel):
     text: str
     completion_tokens: int
     score: float | None = None
+    # Listwise: this judgement's score of each candidate, in the item's order (None: not given).
+    scores: list[float | None] | None = None
     # Pairwise: the label of the chosen candidate (in the item's order) and the order shown.
     verdict: str | None = None
     order: list[str] | None = None
@@ -121,7 +123,8 @@ class ItemResult(BaseModel):
     id: str | None = None
     index: int
     score: float | None = None
-    scores: list[float] | None = None
+    # Several head outputs, or one score per candidate (None: a listwise judge gave none).
+    scores: list[float | None] | None = None
     step_scores: list[float | None] | None = None
     # Generative judges: the best candidate's label (pairwise, or pointwise over candidates),
     # the critique, and every judgement when options.judge.return_samples.

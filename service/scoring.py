@@ -12,6 +12,7 @@ from rmserve.models.spec import GenerativeSpec, ModelSpec
 from rmserve.service.cache import ResultCache, cache_key
 from rmserve.service.config import Settings
 from rmserve.service.directory import ModelDirectory
+from rmserve.service.groups import Unit, fold, prefix_key, unfold
 from rmserve.service.jobs import Job, error_result
 from rmserve.service.limits import ItemLimits, check_items, inline_images
 from rmserve.service.metrics import Metrics
@@ -146,6 +147,8 @@ class ScoringService:
             self._settings.max_timeout_s,
         )
         request_id = batch or uuid.uuid4().hex
+        spec = self._directory.spec(request.model)
+        units = self._units(request, spec, batch)
         jobs = [
             Job(
                 id=f"{request_id}:{index}",
@@ -158,14 +161,29 @@ class ScoringService:
                 judge=request.options.judge,
                 render=request.options.render,
                 batch=batch,
+                prefix_key=prefix_key(item),
+                members=members,
             )
-            for index, item in enumerate(request.items)
+            for index, item, members in units
         ]
         if self._cache is not None:  # the worker caches what it scores under this key
-            spec = self._directory.spec(request.model)
             for job in jobs:
                 job.cache_key = cache_key(spec, job)
         return jobs
+
+    @staticmethod
+    def _units(request: ScoreRequest, spec: ModelSpec, batch: str | None) -> list[Unit]:
+        """What the model scores, job by job: each item, or for a listwise judge each group."""
+        if not (isinstance(spec, GenerativeSpec) and spec.options.mode == "listwise"):
+            return [(index, item, None) for index, item in enumerate(request.items)]
+        units = fold(request.items)
+        if batch is not None and any(members for _, _, members in units):
+            raise UnprocessableEntity(
+                "items.0.group: listwise judging of groups is available on POST /v1/score; in "
+                "an async batch, give each group as one item with `candidates`",
+                param="items.0.group",
+            )
+        return units
 
     async def enqueue(self, jobs: list[Job]) -> Submission:
         """Answer what the cache knows, enqueue the rest (all or none)."""
@@ -194,11 +212,10 @@ class ScoringService:
             return jobs, []
         hits = await self._cache.get_many(keys)
         cached = [
-            hits[job.cache_key].model_copy(
-                update={"id": job.item.id, "index": job.index, "cached": True}
-            )
+            result
             for job in jobs
             if job.cache_key in hits
+            for result in _results(job, hits[job.cache_key].model_copy(update={"cached": True}))
         ]
         return [job for job in jobs if job.cache_key not in hits], cached
 
@@ -214,14 +231,23 @@ class ScoringService:
             self._queue.results(list(pending), submission.jobs[0].deadline)
         ) as finished:
             async for job_id, result in finished:
-                pending.pop(job_id, None)
-                yield result
+                if (job := pending.pop(job_id, None)) is not None:
+                    for item_result in _results(job, result):
+                        yield item_result
         for job in pending.values():
-            yield _timed_out(job)
+            for item_result in _results(job, _timed_out(job)):
+                yield item_result
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         results = [result async for result in self.stream(await self.submit(request))]
         return ScoreResponse(model=request.model, results=sorted(results, key=lambda r: r.index))
+
+
+def _results(job: Job, result: ItemResult) -> list[ItemResult]:
+    """The results of the request's items that a job scored: its item's, or its group's."""
+    if job.members is not None:
+        return unfold(result, job.members)
+    return [result.model_copy(update={"id": job.item.id, "index": job.index})]
 
 
 def _timed_out(job: Job) -> ItemResult:

@@ -235,6 +235,7 @@ def sample_result(sample: Sample) -> SampleResult:
         text=sample.text,
         completion_tokens=sample.completion_tokens,
         score=sample.score,
+        scores=sample.scores,
         verdict=candidate_label(sample.choice) if sample.choice is not None else None,
         order=[candidate_label(i) for i in sample.order] if sample.order is not None else None,
         error=sample.error,

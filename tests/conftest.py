@@ -43,6 +43,19 @@ def start_server(registry: Path, workdir: Path, env: dict[str, str]) -> ServerPr
     return server
 
 
+@contextlib.contextmanager
+def ready_client(registry: Path, workdir: Path, env: dict[str, str]) -> Iterator[httpx.Client]:
+    """A client of a real `rmserve serve` all of whose models are ready; stopped on exit."""
+    server = start_server(registry, workdir, env)
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=300) as client:
+            models = client.get("/v1/models").json()["data"]
+            assert all(m["status"] == "ready" for m in models), models
+            yield client
+    finally:
+        server.stop()
+
+
 def start_sandbox(
     log: Path, env: Mapping[str, str] | None = None, port: int | None = None
 ) -> ServerProcess:

@@ -193,6 +193,10 @@ class Trajectory(BaseModel):
 
     id: str | None = Field(default=None, max_length=256)
     messages: list[Message] = Field(min_length=1)
+    # GRPO / RLOO groups: items of one request with the same `group` are responses to the same
+    # prompt. Listwise judges compare a group's responses in one call; every model routes a
+    # group to one worker, so its engine computes the shared prompt once.
+    group: str | None = Field(default=None, min_length=1, max_length=256)
     candidates: list[Candidate] | None = Field(default=None, min_length=2, max_length=26)
     reference: str | None = None
     # Agentic judges: documents their `search` tool ranks.

@@ -1,13 +1,16 @@
 """Generative reward models: an LLM judge writes critiques and verdicts, which are parsed.
 
 Pointwise: the response (the turns after the last user message, or each of the item's
-`candidates`) gets a score in the model's `score_range`. Pairwise / listwise: the judge names the
-best of the item's `candidates`; each candidate's score is its share of the verdicts.
+`candidates`) gets a score in the model's `score_range`. Pairwise: the judge names the best of
+the item's `candidates`; each candidate's score is its share of the verdicts. Listwise: one
+judgement sees all the `candidates` (the conversation once) and scores each in `score_range`;
+a candidate the judge gave no usable score has the score None, never a default.
 
 Inference-time scaling: `samples=k` judgements per item. Pointwise draws them in one engine
-request (n=k); pairwise draws each with its own random candidate order (cancelling position
-bias). Parsed judgements are combined by `mean`, `sum` or `vote` (the most frequent verdict);
-judgements that do not parse are reported, never counted as a default. An item none of whose
+request (n=k); pairwise and listwise draw each with its own random candidate order (cancelling
+position bias). Parsed judgements are combined by `mean`, `sum` or `vote` (the most frequent
+verdict; listwise, per candidate over the judgements that scored it); judgements that do not
+parse are reported, never counted as a default. An item none of whose
 judgements parse gets the error `parse_error` with the raw text. With `structured_output`,
 vLLM constrains the final answer so that every judgement parses.
 
@@ -34,10 +37,13 @@ from rmserve.models.generative.backends import JudgeBackend, Judged, first_turn
 from rmserve.models.generative.parsing import (
     ChoiceVerdict,
     JudgementParseError,
+    ListwiseVerdict,
     PointwiseVerdict,
     candidate_label,
     choice_answer_regex,
+    listwise_answer_regex,
     parse_choice,
+    parse_listwise,
     parse_pointwise,
     pointwise_answer_regex,
 )
@@ -46,7 +52,14 @@ from rmserve.models.spec import GenerativeSpec
 from rmserve.wire.errors import ItemError
 from rmserve.wire.images import JudgeImage, check_count, decode_images, image_urls
 from rmserve.wire.tools import Toolbox, ToolSpec
-from rmserve.wire.trajectory import AssistantMessage, Document, Message, Trajectory, UserMessage
+from rmserve.wire.trajectory import (
+    AssistantMessage,
+    Candidate,
+    Document,
+    Message,
+    Trajectory,
+    UserMessage,
+)
 
 # How long a meta reward model may take when the request gives no deadline.
 META_TIMEOUT_S = 300.0
@@ -78,6 +91,8 @@ class GenerativeModel:
         images = await self._images(item)
         if self._options.mode == "pairwise":
             return await self._choose(item, options, images)
+        if self._options.mode == "listwise":
+            return await self._rank(item, options, images)
         if item.candidates:
             return await self._score_candidates(item, options, images)
         context, response = split_response(item.messages)
@@ -162,7 +177,7 @@ class GenerativeModel:
         samples = [s for reward in rewards for s in reward.samples or []]
         return Reward(
             score=scores[best],
-            scores=scores,
+            scores=[*scores],
             verdict=candidate_label(best),
             critique=rewards[best].critique,
             prompt_tokens=sum(reward.prompt_tokens for reward in rewards),
@@ -171,24 +186,16 @@ class GenerativeModel:
             evidence=[e for reward in rewards for e in reward.evidence or ()] or None,
         )
 
-    # -- pairwise / listwise ---------------------------------------------------------------
+    # -- pairwise --------------------------------------------------------------------------
 
     async def _choose(
         self, item: Trajectory, options: RequestOptions, images: Sequence[JudgeImage]
     ) -> Reward:
-        candidates = item.candidates or []
-        if len(candidates) < 2:
-            raise ItemError(
-                "missing_candidates",
-                f"judge {self.name!r} compares responses: give the item `candidates` (2 or more)",
-            )
-        count, k = len(candidates), self._samples(options)
+        candidates = self._candidates(item)
+        count = len(candidates)
         texts = [transcript(candidate.messages) for candidate in candidates]
         context = transcript(item.messages)
-        rng = random.Random(
-            options.seed if options.seed is not None else self._options.sampling.seed
-        )
-        orders = [list(range(count))] + [rng.sample(range(count), count) for _ in range(k - 1)]
+        orders = self._orders(count, options)
         regex = (
             choice_answer_regex(count, self._options.max_critique_chars)
             if self._options.structured_output
@@ -241,9 +248,82 @@ class GenerativeModel:
         best = max(range(count), key=lambda i: (votes[i], -i))
         return Reward(
             score=scores[best],
-            scores=scores,
+            scores=[*scores],
             verdict=candidate_label(best),
             critique=critiques[best],
+            prompt_tokens=sum(judged.prompt_tokens for judged in results),
+            completion_tokens=sum(s.completion_tokens for s in samples),
+            samples=samples if options.return_samples else None,
+            evidence=[e for _, evidence in generated for e in evidence or ()] or None,
+        )
+
+    # -- listwise --------------------------------------------------------------------------
+
+    async def _rank(
+        self, item: Trajectory, options: RequestOptions, images: Sequence[JudgeImage]
+    ) -> Reward:
+        """One judgement (per sample) scores every candidate; each judgement shows them in its
+        own order, and a candidate's score combines the scores it got (None if it got none)."""
+        candidates = self._candidates(item)
+        count = len(candidates)
+        low, high = self._options.score_range
+        texts = [transcript(candidate.messages) for candidate in candidates]
+        context = transcript(item.messages)
+        orders = self._orders(count, options)
+        regex = (
+            listwise_answer_regex(count, low, high, self._options.max_critique_chars)
+            if self._options.structured_output
+            else None
+        )
+        sampling = self._sampling(options, 1, regex)
+        prompts = [
+            self._prompt.listwise(context, [texts[i] for i in order], item.reference, low, high)
+            for order in orders
+        ]
+        generated = await asyncio.gather(
+            *(
+                self._generate(prompt, images, item.documents or (), sampling, options, i)
+                for i, prompt in enumerate(prompts)
+            )
+        )
+        results = [judged for judged, _ in generated]
+        samples: list[Sample] = []
+        verdicts: dict[int, ListwiseVerdict] = {}
+        for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
+            completion = judged.completions[0]
+            try:
+                verdicts[i] = parse_listwise(completion.text, count, low, high)
+            except JudgementParseError as exc:
+                samples.append(
+                    Sample(completion.text, completion.tokens, order=order, error=exc.reason)
+                )
+            else:
+                shown = verdicts[i].scores  # position in this judgement's order -> score
+                scored: list[float | None] = [None] * count
+                for position, index in enumerate(order):
+                    scored[index] = shown[position]
+                samples.append(
+                    Sample(completion.text, completion.tokens, scores=scored, order=order)
+                )
+        if not verdicts:
+            _unparsed(samples)
+        samples = await self._rate(prompts, samples, options)
+        kept = [i for i in verdicts if samples[i].kept is not False]
+        given: list[list[float]] = [[] for _ in range(count)]
+        for i in kept:
+            for index, value in enumerate(samples[i].scores or ()):
+                if value is not None:
+                    given[index].append(value)
+        # Every parsed judgement scores a candidate, and at least one of them is kept.
+        combined = {
+            i: _combine(values, self._options.aggregate) for i, values in enumerate(given) if values
+        }
+        best = max(combined, key=lambda i: (combined[i], -i))
+        return Reward(
+            score=combined[best],
+            scores=[combined.get(i) for i in range(count)],
+            verdict=candidate_label(best),
+            critique=verdicts[kept[0]].critique,
             prompt_tokens=sum(judged.prompt_tokens for judged in results),
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
@@ -332,6 +412,23 @@ class GenerativeModel:
         return rated
 
     # -- shared ----------------------------------------------------------------------------
+
+    def _candidates(self, item: Trajectory) -> list[Candidate]:
+        candidates = item.candidates or []
+        if len(candidates) < 2:
+            raise ItemError(
+                "missing_candidates",
+                f"judge {self.name!r} compares responses: give the item `candidates` (2 or more)",
+            )
+        return list(candidates)
+
+    def _orders(self, count: int, options: RequestOptions) -> list[list[int]]:
+        """The candidate order of each judgement: the item's, then random ones (seeded)."""
+        rng = random.Random(
+            options.seed if options.seed is not None else self._options.sampling.seed
+        )
+        k = self._samples(options)
+        return [list(range(count))] + [rng.sample(range(count), count) for _ in range(k - 1)]
 
     def _samples(self, options: RequestOptions) -> int:
         return options.samples or self._options.samples

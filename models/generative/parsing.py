@@ -3,8 +3,10 @@
 A judge writes a free-form critique and then its final answer:
 
 - pointwise (DeepSeek-GRM style): principles and critique, then the score as `\\boxed{7}`;
-- pairwise / listwise (RM-R1 style): rubric and evaluation, then the chosen candidate as
-  `[[A]]`, `[[B]]`, ... often inside `<answer>[[B]]</answer>`.
+- pairwise (RM-R1 style): rubric and evaluation, then the chosen candidate as `[[A]]`,
+  `[[B]]`, ... often inside `<answer>[[B]]</answer>`;
+- listwise: a critique of all candidates, then one score per candidate in a final block
+  `Scores: A=7, B=3, C=9`.
 
 Rules shared by both formats:
 
@@ -17,10 +19,12 @@ Rules shared by both formats:
   tags removed, stripped. A "Final score:" label just before the marker stays in it.
 - There is never a default verdict: a missing, malformed, truncated or out-of-range answer
   raises JudgementParseError whose `reason` says what was found and `raw` is the whole text.
+  Listwise, a candidate whose score is missing, out of range or conflicting gets None (with
+  the reason in `problems`); only a block without any usable score is an error.
 
-`pointwise_answer_regex` and `choice_answer_regex` build plain regexes (character classes,
-bounded repetition, alternation only) for structured generation; every text they fully match
-parses to the answer in its marker.
+`pointwise_answer_regex`, `choice_answer_regex` and `listwise_answer_regex` build plain regexes
+(character classes, bounded repetition, alternation only) for structured generation; every text
+they fully match parses to the answer in its marker.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ _BOX = "\\boxed{"
 _TEXT = "\\text{"
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:/\s*(\d+(?:\.\d*)?)\s*)?")
 _MARKER = re.compile(r"\[\[([^\[\]]*)\]\]")
+# Listwise: the final block's marker (also inside a word: a constrained critique may end in a
+# letter), its extent (up to a blank line) and its entries `A=7` (also `a: 7`, `A = 7/10`);
+# a label is one letter not preceded by a letter, digit or `_`.
+_SCORES = re.compile(r"scores[ \t]*:", re.IGNORECASE)
+_BLOCK_END = re.compile(r"\n[ \t\r]*\n")
+_ENTRY = re.compile(
+    r"(?<![A-Za-z0-9_])([A-Za-z])[ \t]*[=:][ \t]*([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+    r"(?:[ \t]*/[ \t]*(\d+(?:\.\d*)?))?(?![\d.])"
+)
 _SHOWN_CHARS = 40
 
 
@@ -61,10 +74,20 @@ class PointwiseVerdict:
 
 @dataclass(frozen=True)
 class ChoiceVerdict:
-    """A pairwise/listwise judgement: 0-based index of the chosen candidate (A=0, B=1, ...)."""
+    """A pairwise judgement: 0-based index of the chosen candidate (A=0, B=1, ...)."""
 
     choice: int
     critique: str
+
+
+@dataclass(frozen=True)
+class ListwiseVerdict:
+    """A listwise judgement: one score per candidate in the order shown (None where the judge
+    gave no usable score, `problems` saying why), and the critique before the block."""
+
+    scores: tuple[float | None, ...]
+    critique: str
+    problems: tuple[str, ...] = ()
 
 
 def parse_pointwise(text: str, low: float, high: float) -> PointwiseVerdict:
@@ -100,7 +123,7 @@ def parse_pointwise(text: str, low: float, high: float) -> PointwiseVerdict:
 
 
 def parse_choice(text: str, candidates: int) -> ChoiceVerdict:
-    """Chosen candidate of a pairwise/listwise judgement: its last `[[X]]` marker.
+    """Chosen candidate of a pairwise judgement: its last `[[X]]` marker.
 
     Candidates are labelled A, B, C, ...; the marker's label is case-insensitive and may have
     spaces inside the brackets (`[[ b ]]`). Only the last marker counts, so "[[A]] and [[B]]
@@ -127,6 +150,72 @@ def parse_choice(text: str, candidates: int) -> ChoiceVerdict:
     return ChoiceVerdict(choice=labels.index(label), critique=_critique(answer[: last.start()]))
 
 
+def parse_listwise(text: str, candidates: int, low: float, high: float) -> ListwiseVerdict:
+    """Scores of a listwise judgement: the entries of its last `Scores:` block.
+
+    The block runs from its marker (case-insensitive) to the first blank line; it holds entries
+    `LABEL=N` (or `LABEL: N`), separated by anything (commas, spaces, newlines). Labels are
+    case-insensitive; N is a number as in `parse_pointwise` (a fraction must be of `high`).
+    A candidate gets no score (None), with the reason in `problems`, when it has no entry, an
+    out-of-range or malformed one, or entries with different numbers (the same number repeated
+    is fine). Entries for labels that are not candidates are ignored (and named in `problems`).
+    Error when the block is missing or no candidate has a usable score.
+    """
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"invalid score range {low}-{high}")
+    labels = [candidate_label(i) for i in range(_check_candidates(candidates))]
+    thinking, answer = _split_thinking(text)
+    markers = list(_SCORES.finditer(answer))
+    if not markers:
+        if _SCORES.search(thinking):
+            raise JudgementParseError(
+                "no final answer after </think>: the Scores: block is only in the thinking", text
+            )
+        raise JudgementParseError("no `Scores: A=.., B=..` block in the judgement", text)
+    last = markers[-1]
+    block = answer[last.end() :].lstrip()
+    if (end := _BLOCK_END.search(block)) is not None:
+        block = block[: end.start()]
+    found: dict[int, set[float]] = {}
+    problems: list[str] = []
+    for entry in _ENTRY.finditer(block):
+        label, number, denominator = entry.groups()
+        label = label.upper()
+        if label not in labels:
+            problems.append(f"{label} is not a candidate ({labels[0]}-{labels[-1]})")
+            continue
+        index = labels.index(label)
+        value = float(number)
+        if denominator is not None and float(denominator) != high:
+            problems.append(f"{label}: {_shorten(entry.group(0))} is not a fraction of {high:g}")
+            value = math.nan
+        elif not (math.isfinite(value) and low <= value <= high):
+            problems.append(f"{label}: {_shorten(number)} is outside {low:g}-{high:g}")
+            value = math.nan
+        found.setdefault(index, set()).add(value)
+    scores: list[float | None] = []
+    for index, label in enumerate(labels):
+        values = found.get(index)
+        if values is None:
+            problems.append(f"{label}: no score")
+            scores.append(None)
+        elif len(values) > 1:
+            if not any(math.isnan(v) for v in values):
+                shown = ", ".join(f"{v:g}" for v in sorted(values))
+                problems.append(f"{label}: conflicting scores {shown}")
+            scores.append(None)
+        else:
+            (value,) = values
+            scores.append(None if math.isnan(value) else value)
+    if all(score is None for score in scores):
+        raise JudgementParseError(
+            f"the final Scores: block gives no usable score ({'; '.join(problems)})", text
+        )
+    return ListwiseVerdict(
+        scores=tuple(scores), critique=_critique(answer[: last.start()]), problems=tuple(problems)
+    )
+
+
 def candidate_label(index: int) -> str:
     """Label of the candidate at a 0-based index: 0 -> "A", 1 -> "B", ... 25 -> "Z"."""
     if not 0 <= index < 26:
@@ -148,7 +237,7 @@ def pointwise_answer_regex(low: int, high: int, max_critique_chars: int) -> str:
 
 
 def choice_answer_regex(candidates: int, max_critique_chars: int) -> str:
-    """Regex of a pairwise/listwise judgement: a critique, then exactly one `[[X]]` marker.
+    """Regex of a pairwise judgement: a critique, then exactly one `[[X]]` marker.
 
     The critique has at most `max_critique_chars` characters, no `[` (so no other marker) and
     does not start with whitespace or `<t` (so it cannot open a `<think>` block). Nothing may
@@ -158,6 +247,22 @@ def choice_answer_regex(candidates: int, max_critique_chars: int) -> str:
     return _critique_regex(r"\[", max_critique_chars) + r"\[\[(" + labels + r")\]\]"
 
 
+def listwise_answer_regex(candidates: int, low: int, high: int, max_critique_chars: int) -> str:
+    """Regex of a listwise judgement: a critique, then `Scores: A=N, B=N, ...` with an integer
+    N in [low, high] for every candidate, in order.
+
+    The critique has at most `max_critique_chars` characters of any kind (the parser reads only
+    the last `Scores:` block, which is this final one) and does not start with whitespace or
+    `<t`. Nothing may follow the block. Only plain regex features are used.
+    """
+    if low > high:
+        raise ValueError(f"invalid score range {low}-{high}")
+    scores = "(" + "|".join(str(n) for n in range(low, high + 1)) + ")"
+    labels = [candidate_label(i) for i in range(_check_candidates(candidates))]
+    block = ", ".join(f"{label}={scores}" for label in labels)
+    return _critique_regex("", max_critique_chars) + "Scores: " + block
+
+
 def _check_candidates(candidates: int) -> int:
     if not 2 <= candidates <= 26:
         raise ValueError(f"a choice needs 2-26 candidates, not {candidates}")
@@ -165,7 +270,8 @@ def _check_candidates(candidates: int) -> int:
 
 
 def _critique_regex(forbidden: str, max_chars: int) -> str:
-    """Up to `max_chars` characters outside class `forbidden`, not starting with space or `<t`.
+    """Up to `max_chars` characters outside class `forbidden` (any character when it is empty),
+    not starting with space or `<t`.
 
     A text starting with `<think>` and never closing it is a truncated generation to the
     parser, so the critique may start with `<` (`<rubric>`) but not with `<t`.
@@ -174,8 +280,9 @@ def _critique_regex(forbidden: str, max_chars: int) -> str:
         raise ValueError(f"max_critique_chars must be >= 0, not {max_chars}")
     if max_chars == 0:
         return ""
-    plain = f"[^{forbidden}< \\t\\r\\n][^{forbidden}]{{0,{max_chars - 1}}}"
-    angle = f"<([^t{forbidden}][^{forbidden}]{{0,{max_chars - 2}}})?" if max_chars > 1 else "<"
+    rest = f"[^{forbidden}]" if forbidden else "[\\s\\S]"
+    plain = f"[^{forbidden}< \\t\\r\\n]{rest}{{0,{max_chars - 1}}}"
+    angle = f"<([^t{forbidden}]{rest}{{0,{max_chars - 2}}})?" if max_chars > 1 else "<"
     return f"({plain}|{angle})?"
 
 

@@ -1,13 +1,14 @@
 """Judge prompts: the conversation and the response(s) to judge, rendered by a Jinja template
 into the user message the judge model reads (the judge's own chat template wraps it).
 
-Templates are files: a built-in name (`principles_pointwise`, `rubric_pairwise`, shipped in
-`models/generative/templates/`) or the path of the user's own `.jinja` file. They run in
+Templates are files: a built-in name (`principles_pointwise`, `rubric_pairwise`, `listwise`,
+shipped in `models/generative/templates/`) or the path of the user's own `.jinja` file. They run in
 Jinja's sandbox with undefined variables as errors, so a typo fails at load time, not silently.
 
 Variables: `conversation` (the transcript up to the response), `reference` (text or None),
-pointwise: `response`, `low`, `high`; pairwise / listwise: `candidates` (list of `label` and
-`text`) and `labels`.
+pointwise: `response`, `low`, `high`; pairwise: `candidates` (list of `label` and `text`) and
+`labels`; listwise: `candidates`, `labels`, `low` and `high`. Templates put the conversation
+before the candidates, so that the judgements of one conversation share a cached prefix.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ class JudgePrompt:
             candidates=[{"label": lb, "text": t} for lb, t in zip(labels, candidates, strict=True)],
             labels=labels,
             reference=reference,
+        )
+
+    def listwise(
+        self, context: str, candidates: Sequence[str], reference: str | None, low: int, high: int
+    ) -> str:
+        labels = [candidate_label(i) for i in range(len(candidates))]
+        return self._render(
+            conversation=context,
+            candidates=[{"label": lb, "text": t} for lb, t in zip(labels, candidates, strict=True)],
+            labels=labels,
+            reference=reference,
+            low=low,
+            high=high,
         )
 
     def _render(self, **variables: object) -> str:

@@ -45,6 +45,10 @@ class QueueEvents(Protocol):
     def dead_lettered(self, model: str) -> None:
         """A job was given up after too many deliveries."""
 
+    def routed(self, model: str, route: str, jobs: int) -> None:
+        """`jobs` jobs were admitted by `route`: affinity (to the worker their prefix key
+        prefers), fallback (to another, that one being loaded) or shared (to any worker)."""
+
 
 class NoEvents:
     def acked(self, model: str) -> None:
@@ -54,6 +58,9 @@ class NoEvents:
         pass
 
     def dead_lettered(self, model: str) -> None:
+        pass
+
+    def routed(self, model: str, route: str, jobs: int) -> None:
         pass
 
 

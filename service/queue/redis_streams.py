@@ -1,18 +1,41 @@
 """The Redis Streams queue of distributed mode: many gateways and workers share one Redis.
 
-    rmserve:jobs:<model>     stream of jobs, consumer group "workers" (at-least-once delivery)
-    rmserve:dead:<model>     dead-letter stream: jobs delivered more than max_deliveries times
-    rmserve:result:<job id>  the result, stored (with a TTL) before the job is acknowledged
-    rmserve:replies:<gw id>  pub/sub channel on which workers announce results to their gateway
-    rmserve:batch:<id>       stream of an async batch: a header entry, then each result
+    rmserve:jobs:<model>           the shared stream of a model's jobs, consumer group "workers"
+                                   (at-least-once delivery): any worker takes them
+    rmserve:jobs:<model>:<worker>  a worker's own stream (prefix routing): jobs routed to it
+    rmserve:streams:<model>        set of the model's worker streams (for depth and orphans)
+    rmserve:workers:<model>        the workers' states (service.fleet), read by admission
+    rmserve:dead:<model>           dead-letter stream: jobs delivered more than max_deliveries times
+    rmserve:result:<job id>        the result, stored (with a TTL) before the job is acknowledged
+    rmserve:replies:<gw id>        pub/sub channel of a gateway: workers announce its results
+    rmserve:batch:<id>             stream of an async batch: a header entry, then each result
 
-A gateway enqueues all jobs of a request in one pipelined round trip and waits on its channel;
-a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of the result
-keys, so nothing waits forever. Workers read as many jobs as they have free slots, keep their
-in-flight entries fresh (XCLAIM JUSTID) so that nobody steals long jobs, and reclaim entries of
-dead consumers (XAUTOCLAIM) once idle longer than `reclaim_idle_s`. A stored result makes a
-redelivered job idempotent: it is answered from the store, not scored again. A worker that
-drains on shutdown releases the jobs it could not finish (they become reclaimable at once).
+A gateway enqueues all jobs of a request in one round trip (a Lua script, atomic across
+gateways: all or none, within the capacity summed over the model's streams) and waits on its
+channel; a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of
+the result keys, so nothing waits forever.
+
+Routing (`routing="prefix"`): jobs with the same `prefix_key` (a hash of the item's prompt) go
+to the same worker, whose engine then computes the shared prompt once (vLLM prefix cache). The
+admission script ranks the live ready workers that announced a stream by rendezvous hashing
+(highest sha1(prefix_key, worker name) first: stable when workers join or leave) and puts all
+jobs of one key of the request into the stream of the first worker whose backlog (pending + lag
+of its stream) is below its announced concurrency; when every one is loaded, into the shared
+stream (fall back to load: any free worker takes it). Jobs without a key go to the shared
+stream. `routing="shared"` puts every job into the shared stream (the behaviour before routing);
+`routing="round_robin"` puts each job into the next routable worker's stream in turn (a
+benchmark baseline that ignores prompts and load).
+
+Workers read their own stream and the shared stream (alternating which comes first, so neither
+starves), up to their free slots, and every `reclaim_every_s` look for orphan streams: the
+streams of workers that are not live and ready (withdrawn when draining, stale when killed,
+out of service). Every worker reads the orphans' undelivered entries and reclaims their idle
+pending entries, and an orphan stream that is empty is deleted (atomically, so that no admission
+adds to it meanwhile). Workers keep their in-flight entries fresh (XCLAIM JUSTID) so that nobody
+steals long jobs, and reclaim entries of dead consumers (XAUTOCLAIM) of the shared stream, their
+own and the orphans once idle longer than `reclaim_idle_s`. A stored result makes a redelivered
+job idempotent: it is answered from the store, not scored again. A worker that drains on
+shutdown releases the jobs it could not finish (they become reclaimable at once).
 """
 
 from __future__ import annotations
@@ -23,9 +46,10 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,37 +71,202 @@ log = logging.getLogger(__name__)
 
 GROUP = "workers"
 T = TypeVar("T")
+Routing = Literal["prefix", "round_robin", "shared"]
+Entry = tuple[str, str, dict[bytes, bytes]]  # stream, entry id, fields
 
-# Admission and enqueue of a request's jobs in one round trip, atomic across gateways. The
-# backlog is what is not finished: undelivered (lag; the stream length when Redis cannot say)
-# plus delivered but unacknowledged. Creates the stream and group when missing (also after
-# Redis lost its data). KEYS: the jobs stream. ARGV: group, capacity, MAXLEN ~ bound, payloads.
-# Returns the backlog before the jobs, or -1 when they do not fit (nothing is added).
-_ADMIT = """
-local stream, group = KEYS[1], ARGV[1]
-local capacity, jobs = tonumber(ARGV[2]), #ARGV - 3
-local backlog = nil
-if redis.call('EXISTS', stream) == 1 then
+# The backlog of a stream (what is not finished: undelivered, i.e. lag, or the stream length
+# when Redis cannot say, plus delivered but unacknowledged), nil without stream or group.
+_BACKLOG = """
+local function backlog_of(stream, group)
+  if redis.call('EXISTS', stream) == 0 then return nil end
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local field = {}
     for i = 1, #info, 2 do field[info[i]] = info[i + 1] end
     if field['name'] == group then
-      backlog = field['pending'] + (field['lag'] or redis.call('XLEN', stream))
+      return field['pending'] + (field['lag'] or redis.call('XLEN', stream)), field['pending']
+    end
+  end
+  return nil
+end
+local function ensure_group(stream, group)
+  local backlog = backlog_of(stream, group)
+  if backlog == nil then
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    backlog = redis.call('XLEN', stream)
+  end
+  return backlog
+end
+-- The workers that take routed jobs: live (reported within stale_s), ready, with a stream.
+local function routable(hash, stale)
+  local now = redis.call('TIME')
+  now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+  local workers, raw = {}, redis.call('HGETALL', hash)
+  for i = 1, #raw, 2 do
+    local ok, state = pcall(cjson.decode, raw[i + 1])
+    if ok and type(state) == 'table' and state['status'] == 'ready'
+        and type(state['stream']) == 'string' and type(state['at']) == 'number'
+        and now - state['at'] <= stale then
+      workers[#workers + 1] = {
+        name = raw[i], stream = state['stream'], room = tonumber(state['concurrency']) or 1}
+    end
+  end
+  return workers
+end
+"""
+
+# Admission and enqueue of a request's jobs in one round trip, atomic across gateways. Creates
+# streams and groups when missing (also after Redis lost its data). KEYS: the shared stream,
+# the workers hash, the set of worker streams. ARGV: group, capacity, MAXLEN ~ bound, stale_s,
+# routing, then each job's prefix key ('' for none) and payload. Returns {backlog before the
+# jobs, or -1 when they do not fit (nothing is added); jobs routed by affinity (first choice),
+# by fallback (another worker, or the shared stream as all were loaded), to the shared stream,
+# in turn (round_robin)}.
+_ADMIT = (
+    _BACKLOG
+    + """
+local shared, hash, set = KEYS[1], KEYS[2], KEYS[3]
+local group, capacity, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local stale, routing = tonumber(ARGV[4]), ARGV[5]
+local jobs = (#ARGV - 5) / 2
+local total = ensure_group(shared, group)
+local backlog = {}
+for _, stream in ipairs(redis.call('SMEMBERS', set)) do
+  local b = backlog_of(stream, group)
+  backlog[stream] = b
+  total = total + (b or 0)
+end
+if total + jobs > capacity then
+  return {-1, 0, 0, 0, 0}
+end
+local order, by_key = {}, {}
+for i = 1, jobs do
+  local key = ARGV[4 + 2 * i]
+  if routing ~= 'prefix' then key = '' end
+  if routing == 'round_robin' then key = tostring(i) end
+  if by_key[key] == nil then
+    by_key[key] = {}
+    order[#order + 1] = key
+  end
+  table.insert(by_key[key], ARGV[5 + 2 * i])
+end
+local workers = {}
+if routing ~= 'shared' then workers = routable(hash, stale) end
+table.sort(workers, function(a, b) return a.name < b.name end)
+local turn = 0
+if routing == 'round_robin' and #workers > 0 then
+  turn = redis.call('INCRBY', hash .. ':turn', jobs) - jobs
+end
+local routed = {0, 0, 0, 0}
+for _, key in ipairs(order) do
+  local payloads, target, route = by_key[key], shared, 3
+  if routing == 'round_robin' and #workers > 0 then
+    -- The baseline that ignores prompts and load: each job to the next worker in turn.
+    target, route, turn = workers[turn % #workers + 1].stream, 4, turn + 1
+    if backlog[target] == nil then
+      backlog[target] = ensure_group(target, group)
+      redis.call('SADD', set, target)
+    end
+  elseif key ~= '' and #workers > 0 then
+    local ranked = {}
+    for _, w in ipairs(workers) do
+      local weight = tonumber(string.sub(redis.sha1hex(key .. '\\n' .. w.name), 1, 12), 16)
+      ranked[#ranked + 1] = {weight = weight, worker = w}
+    end
+    table.sort(ranked, function(a, b)
+      if a.weight ~= b.weight then return a.weight > b.weight end
+      return a.worker.name < b.worker.name
+    end)
+    route = 2
+    for rank, r in ipairs(ranked) do
+      if (backlog[r.worker.stream] or 0) < r.worker.room then
+        target = r.worker.stream
+        if rank == 1 then route = 1 end
+        break
+      end
+    end
+    if target ~= shared and backlog[target] == nil then
+      backlog[target] = ensure_group(target, group)
+      redis.call('SADD', set, target)
+    end
+  end
+  for _, payload in ipairs(payloads) do
+    redis.call('XADD', target, 'MAXLEN', '~', maxlen, '*', 'job', payload)
+  end
+  if target ~= shared then backlog[target] = backlog[target] + #payloads end
+  routed[route] = routed[route] + #payloads
+end
+return {total, routed[1], routed[2], routed[3], routed[4]}
+"""
+)
+
+# A worker's look for orphan streams. KEYS: the workers hash, the set of worker streams.
+# ARGV: group, stale_s, the caller's own stream (never an orphan to itself). Returns the orphans
+# that hold entries; deletes those that are empty (no admission adds to an orphan: its worker is
+# not routable, by the same test).
+_ORPHANS = (
+    _BACKLOG
+    + """
+local hash, set, group, stale = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+local owned = {[ARGV[3]] = true}
+for _, w in ipairs(routable(hash, stale)) do owned[w.stream] = true end
+local orphans = {}
+for _, stream in ipairs(redis.call('SMEMBERS', set)) do
+  if not owned[stream] then
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('SREM', set, stream)
+    elseif ensure_group(stream, group) == 0 then
+      redis.call('DEL', stream)
+      redis.call('SREM', set, stream)
+    else
+      orphans[#orphans + 1] = stream
     end
   end
 end
-if backlog == nil then
-  redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
-  backlog = redis.call('XLEN', stream)
-end
-if backlog + jobs > capacity then
-  return -1
-end
-for i = 4, #ARGV do
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', 'job', ARGV[i])
-end
-return backlog
+return orphans
 """
+)
+
+# Undelivered entries of several streams, in order, up to a total count (XREADGROUP with
+# several streams takes COUNT from each). KEYS: the streams. ARGV: group, consumer, count,
+# how many leading streams must have the group (else the error is returned: NOGROUP recovery);
+# later ones (orphans, which may vanish) are skipped when they fail.
+_READ = """
+local group, consumer = ARGV[1], ARGV[2]
+local count, required = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {}
+for i, stream in ipairs(KEYS) do
+  if count <= 0 then break end
+  local reply = redis.pcall(
+    'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
+  if type(reply) == 'table' and reply['err'] then
+    if i <= required then return reply end
+  elseif reply then
+    local entries = reply[1][2]
+    count = count - #entries
+    out[#out + 1] = {stream, entries}
+  end
+end
+return out
+"""
+
+# The backlog summed over the shared stream and the worker streams. KEYS: the shared stream,
+# the set of worker streams. ARGV: group. Returns {pending, lag}.
+_DEPTH = (
+    _BACKLOG
+    + """
+local pending, lag = 0, 0
+local streams = redis.call('SMEMBERS', KEYS[2])
+table.insert(streams, 1, KEYS[1])
+for _, stream in ipairs(streams) do
+  local backlog, held = backlog_of(stream, ARGV[1])
+  if backlog ~= nil then
+    pending = pending + held
+    lag = lag + backlog - held
+  end
+end
+return {pending, lag}
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -88,15 +277,33 @@ class StreamSettings:
     result_ttl_s: float = 3600.0
     # How often a waiting gateway checks the result store for announcements it missed.
     sweep_s: float = 2.0
+    # prefix: jobs with a prefix key go to a worker's own stream (see the module docstring);
+    # shared: all jobs to the shared stream.
+    routing: Routing = "prefix"
+    # A worker that has not reported its state for this long is gone (service.fleet.STALE_S).
+    stale_s: float = 10.0
 
     @property
     def reclaim_every_s(self) -> float:
-        """How often a worker looks for jobs to reclaim (dead consumers', released ones)."""
+        """How often a worker looks for jobs to reclaim (dead consumers', released ones) and
+        for orphan streams."""
         return min(self.reclaim_idle_s / 2, 5.0)
 
 
 def jobs_key(model: str) -> str:
     return f"rmserve:jobs:{model}"
+
+
+def worker_stream_key(model: str, worker: str) -> str:
+    return f"rmserve:jobs:{model}:{worker}"
+
+
+def streams_key(model: str) -> str:
+    return f"rmserve:streams:{model}"
+
+
+def workers_key(model: str) -> str:
+    return f"rmserve:workers:{model}"
 
 
 def dead_key(model: str) -> str:
@@ -127,10 +334,16 @@ class StreamQueue:
         self._groups: set[str] = set()
         self._inboxes = Inboxes()
         self._listener: asyncio.Task[None] | None = None
-        self._in_flight: dict[str, dict[str, str]] = {}  # model -> receipt -> job id
+        self._in_flight: dict[str, dict[str, str]] = {}  # stream -> entry id -> job id
+        self._early: dict[str, list[Job]] = {}  # model -> delivered beyond a fetch's count
+        self._orphans: dict[str, list[str]] = {}  # model -> streams of workers gone
+        self._turn = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
         self._admit = client.register_script(_ADMIT)
+        self._find_orphans = client.register_script(_ORPHANS)
+        self._read = client.register_script(_READ)
+        self._depth = client.register_script(_DEPTH)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -149,6 +362,11 @@ class StreamQueue:
         )
         return cls(client, settings, name, events)
 
+    def own_stream(self, model: str) -> str | None:
+        """The stream of jobs routed to this worker (None: shared routing, no own stream)."""
+        routed = self._settings.routing != "shared"
+        return worker_stream_key(model, self.name) if routed else None
+
     # -- gateway side ------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[Job]) -> None:
@@ -160,25 +378,45 @@ class StreamQueue:
         if waited:
             self._ensure_listener()
             self._inboxes.open(waited)  # before the jobs exist: no result can be missed
-        payloads = [
-            job.model_copy(
-                update={"reply_to": self._channel if job.batch is None else None}
-            ).model_dump_json()
-            for job in jobs
-        ]
+        keyed: list[str] = []
+        for job in jobs:
+            keyed.append(job.prefix_key or "")
+            keyed.append(
+                job.model_copy(
+                    update={"reply_to": self._channel if job.batch is None else None}
+                ).model_dump_json()
+            )
+        settings = self._settings
         try:
-            backlog: int = await available(
+            reply: list[int] = await available(
                 self._admit(
-                    keys=[jobs_key(model)],
-                    args=[GROUP, self._settings.capacity, self._settings.capacity * 4, *payloads],
+                    keys=[jobs_key(model), workers_key(model), streams_key(model)],
+                    args=[
+                        GROUP,
+                        settings.capacity,
+                        settings.capacity * 4,
+                        settings.stale_s,
+                        settings.routing,
+                        *keyed,
+                    ],
                 )
             )
         except QueueUnavailableError:
             self._inboxes.discard(waited)
             raise
+        backlog, affinity, fallback, shared, turns = (int(n) for n in reply)
         if backlog < 0:
             self._inboxes.discard(waited)
-            raise QueueFullError(model, retry_after_s=max(1, int(self._settings.sweep_s)))
+            raise QueueFullError(model, retry_after_s=max(1, int(settings.sweep_s)))
+        routes = (
+            ("affinity", affinity),
+            ("fallback", fallback),
+            ("shared", shared),
+            ("round_robin", turns),
+        )
+        for route, n in routes:
+            if n:
+                self._events.routed(model, route, n)
 
     def results(
         self, job_ids: Sequence[str], deadline: float
@@ -226,102 +464,165 @@ class StreamQueue:
 
     # -- worker side -------------------------------------------------------------------------
 
+    def _primary(self, model: str) -> list[str]:
+        """The streams this worker always reads: its own (prefix routing) and the shared one,
+        first one then the other in turn, so that neither starves the other."""
+        own = self.own_stream(model)
+        if own is None:
+            return [jobs_key(model)]
+        self._turn += 1
+        return [own, jobs_key(model)] if self._turn % 2 else [jobs_key(model), own]
+
     async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
         await self._ensure_group(model)
         self._ensure_heartbeat()
-        reclaimed: list[tuple[str, dict[bytes, bytes]]] = []
-        fresh: list[tuple[str, dict[bytes, bytes]]] = []
+        early = self._early.get(model, [])
+        if early:  # delivered to this worker beyond an earlier fetch's count
+            taken, self._early[model] = early[:max_jobs], early[max_jobs:]
+            return taken
+        reclaimed: list[Entry] = []
+        fresh: list[Entry] = []
+        primary = self._primary(model)
         try:
             if time.monotonic() - self._last_reclaim > self._settings.reclaim_every_s:
                 self._last_reclaim = time.monotonic()
+                await self._look_for_orphans(model)
                 reclaimed = await self._reclaim(model, max_jobs)
+            streams = primary + self._orphans.get(model, [])
             if len(reclaimed) < max_jobs:
+                fresh = _entries(
+                    await available(
+                        self._read(
+                            keys=streams,
+                            args=[GROUP, self.name, max_jobs - len(reclaimed), len(primary)],
+                        )
+                    )
+                )
+            if not reclaimed and not fresh and wait_s > 0:
                 response: Any = await available(
                     self._redis.xreadgroup(
                         GROUP,
                         self.name,
-                        {jobs_key(model): ">"},
-                        count=max_jobs - len(reclaimed),
+                        dict.fromkeys(primary, ">"),
+                        count=max_jobs,
                         block=max(1, int(wait_s * 1000)),
                     )
                 )
-                for _stream, stream_entries in response or []:
-                    fresh += [(as_text(entry_id), fields) for entry_id, fields in stream_entries]
+                fresh = _entries(response)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            log.warning("the consumer group of %s vanished (Redis lost data?); recreating", model)
+            log.warning("a consumer group of %s vanished (Redis lost data?); recreating", model)
             self._groups.discard(model)  # recreated by the next fetch
         # A first delivery has no stored result and a delivery count of 1: nothing to check.
-        return await self._accept_redelivered(model, reclaimed) + self._take(model, fresh)
+        jobs = await self._accept_redelivered(model, reclaimed) + self._take(fresh)
+        if len(jobs) > max_jobs:  # a blocking read of several streams took COUNT from each
+            self._early[model] = jobs[max_jobs:]
+        return jobs[:max_jobs]
 
-    def _take(self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[Job]:
-        return self._hold(model, [_parse(entry_id, fields) for entry_id, fields in entries])
+    def _take(self, entries: list[Entry]) -> list[Job]:
+        return self._hold([_parse(*entry) for entry in entries])
 
-    def _hold(self, model: str, jobs: list[Job]) -> list[Job]:
+    def _hold(self, jobs: list[Job]) -> list[Job]:
         """Jobs this worker now holds: renewed by the heartbeat until finished or released."""
-        in_flight = self._in_flight.setdefault(model, {})
         for job in jobs:
-            in_flight[job.receipt or ""] = job.id
+            stream, entry_id = _receipt(job)
+            self._in_flight.setdefault(stream, {})[entry_id] = job.id
         return jobs
 
-    async def _reclaim(self, model: str, max_jobs: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        idle_ms = int(self._settings.reclaim_idle_s * 1000)
-        reply: Any = await available(
-            self._redis.xautoclaim(jobs_key(model), GROUP, self.name, idle_ms, "0-0", max_jobs)
+    async def _look_for_orphans(self, model: str) -> None:
+        """The streams of workers that are gone (or not ready): read and reclaimed by all."""
+        orphans: list[Any] = await available(
+            self._find_orphans(
+                keys=[workers_key(model), streams_key(model)],
+                args=[GROUP, self._settings.stale_s, self.own_stream(model) or ""],
+            )
         )
-        claimed = [(as_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
+        found = sorted(as_text(stream) for stream in orphans)
+        if set(found) - set(self._orphans.get(model, [])):
+            log.warning("taking over the jobs of stopped workers of %s: %s", model, found)
+        self._orphans[model] = found
+
+    async def _reclaim(self, model: str, max_jobs: int) -> list[Entry]:
+        idle_ms = int(self._settings.reclaim_idle_s * 1000)
+        own = self.own_stream(model)
+        claimed: list[Entry] = []
+        streams = [jobs_key(model), *([own] if own else []), *self._orphans.get(model, [])]
+        for stream in streams:
+            if len(claimed) >= max_jobs:
+                break
+            try:
+                reply: Any = await available(
+                    self._redis.xautoclaim(
+                        stream, GROUP, self.name, idle_ms, "0-0", max_jobs - len(claimed)
+                    )
+                )
+            except ResponseError as exc:  # an orphan deleted meanwhile
+                if "NOGROUP" not in str(exc) or stream in (jobs_key(model), own):
+                    raise
+                continue
+            claimed += [
+                (stream, as_text(entry_id), fields) for entry_id, fields in reply[1] if fields
+            ]
         if claimed:
             log.warning("reclaimed %d jobs of %s from stopped consumers", len(claimed), model)
-        await self._forget_dead_consumers(model)
+        for stream in streams[: 2 if own else 1]:
+            await self._forget_dead_consumers(stream)
         return claimed
 
-    async def _forget_dead_consumers(self, model: str) -> None:
+    async def _forget_dead_consumers(self, stream: str) -> None:
         """Remove consumers that hold nothing and have been silent for long (crashed workers
         leave their names behind), so the group does not grow without bound."""
         idle_ms = int(max(3600.0, 10 * self._settings.reclaim_idle_s) * 1000)
-        consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
+        consumers: Any = await available(self._redis.xinfo_consumers(stream, GROUP))
         for consumer in consumers:
             name = as_text(consumer["name"])
             if name != self.name and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
-                await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, name))
+                await available(self._redis.xgroup_delconsumer(stream, GROUP, name))
 
-    async def _accept_redelivered(
-        self, model: str, entries: list[tuple[str, dict[bytes, bytes]]]
-    ) -> list[Job]:
+    async def _accept_redelivered(self, model: str, entries: list[Entry]) -> list[Job]:
         """Jobs to score again; entries past max_deliveries go to the dead-letter stream,
         entries with a stored result (a crash after the store) are answered from it."""
         if not entries:
             return []
-        counts = await self._delivery_counts(model, [entry_id for entry_id, _ in entries])
-        parsed = [_parse(entry_id, fields) for entry_id, fields in entries]
+        counts: dict[tuple[str, str], int] = {}
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for stream, entry_id, _ in entries:
+            by_stream[stream].append(entry_id)
+        for stream, entry_ids in by_stream.items():
+            counts.update(await self._delivery_counts(stream, entry_ids))
+        parsed = [_parse(*entry) for entry in entries]
         stored_results: list[Any] = await available(
             self._redis.mget([result_key(job.id) for job in parsed])
         )
         jobs: list[Job] = []
-        for (entry_id, fields), job, stored in zip(entries, parsed, stored_results, strict=True):
-            deliveries = counts.get(entry_id, 1)
+        for (stream, entry_id, fields), job, stored in zip(
+            entries, parsed, stored_results, strict=True
+        ):
+            deliveries = counts.get((stream, entry_id), 1)
             self._events.redelivered(model)
             if stored is not None:  # already recorded in its batch, if any
                 await self._finish(job, ItemResult.model_validate_json(stored), record=False)
             elif deliveries > self._settings.max_deliveries:
                 await self._dead_letter(job, fields[b"job"], deliveries)
             else:
-                jobs += self._hold(model, [job])
+                jobs += self._hold([job])
         return jobs
 
-    async def _delivery_counts(self, model: str, entry_ids: list[str]) -> dict[str, int]:
+    async def _delivery_counts(
+        self, stream: str, entry_ids: list[str]
+    ) -> dict[tuple[str, str], int]:
         pending: Any = await available(
             self._redis.xpending_range(
-                jobs_key(model),
+                stream,
                 GROUP,
                 min(entry_ids, key=_order),
                 max(entry_ids, key=_order),
-                len(entry_ids) + len(self._in_flight.get(model, {})),
+                len(entry_ids) + len(self._in_flight.get(stream, {})),
                 consumername=self.name,
             )
         )
-        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return {(stream, as_text(p["message_id"])): int(p["times_delivered"]) for p in pending}
 
     async def _dead_letter(self, job: Job, payload: bytes, deliveries: int) -> None:
         reason = (
@@ -340,17 +641,18 @@ class StreamQueue:
         """Store the result, record it in its batch, acknowledge and announce, atomically
         (MULTI): a crash before redelivers the job; after, the stored result answers it."""
         body = json.dumps(result.model_dump(mode="json"))
+        stream, entry_id = _receipt(job)
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(result_key(job.id), body, ex=int(self._settings.result_ttl_s))
         if record and job.batch is not None:  # NOMKSTREAM: an expired batch stays gone
             pipe.xadd(batch_key(job.batch), {"result": body}, nomkstream=True)
-        pipe.xack(jobs_key(job.model), GROUP, job.receipt or "0-0")
+        pipe.xack(stream, GROUP, entry_id)
         if job.reply_to:
             pipe.publish(job.reply_to, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')
         try:
             await available(pipe.execute())
         finally:  # stored, or (Redis gone) left to be reclaimed once idle: no more renewals
-            self._in_flight.get(job.model, {}).pop(job.receipt or "", None)
+            self._in_flight.get(stream, {}).pop(entry_id, None)
         self._events.acked(job.model)
 
     async def complete(self, job: Job, result: ItemResult) -> None:
@@ -360,16 +662,17 @@ class StreamQueue:
         """Give up jobs without a result (a draining worker): they look idle for long, so the
         next worker to look for jobs to reclaim takes them. Their delivery count is kept."""
         idle_ms = int(self._settings.reclaim_idle_s * 1000) * 10
-        for model in {job.model for job in jobs}:
-            receipts: list[Any] = [j.receipt for j in jobs if j.model == model and j.receipt]
-            for receipt in receipts:
-                self._in_flight.get(model, {}).pop(receipt, None)
-            if receipts:
-                await available(
-                    self._redis.xclaim(
-                        jobs_key(model), GROUP, self.name, 0, receipts, idle=idle_ms, justid=True
-                    )
-                )
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for job in jobs:
+            if job.receipt:
+                stream, entry_id = _receipt(job)
+                self._in_flight.get(stream, {}).pop(entry_id, None)
+                by_stream[stream].append(entry_id)
+        for stream, entry_ids in by_stream.items():
+            receipts: list[Any] = entry_ids
+            await available(
+                self._redis.xclaim(stream, GROUP, self.name, 0, receipts, idle=idle_ms, justid=True)
+            )
 
     def _ensure_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -379,12 +682,12 @@ class StreamQueue:
         """Reset the idle time of in-flight entries so that no one reclaims a long job."""
         while True:
             await asyncio.sleep(self._settings.reclaim_idle_s / 3)
-            for model, receipts in list(self._in_flight.items()):
+            for stream, receipts in list(self._in_flight.items()):
                 if receipts:
                     with contextlib.suppress(QueueUnavailableError):
                         await available(
                             self._redis.xclaim(
-                                jobs_key(model), GROUP, self.name, 0, list(receipts), justid=True
+                                stream, GROUP, self.name, 0, list(receipts), justid=True
                             )
                         )
 
@@ -393,29 +696,23 @@ class StreamQueue:
     async def _ensure_group(self, model: str) -> None:
         if model in self._groups:
             return
-        try:
-            await available(
-                self._redis.xgroup_create(jobs_key(model), GROUP, id="0", mkstream=True)
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        own = self.own_stream(model)
+        for stream in [jobs_key(model), *([own] if own else [])]:
+            try:
+                await available(self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True))
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        if own:
+            await available(self._redis.sadd(streams_key(model), own))
         self._groups.add(model)
 
     async def depth(self, model: str) -> Depth:
-        try:
-            groups: Any = await available(self._redis.xinfo_groups(jobs_key(model)))
-        except ResponseError as exc:
-            if "no such key" not in str(exc).lower():
-                raise
-            return Depth(pending=0, lag=0)  # no job was ever enqueued (or Redis lost its data)
-        for group in groups:
-            if as_text(group["name"]) == GROUP:
-                lag = group.get("lag")
-                if lag is None:  # Redis cannot tell (after trimming): at most the length
-                    lag = await available(self._redis.xlen(jobs_key(model)))
-                return Depth(pending=int(group["pending"]), lag=int(lag))
-        return Depth(pending=0, lag=0)
+        """Summed over the shared stream and the worker streams."""
+        reply: list[int] = await available(
+            self._depth(keys=[jobs_key(model), streams_key(model)], args=[GROUP])
+        )
+        return Depth(pending=int(reply[0]), lag=int(reply[1]))
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:
         entries: Any = await available(self._redis.xrange(dead_key(model)))
@@ -430,17 +727,22 @@ class StreamQueue:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._heartbeat is not None:  # a worker: leave the group if it holds nothing
+        if self._heartbeat is not None:  # a worker: hand back what it holds, leave the groups
             with contextlib.suppress(QueueUnavailableError, ResponseError):
+                early = [job for jobs in self._early.values() for job in jobs]
+                self._early.clear()
+                await self.release(early)
                 for model in self._groups:
                     await self._leave_group(model)
         await self._redis.aclose()
 
     async def _leave_group(self, model: str) -> None:
-        consumers: Any = await available(self._redis.xinfo_consumers(jobs_key(model), GROUP))
-        for consumer in consumers:
-            if as_text(consumer["name"]) == self.name and consumer["pending"] == 0:
-                await available(self._redis.xgroup_delconsumer(jobs_key(model), GROUP, self.name))
+        own = self.own_stream(model)
+        for stream in [jobs_key(model), *([own] if own else [])]:
+            consumers: Any = await available(self._redis.xinfo_consumers(stream, GROUP))
+            for consumer in consumers:
+                if as_text(consumer["name"]) == self.name and consumer["pending"] == 0:
+                    await available(self._redis.xgroup_delconsumer(stream, GROUP, self.name))
 
 
 async def available(call: Awaitable[T]) -> T:
@@ -461,5 +763,23 @@ def _order(entry_id: str) -> tuple[int, int]:
     return int(millis), int(seq or 0)
 
 
-def _parse(entry_id: str, fields: dict[bytes, bytes]) -> Job:
-    return Job.model_validate_json(fields[b"job"]).model_copy(update={"receipt": entry_id})
+def _entries(response: Any) -> list[Entry]:
+    """(stream, id, fields) of an XREADGROUP reply, or of the _READ script's (flat fields)."""
+    entries: list[Entry] = []
+    for stream, stream_entries in response or []:
+        for entry_id, fields in stream_entries:
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            entries.append((as_text(stream), as_text(entry_id), fields))
+    return entries
+
+
+def _receipt(job: Job) -> tuple[str, str]:
+    """The stream and entry id a job was delivered from ("<entry id> <stream>")."""
+    entry_id, _, stream = (job.receipt or "0-0").partition(" ")
+    return stream or jobs_key(job.model), entry_id
+
+
+def _parse(stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
+    job = Job.model_validate_json(fields[b"job"])
+    return job.model_copy(update={"receipt": f"{entry_id} {stream}"})

@@ -16,6 +16,7 @@ import pickle
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rmserve.client import RewardServiceError
+from rmserve.client.client import group_of
 from rmserve.client.trl import AsyncRMServeReward, RMServeReward, UnscoredItemsError, build_item
 from rmserve.models.verifiers.similarity import similarity
 from rmserve.service.launcher import ServerProcess, free_port
@@ -249,8 +251,12 @@ def test_grpo_trains_on_two_rmserve_models_with_weights(
                 reference = rows[column][PROMPTS.index(prompt)]
                 assert item == {"messages": [{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": completion}],
+                                "group": group_of(prompt),
                                 "reference": reference}  # fmt: skip
                 assert reward == pytest.approx(similarity(completion, reference, metric))
+            # TRL's num_generations (2) completions of each prompt are one group of the request.
+            groups = [item["group"] for item in call.items]
+            assert sorted(Counter(groups).values()) == [2] * 4
     assert any(reward for call in rouge.calls for reward in call.rewards)  # not all zero
     assert jobs_done(service, "rouge") - before["rouge"] == 16
     assert jobs_done(service, "fuzzy") - before["fuzzy"] == 16

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from rmserve.client import RewardServiceError, verl, verl_scoring
+from rmserve.client.client import group_of
 from rmserve.client.policy import ItemFailed
 from rmserve.service.launcher import ServerProcess, free_port
 from tests.client.conftest import RecordingProxy, requests_served
@@ -130,9 +131,11 @@ async def test_the_reward_loop_call_scores_the_chat_and_returns_the_fixed_keys(
     assert "equivalent" in good["critique"] and good["verdict"] == good["step_scores"] == ""
     assert items_sent(via_proxy)[0] == {
         "messages": [*chat, {"role": "assistant", "content": "So \\boxed{4}."}],
+        "group": group_of(chat),  # the rollouts of one prompt form a group
         "reference": "4",
         "metadata": {"data_source": "gsm8k"},
     }
+    assert items_sent(via_proxy)[1]["group"] == group_of(chat)
     assert {r.authorization for r in via_proxy.recorded} == {"Bearer secret"}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from rmserve.client import verl, verl_manager
+from rmserve.client.client import group_of
 from rmserve.client.policy import ItemFailed
 from rmserve.service.launcher import ServerProcess
 from tests.client.conftest import RecordingProxy, requests_served
@@ -273,6 +274,7 @@ async def test_run_single_scores_the_chat_and_the_decoded_response(
     (body, _) = proxy.bodies("/v1/score")
     assert body["items"][0] == {
         "messages": [*CHAT, {"role": "assistant", "content": "So \\boxed{7}."}],
+        "group": group_of(CHAT),
         "reference": "7",
         "metadata": {"data_source": "openai/gsm8k"},
     }

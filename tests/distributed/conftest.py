@@ -127,3 +127,28 @@ def fleet(tiny_models: dict[str, Path], tmp_path: Path) -> Iterator[Fleet]:
         yield running
     finally:
         running.stop()
+
+
+def grpo_group(prompt: int, n: int, tag: str = "g") -> list[dict[str, Any]]:
+    """`n` items answering one long prompt (a GRPO group): the same user turn, n responses."""
+    question = f"prompt {prompt}: " + " ".join(f"word{prompt}x{j}" for j in range(18))
+    return [
+        {"id": f"{tag}{prompt}-{i}", "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"response {i} of {tag}"},
+        ]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def counter_total(server: ServerProcess, family_name: str, **labels: str) -> float:
+    """The sum of a counter's `_total` samples whose labels include `labels`, from /metrics."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    wanted = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == family_name
+        for sample in family.samples
+        if sample.name == f"{family_name}_total" and wanted <= set(sample.labels.items())
+    )

@@ -118,6 +118,16 @@ def test_metrics_count_the_traffic_across_gateway_and_worker_processes(fleet: Fl
     prompt_tokens = summed(back, "rmserve_engine_prompt_tokens_total", model="tiny-rm")
     assert prompt_tokens == usage["prompt_tokens"] + held["prompt_tokens"]
     assert summed(back, "rmserve_engine_generation_tokens_total", model="tiny-rm") == 0
+    # Every prompt was looked up in its engine's prefix cache once (hits are what it held).
+    assert back[0].types["rmserve_engine_prefix_cache_queries"] == "counter"
+    queried = summed(back, "rmserve_engine_prefix_cache_queries_total", model="tiny-rm")
+    assert queried == prompt_tokens
+    hits = summed(back, "rmserve_engine_prefix_cache_hits_total", model="tiny-rm")
+    assert 0 <= hits <= queried
+    # Every job was routed by the gateway; no worker ever had more than its concurrency (8)
+    # routed to it, so none fell back.
+    assert front.total("rmserve_routed_jobs_total", route="fallback") == 0
+    assert front.total("rmserve_routed_jobs_total", model="tiny-rm") == 30 + 8
     for scrape in back:
         assert 0 <= scrape.get("rmserve_engine_kv_cache_usage_ratio", model="tiny-rm") <= 1
         assert scrape.types["rmserve_engine_running"] == "gauge"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,3 +321,62 @@ def test_engine_metrics_count_the_tokens_the_responses_report(judges: httpx.Clie
     # Every generated token is one step's advance of its request.
     assert delta["rmserve_engine_batch_size_sum"] == generated
     assert 1 <= delta["rmserve_engine_batch_size_count"] <= generated
+
+
+def grpo_group(name: str, n: int) -> list[dict[str, Any]]:
+    return [{**item(k), "id": f"{name}-{k}", "group": name} for k in range(n)]
+
+
+def jobs_ok(client: httpx.Client, model: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == "rmserve_jobs_total"
+        and sample.labels == {"model": model, "outcome": "ok"}
+    )
+
+
+def test_a_listwise_judge_scores_each_group_in_one_call_and_answers_per_item(
+    judges: httpx.Client,
+) -> None:
+    # Two groups, interleaved, and an item that holds its own candidates.
+    first, second = grpo_group("g1", 6), grpo_group("g2", 3)
+    pair = {"id": "pair", "messages": CONVERSATION, "candidates": ["It is 84.", "It is 85."]}
+    items = [*first[:3], *second, pair, *first[3:]]
+    before = jobs_ok(judges, "tiny-listwise")
+    body = {"model": "tiny-listwise", "items": items, "options": {"judge": {"samples": 2}}}
+    response = judges.post("/v1/score", json=body)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert jobs_ok(judges, "tiny-listwise") - before == 3  # one judge job per group, one pair
+    assert [r["id"] for r in results] == [i["id"] for i in items]
+    assert [r["index"] for r in results] == list(range(len(items)))
+    for result in results:
+        assert result["error"] is None, result
+    grouped = [r for r in results if r["id"] != "pair"]
+    # Each item's score is the mean of its 2 judgements' integer scores in the range.
+    assert all(1 <= r["score"] <= 10 and (2 * r["score"]).is_integer() for r in grouped)
+    assert all(r["scores"] is None for r in grouped)
+    (whole,) = [r for r in results if r["id"] == "pair"]
+    assert len(whole["scores"]) == 2 and whole["verdict"] in ("A", "B")
+    # A group's tokens are shared out among its items.
+    assert all(r["usage"]["completion_tokens"] > 0 for r in grouped)
+
+
+def test_a_listwise_group_streams_per_item_and_bad_groups_are_422s(judges: httpx.Client) -> None:
+    body = {"model": "tiny-listwise", "items": grpo_group("s", 4), "options": {"stream": True}}
+    with judges.stream("POST", "/v1/score", json=body) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2, 3]
+    for items, param in [
+        (grpo_group("one", 1), "items.0.group"),
+        ([item(0), item(1)], "items.0.group"),
+        ([*grpo_group("g", 2), {**item(3), "group": "g", "reference": "84"}], "items.2.reference"),
+    ]:
+        response = judges.post("/v1/score", json={"model": "tiny-listwise", "items": items})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == param
+    batch = judges.post("/v1/jobs", json={"model": "tiny-listwise", "items": grpo_group("b", 2)})
+    assert batch.status_code == 422 and batch.json()["error"]["param"] == "items.0.group"

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rmserve.service.launcher import ServerProcess
-from tests.conftest import start_server
+from tests.conftest import ready_client, start_server
 from tests.distributed.conftest import Fleet, wait_for_workers
 from tests.e2e import reference as ref
 from tests.service.actor_text import GEMMA, LLAMA3, QWEN25, Actor, openrlhf_sample
@@ -56,14 +55,8 @@ def service(
         "RMSERVE_OPENRLHF_MODEL": "tiny-rm",
         "RMSERVE_RESULT_CACHE_TTL_S": "600",
     }
-    server: ServerProcess = start_server(registry, workdir, env)
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=300) as client:
-            models = client.get("/v1/models").json()["data"]
-            assert all(m["status"] == "ready" for m in models), models
-            yield client
-    finally:
-        server.stop()
+    with ready_client(registry, workdir, env) as client:
+        yield client
 
 
 def get_reward(

@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rmserve.service.launcher import ServerProcess
-from tests.conftest import TESTS, start_server
+from tests.conftest import TESTS, ready_client
 
 pytestmark = pytest.mark.engine
 
@@ -24,16 +23,9 @@ def service(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "RMSERVE_OPENRLHF_MODEL": "math"}
-    server: ServerProcess = start_server(
-        TESTS / "registry.verifiers.yaml", tmp_path_factory.mktemp("verifiers"), env
-    )
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=300) as client:
-            models = client.get("/v1/models").json()["data"]
-            assert all(m["status"] == "ready" for m in models), models
-            yield client
-    finally:
-        server.stop()
+    workdir = tmp_path_factory.mktemp("verifiers")
+    with ready_client(TESTS / "registry.verifiers.yaml", workdir, env) as client:
+        yield client
 
 
 def answer(text: str, reference: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Parsing LLM-judge judgements (pointwise `\\boxed{N}`, pairwise `[[X]]`) and answer regexes."""
+"""Parsing LLM-judge judgements (pointwise `\\boxed{N}`, pairwise `[[X]]`, listwise
+`Scores: A=7, B=3`) and answer regexes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from rmserve.models.generative.parsing import (
     PointwiseVerdict,
     candidate_label,
     choice_answer_regex,
+    listwise_answer_regex,
     parse_choice,
+    parse_listwise,
     parse_pointwise,
     pointwise_answer_regex,
 )
@@ -393,3 +396,159 @@ def test_choice_regex_accepts() -> None:
         assert parse_choice(text, 3).choice == choice
     with pytest.raises(ValueError, match="2-26 candidates"):
         choice_answer_regex(1, 100)
+
+
+# -- listwise ------------------------------------------------------------------------------
+
+LIST_CRITIQUE = """A computes 12 * 7 = 84 and shows the step. B says 86, a slip. C is right but
+terse, and D refuses. Overall A > C > B > D."""
+
+
+@pytest.mark.parametrize(
+    ("text", "scores"),
+    [
+        (LIST_CRITIQUE + "\nScores: A=9, B=3, C=7, D=1", (9.0, 3.0, 7.0, 1.0)),
+        (LIST_CRITIQUE + "\nscores: a=9 b=3 c=7 d=1", (9.0, 3.0, 7.0, 1.0)),
+        (LIST_CRITIQUE + "\nScores:\nA: 9\nB: 3\nC: 7.5\nD: 1", (9.0, 3.0, 7.5, 1.0)),
+        (LIST_CRITIQUE + "\nScores: A = 9/10, B = 3 / 10, C=7, D=1", (9.0, 3.0, 7.0, 1.0)),
+        (LIST_CRITIQUE + "\nScores: D=1, C=7, B=3, A=9", (9.0, 3.0, 7.0, 1.0)),  # any order
+        (LIST_CRITIQUE + "\n<answer>Scores: A=9, B=3, C=7, D=1</answer>", (9.0, 3.0, 7.0, 1.0)),
+        # The last block wins; a block in the thinking is ignored.
+        (
+            "Scores: A=1, B=1, C=1, D=1\nOn reflection:\nScores: A=9, B=3, C=7, D=1",
+            (9.0, 3.0, 7.0, 1.0),
+        ),
+        (QWEN_THINK + "Scores: A=2, B=2, C=2, D=2", (2.0, 2.0, 2.0, 2.0)),
+        ("so Scores: A=1 maybe\n</think>\nScores: A=8, B=6, C=4, D=2", (8.0, 6.0, 4.0, 2.0)),
+        # The block ends at a blank line: later prose with `x=5` is not an entry.
+        ("Scores: A=9, B=3, C=7, D=1\n\nNote: x=5 and I=2 elsewhere.", (9.0, 3.0, 7.0, 1.0)),
+        # A constrained critique may end in a letter right before the block.
+        ("A wins, clearlyScores: A=9, B=3, C=7, D=1", (9.0, 3.0, 7.0, 1.0)),
+        # The same score repeated is no conflict.
+        ("Scores: A=9, B=3, C=7, D=1, A=9", (9.0, 3.0, 7.0, 1.0)),
+    ],
+)
+def test_listwise_scores_every_candidate_in_order(text: str, scores: tuple[float, ...]) -> None:
+    verdict = parse_listwise(text, 4, 1, 10)
+    assert verdict.scores == scores
+    assert verdict.problems == ()
+
+
+def test_listwise_critique_is_the_text_before_the_last_block() -> None:
+    verdict = parse_listwise(LIST_CRITIQUE + "\n<answer>Scores: A=9, B=3, C=7, D=1", 4, 1, 10)
+    assert verdict.critique == LIST_CRITIQUE
+    assert parse_listwise(QWEN_THINK + "Fine.\nScores: A=1, B=2", 2, 1, 10).critique == "Fine."
+
+
+@pytest.mark.parametrize(
+    ("text", "scores", "problem"),
+    [
+        # Skipped candidates get None, never a default.
+        ("Scores: A=9, C=7, D=1", (9.0, None, 7.0, 1.0), "B: no score"),
+        ("Scores: A=9, B=, C=7, D=1", (9.0, None, 7.0, 1.0), "B: no score"),
+        ("Scores: A=9, B=?, C=7", (9.0, None, 7.0, None), "D: no score"),
+        # Out of range, a fraction of another total: None, naming it.
+        ("Scores: A=9, B=11, C=7, D=0", (9.0, None, 7.0, None), "B: 11 is outside 1-10"),
+        ("Scores: A=9, B=-3, C=7, D=1", (9.0, None, 7.0, 1.0), "B: -3 is outside 1-10"),
+        ("Scores: A=9, B=3/5, C=7, D=1", (9.0, None, 7.0, 1.0), "not a fraction of 10"),
+        # Conflicting duplicates: None; an out-of-range duplicate spoils the candidate too.
+        ("Scores: A=9, B=3, C=7, D=1, B=4", (9.0, None, 7.0, 1.0), "B: conflicting scores 3, 4"),
+        ("Scores: A=9, B=3, C=7, D=1, B=40", (9.0, None, 7.0, 1.0), "B: 40 is outside 1-10"),
+        # A label that is not a candidate is ignored (and named).
+        ("Scores: A=9, B=3, C=7, D=1, E=5", (9.0, 3.0, 7.0, 1.0), "E is not a candidate (A-D)"),
+    ],
+)
+def test_listwise_a_candidate_without_a_usable_score_is_none(
+    text: str, scores: tuple[float | None, ...], problem: str
+) -> None:
+    verdict = parse_listwise(text, 4, 1, 10)
+    assert verdict.scores == scores
+    assert any(problem in p for p in verdict.problems), verdict.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (LIST_CRITIQUE, "no `Scores: A=.., B=..` block"),
+        ("A=9, B=3, C=7, D=1", "no `Scores: A=.., B=..` block"),
+        ("<think>Scores: A=9, B=3, C=7, D=1</think>A is best.", "only in the thinking"),
+        ("<think>\nScores: A=9, B=3, C=7, D=1", "unclosed <think>"),
+        ("Scores: A=9, B=3, C=7, D=1\nWait:\nScores: none of them", "no usable score"),
+        ("Scores: A=11, B=0, C=12, D=-1", "no usable score (A: 11 is outside 1-10"),
+        ("Scores: A=9, A=3", "A: conflicting scores 3, 9"),
+    ],
+)
+def test_listwise_without_any_usable_score_is_an_error(text: str, reason: str) -> None:
+    with pytest.raises(JudgementParseError) as caught:
+        parse_listwise(text, 4, 1, 10)
+    assert reason in caught.value.reason
+    assert caught.value.raw == text
+
+
+def test_listwise_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="2-26 candidates"):
+        parse_listwise("Scores: A=1", 1, 1, 10)
+    with pytest.raises(ValueError, match="invalid score range"):
+        parse_listwise("Scores: A=1, B=2", 2, 10, 1)
+    with pytest.raises(ValueError, match="2-26 candidates"):
+        listwise_answer_regex(27, 1, 10, 100)
+    with pytest.raises(ValueError, match="invalid score range"):
+        listwise_answer_regex(2, 10, 1, 100)
+
+
+_LIST_PIECES = [*_PIECES, "Scores: A=3, B=4", "scores:", "A=11", "\n\n", "Z=1", "[[B]]", "\\"]
+
+
+@pytest.mark.parametrize("candidates", [2, 3, 8, 26])
+def test_listwise_regex_matches_what_parses(candidates: int) -> None:
+    """Every text the regex matches parses to the scores of its final block, in order."""
+    regex = listwise_answer_regex(candidates, 1, 10, 300)
+    _plain_regex(regex)
+    rng = random.Random(candidates)
+    for _ in range(300):
+        pieces = "".join(rng.choice(_LIST_PIECES) for _ in range(rng.randrange(12)))
+        critique = pieces.lstrip(" \t\r\n")
+        while critique.startswith("<t"):
+            critique = critique[1:].lstrip(" \t\r\n")
+        critique = critique[:300]
+        scores = [rng.randint(1, 10) for _ in range(candidates)]
+        block = ", ".join(f"{candidate_label(i)}={n}" for i, n in enumerate(scores))
+        text = f"{critique}Scores: {block}"
+        assert re.fullmatch(regex, text), text
+        verdict = parse_listwise(text, candidates, 1, 10)
+        assert verdict.scores == tuple(float(n) for n in scores), text
+        assert verdict.problems == ()
+
+
+def test_listwise_regex_accepts_exactly_the_valid_answers() -> None:
+    regex = listwise_answer_regex(3, 1, 10, 100)
+    for text in [
+        "Scores: A=1, B=10, C=5",
+        "A is best, C close.\nScores: A=9, B=2, C=8",
+        "<b>A</b> wins.\n\nScores: A=9, B=2, C=8",
+        "Scores: A=1, B=1, C=1 was a draft.\nScores: A=9, B=2, C=8",
+        "</think>x\\boxed{3} [[B]]Scores: A=9, B=2, C=8",
+    ]:
+        assert re.fullmatch(regex, text), text
+    for text in [
+        "Scores: A=1, B=10",  # a candidate skipped
+        "Scores: A=1, C=5, B=10",  # out of order
+        "Scores: A=1, B=10, C=5, D=5",  # a candidate too many
+        "Scores: A=0, B=10, C=5",  # out of range
+        "Scores: A=1, B=11, C=5",
+        "Scores: A=1.5, B=10, C=5",  # integers only
+        "Scores: A=01, B=10, C=5",
+        "Scores: a=1, b=10, c=5",
+        "Scores: A=1,B=10,C=5",
+        "Scores: A=1, B=10, C=5\n",  # nothing after the block
+        "Scores: A=1, B=10, C=5 Done.",
+        " A wins.Scores: A=1, B=10, C=5",  # the critique starts with a space
+        "<think>A wins.Scores: A=1, B=10, C=5",
+        "x" * 101 + "Scores: A=1, B=10, C=5",  # the critique is too long
+        "A wins.",
+    ]:
+        assert re.fullmatch(regex, text) is None, text
+    assert re.fullmatch(listwise_answer_regex(2, 1, 10, 0), "Scores: A=3, B=4")
+    assert re.fullmatch(listwise_answer_regex(2, 1, 10, 0), "x Scores: A=3, B=4") is None
+    assert re.fullmatch(listwise_answer_regex(2, -2, 2, 0), "Scores: A=-2, B=0")
+    assert re.fullmatch(listwise_answer_regex(2, -2, 2, 0), "Scores: A=-3, B=0") is None

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from rmserve.models.base import require_text_only
-from rmserve.models.generative.parsing import parse_choice, parse_pointwise
+from rmserve.models.generative.parsing import (
+    listwise_answer_regex,
+    parse_choice,
+    parse_listwise,
+    parse_pointwise,
+)
 from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
 from rmserve.wire.errors import ItemError
 from rmserve.wire.trajectory import Trajectory
@@ -54,6 +60,23 @@ def test_pairwise_template_labels_every_candidate_in_order() -> None:
     assert prompt.index("[Response B]\nsecond") < prompt.index("[Response C]\nthird")
 
 
+def test_listwise_template_shows_the_conversation_once_before_every_candidate() -> None:
+    template = JudgePrompt.load("listwise")
+    prompt = template.listwise("User: q?", ["first", "second", "third"], "ref", 0, 5)
+    assert "integer score from 0 (worst) to 5 (best)" in prompt
+    assert prompt.count("User: q?") == 1
+    assert prompt.index("User: q?") < prompt.index("ref") < prompt.index("[Response A]\nfirst")
+    assert prompt.index("[Response A]\nfirst") < prompt.index("[Response B]\nsecond")
+    assert prompt.index("[Response B]\nsecond") < prompt.index("[Response C]\nthird")
+    assert prompt.endswith("[Response C]\nthird")
+    # Another order of the same candidates shares everything up to the first response (the
+    # prefix vLLM caches).
+    other = template.listwise("User: q?", ["third", "first", "second"], "ref", 0, 5)
+    head = prompt[: prompt.index("[Response A]")]
+    assert other.startswith(head) and "[Reference answer]" in head
+    assert "[Reference answer]" not in template.listwise("c", ["a", "b"], None, 0, 5)
+
+
 def test_a_user_template_with_an_unknown_variable_fails_per_item(tmp_path: Path) -> None:
     path = tmp_path / "mine.jinja"
     path.write_text("Judge {{ response }} against {{ principles }}")
@@ -71,6 +94,12 @@ def test_the_shipped_answers_match_the_parsers() -> None:
     """The answer format each template asks for is the one its parser reads."""
     assert parse_pointwise("Principle 1 ... \\boxed{7}", 1, 10).score == 7
     assert parse_choice("<rubric>r</rubric><eval>e</eval><answer>[[B]]</answer>", 2).choice == 1
+    shown = JudgePrompt.load("listwise").listwise("c", ["x", "y", "z"], None, 1, 10)
+    example = shown.split("exactly as:\n")[1].split("\n")[0]
+    assert example == "Scores: A=<score>, B=<score>, C=<score>"
+    answer = example.replace("<score>", "7")
+    assert parse_listwise(answer, 3, 1, 10).scores == (7.0, 7.0, 7.0)
+    assert re.fullmatch(listwise_answer_regex(3, 1, 10, 0), answer)
 
 
 def test_candidates_accept_strings_and_need_two_and_a_judge() -> None:

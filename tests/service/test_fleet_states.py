@@ -71,3 +71,33 @@ async def test_gateways_see_what_workers_announce(redis_url: str) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
+
+
+async def test_a_worker_announces_the_stream_it_takes_routed_jobs_from(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    announcer = WorkerAnnouncer(client, "a", "a@host:1")
+    task = asyncio.create_task(announcer.run())
+    try:
+
+        async def state() -> dict[str, object]:
+            raw = await client.hget(workers_key("a"), "a@host:1")
+            return json.loads(raw) if raw else {}
+
+        for _ in range(100):
+            if await state():
+                break
+            await asyncio.sleep(0.05)
+        assert "stream" not in await state()  # loading: nothing is routed to it yet
+        announcer.take_routed_jobs("rmserve:jobs:a:a@host:1", 16)
+        announcer.set("ready")
+        for _ in range(100):
+            if (await state()).get("status") == "ready":
+                break
+            await asyncio.sleep(0.05)
+        announced = await state()
+        assert announced["stream"] == "rmserve:jobs:a:a@host:1"
+        assert announced["concurrency"] == 16 and announced["status"] == "ready"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()

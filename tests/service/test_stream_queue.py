@@ -1,19 +1,23 @@
 """The Redis Streams queue against a real redis-server: sharing, reclaim, dead letters,
-idempotent redelivery, capacity, heartbeats, and Redis going away."""
+idempotent redelivery, capacity, heartbeats, Redis going away, and prefix routing (a prompt's
+items to the worker its key prefers, fallback under load, streams of dead workers taken over)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from rmserve.service.jobs import Job
 from rmserve.service.launcher import RedisServer
@@ -21,7 +25,12 @@ from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult
 from rmserve.service.queue import QueueFullError, QueueUnavailableError
 from rmserve.service.queue.base import Depth
-from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.service.queue.redis_streams import (
+    StreamQueue,
+    StreamSettings,
+    worker_stream_key,
+    workers_key,
+)
 from rmserve.wire.trajectory import Trajectory
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
@@ -245,3 +254,236 @@ async def test_redis_restart_is_survived_and_accepted_jobs_persist(tmp_path: Pat
     finally:
         await gateway.close()
         server.stop()
+
+
+# -- prefix routing ----------------------------------------------------------------------------
+
+
+def keyed(request: str, prompts: int, per_prompt: int) -> list[Job]:
+    """`per_prompt` items (a GRPO group) of each of `prompts` prompts, keyed by prompt."""
+    batch = jobs(request, prompts * per_prompt)
+    return [
+        job.model_copy(update={"prefix_key": f"{request}-p{job.index // per_prompt}"})
+        for job in batch
+    ]
+
+
+async def announce(
+    redis: aioredis.Redis, name: str, concurrency: int, status: str = "ready", age: float = 0.0
+) -> None:
+    """What a worker's WorkerAnnouncer writes (service.fleet), `age` seconds old."""
+    seconds, micros = await redis.time()
+    state = {"status": status, "reason": None, "at": seconds + micros / 1e6 - age,
+             "stream": worker_stream_key("m", name), "concurrency": concurrency}  # fmt: skip
+    await redis.hset(workers_key("m"), name, json.dumps(state))
+
+
+def preferred(prefix_key: str, names: list[str]) -> list[str]:
+    """Rendezvous order: the highest sha1(prefix key, worker name) first."""
+
+    def weight(name: str) -> int:
+        return int(hashlib.sha1(f"{prefix_key}\n{name}".encode()).hexdigest()[:12], 16)
+
+    return sorted(names, key=lambda name: (-weight(name), name))
+
+
+async def serve_recording(worker: StreamQueue, took: dict[str, str], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for job in await worker.fetch("m", 16, wait_s=0.05):
+            took[job.id] = worker.name
+            await worker.complete(job, ItemResult(index=job.index, score=float(job.index)))
+
+
+@contextlib.asynccontextmanager
+async def recording(*workers: StreamQueue) -> AsyncIterator[dict[str, str]]:
+    """Run the workers; yield which worker took each job id; stop and close them."""
+    took: dict[str, str] = {}
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(serve_recording(worker, took, stop)) for worker in workers]
+    try:
+        yield took
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for worker in workers:
+            await worker.close()
+
+
+def routed(metrics: Metrics, route: str) -> float:
+    sample = metrics.registry.get_sample_value(
+        "rmserve_routed_jobs_total", {"model": "m", "route": route}
+    )
+    return sample or 0
+
+
+async def test_the_items_of_a_prompt_go_to_the_worker_its_key_prefers(redis_url: str) -> None:
+    metrics = Metrics("gateway")
+    gateway = StreamQueue.from_url(redis_url, FAST, events=metrics)
+    names = ["w0", "w1", "w2"]
+    for name in names:
+        await announce(gateway.client, name, concurrency=1000)
+    batch = keyed("a", prompts=12, per_prompt=4) + jobs("plain", 6)  # the last: no key
+    await gateway.enqueue(batch)
+    assert routed(metrics, "affinity") == 48 and routed(metrics, "shared") == 6
+    assert routed(metrics, "fallback") == 0
+    workers = [StreamQueue.from_url(redis_url, FAST, name=name) for name in names]
+    async with recording(*workers) as took:
+        got = await gather(gateway, batch)
+    assert got == Counter({job.id: 1 for job in batch})
+    for job in batch[:48]:
+        assert job.prefix_key is not None
+        assert took[job.id] == preferred(job.prefix_key, names)[0], job.id
+    assert len({took[job.id] for job in batch[:48]}) == 3  # the prompts are spread
+    await gateway.close()
+
+
+async def test_a_loaded_worker_sends_a_prompt_to_the_next_then_to_any(redis_url: str) -> None:
+    metrics = Metrics("gateway")
+    gateway = StreamQueue.from_url(redis_url, FAST, events=metrics)
+    await announce(gateway.client, "w0", concurrency=3)
+    await announce(gateway.client, "w1", concurrency=3)
+    first, second = preferred("r-p0", ["w0", "w1"])
+    lengths = []
+    for request in range(3):  # the same prompt, 4 items each time: one request's stay together
+        batch = [job.model_copy(update={"prefix_key": "r-p0"}) for job in jobs(f"r{request}", 4)]
+        await gateway.enqueue(batch)
+        lengths.append(
+            [await gateway.client.xlen(s) for s in
+             (worker_stream_key("m", first), worker_stream_key("m", second), "rmserve:jobs:m")]
+        )  # fmt: skip
+    # The preferred worker while below its concurrency, then the next one, then any worker.
+    assert lengths == [[4, 0, 0], [4, 4, 0], [4, 4, 4]]
+    assert routed(metrics, "affinity") == 4 and routed(metrics, "fallback") == 8
+    assert await gateway.depth("m") == Depth(pending=0, lag=12)
+    workers = [StreamQueue.from_url(redis_url, FAST, name=name) for name in ("w0", "w1")]
+    async with recording(*workers) as took:
+        for request in range(3):
+            assert sum((await gather(gateway, jobs(f"r{request}", 4))).values()) == 4
+    assert Counter(took.values())[first] >= 4 and Counter(took.values())[second] >= 4
+    assert await gateway.depth("m") == Depth(pending=0, lag=0)
+    await gateway.close()
+
+
+async def test_round_robin_deals_each_job_to_the_next_worker(redis_url: str) -> None:
+    metrics = Metrics("gateway")
+    gateway = StreamQueue.from_url(redis_url, replace(FAST, routing="round_robin"), events=metrics)
+    names = ["w0", "w1"]
+    for name in names:
+        await announce(gateway.client, name, concurrency=2)  # load is ignored
+    batch = keyed("a", prompts=2, per_prompt=3) + jobs("plain", 1)
+    await gateway.enqueue(batch)
+    await gateway.enqueue(jobs("next", 1))  # the turn carries over to the next request
+    lengths = [await gateway.client.xlen(worker_stream_key("m", n)) for n in names]
+    assert lengths == [4, 4] and await gateway.client.xlen("rmserve:jobs:m") == 0
+    assert routed(metrics, "round_robin") == 8 and routed(metrics, "affinity") == 0
+    workers = [
+        StreamQueue.from_url(redis_url, replace(FAST, routing="round_robin"), name=n) for n in names
+    ]
+    async with recording(*workers) as took:
+        got = await gather(gateway, batch)
+    assert got == Counter({job.id: 1 for job in batch})
+    # The items of one prompt are split between the workers.
+    assert {took[job.id] for job in batch[:3]} == set(names)
+    await gateway.close()
+
+
+async def test_capacity_counts_every_stream_of_the_model(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, StreamSettings(capacity=10))
+    await announce(gateway.client, "w0", concurrency=100)
+    await gateway.enqueue(keyed("a", prompts=2, per_prompt=4))
+    assert await gateway.client.xlen(worker_stream_key("m", "w0")) == 8
+    with pytest.raises(QueueFullError):
+        await gateway.enqueue(jobs("b", 3))
+    assert await gateway.client.xlen("rmserve:jobs:m") == 0  # all or none
+    await gateway.enqueue(jobs("c", 2))
+    await gateway.close()
+
+
+async def test_shared_routing_and_unready_or_stale_workers_use_the_shared_stream(
+    redis_url: str,
+) -> None:
+    shared = StreamQueue.from_url(redis_url, replace(FAST, routing="shared"))
+    await announce(shared.client, "w0", concurrency=100)
+    await announce(shared.client, "w1", concurrency=100, status="loading")
+    await announce(shared.client, "w2", concurrency=100, age=FAST.stale_s + 1)
+    await shared.enqueue(keyed("a", prompts=2, per_prompt=2))
+    assert await shared.client.xlen("rmserve:jobs:m") == 4
+    prefix = StreamQueue.from_url(redis_url, FAST)
+    await prefix.client.hdel(workers_key("m"), "w0")
+    await prefix.enqueue(keyed("b", prompts=2, per_prompt=2))  # no routable worker
+    assert await prefix.client.xlen("rmserve:jobs:m") == 8
+    assert await prefix.client.smembers("rmserve:streams:m") == set()
+    # A worker with shared routing reads no own stream.
+    worker = StreamQueue.from_url(redis_url, replace(FAST, routing="shared"), name="w0")
+    assert worker.own_stream("m") is None
+    assert len(await worker.fetch("m", 100, wait_s=0.1)) == 8
+    assert not await worker.client.exists(worker_stream_key("m", "w0"))
+    for queue in (shared, prefix, worker):
+        await queue.close()
+
+
+async def test_the_stream_of_a_killed_worker_is_taken_over_and_removed(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await announce(gateway.client, "dead", concurrency=1000)
+    batch = keyed("a", prompts=5, per_prompt=4)
+    await gateway.enqueue(batch)
+    own = worker_stream_key("m", "dead")
+    assert await gateway.client.xlen(own) == 20  # all routed to the only worker
+    dead = StreamQueue.from_url(redis_url, FAST, name="dead")
+    assert len(await dead.fetch("m", 6, wait_s=0.1)) == 6
+    await dead.close()  # like kill -9: 6 pending, 14 undelivered in its own stream
+    await announce(gateway.client, "dead", concurrency=1000, age=FAST.stale_s + 1)  # silent
+    await announce(gateway.client, "survivor", concurrency=1000)
+    started = time.monotonic()
+    async with recording(StreamQueue.from_url(redis_url, FAST, name="survivor")) as took:
+        got = await gather(gateway, batch)
+        assert got == Counter({job.id: 1 for job in batch})
+        assert set(took.values()) == {"survivor"}
+        assert time.monotonic() - started < FAST.reclaim_idle_s + 3
+        for _ in range(40):  # the empty orphan is deleted at the next look
+            if not await gateway.client.exists(own):
+                break
+            await asyncio.sleep(0.1)
+    assert not await gateway.client.exists(own)
+    assert await gateway.client.smembers("rmserve:streams:m") == {
+        worker_stream_key("m", "survivor").encode()
+    }
+    assert await gateway.depth("m") == Depth(pending=0, lag=0)
+    await gateway.close()
+
+
+async def test_a_drained_workers_released_and_queued_jobs_go_to_the_others(
+    redis_url: str,
+) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await announce(gateway.client, "leaving", concurrency=1000)
+    batch = keyed("a", prompts=3, per_prompt=4)
+    await gateway.enqueue(batch)
+    leaving = StreamQueue.from_url(redis_url, FAST, name="leaving")
+    held = await leaving.fetch("m", 5, wait_s=0.1)
+    await gateway.client.hdel(workers_key("m"), "leaving")  # withdrawn (service.fleet)
+    await leaving.release(held)
+    await leaving.close()
+    await announce(gateway.client, "staying", concurrency=1000)
+    async with recording(StreamQueue.from_url(redis_url, FAST, name="staying")) as took:
+        got = await gather(gateway, batch)
+    assert got == Counter({job.id: 1 for job in batch})
+    assert set(took.values()) == {"staying"}
+    await gateway.close()
+
+
+async def test_a_deleted_own_stream_is_recreated(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    worker = StreamQueue.from_url(redis_url, FAST, name="w0")
+    assert await worker.fetch("m", 1, wait_s=0.01) == []
+    await gateway.client.delete(worker_stream_key("m", "w0"))  # e.g. Redis lost its data
+    assert await worker.fetch("m", 1, wait_s=0.01) == []  # NOGROUP: recreated
+    await announce(gateway.client, "w0", concurrency=10)
+    await gateway.enqueue(keyed("a", prompts=1, per_prompt=2))
+    fetched = await worker.fetch("m", 10, wait_s=0.1)
+    assert len(fetched) == 2 and all(" rmserve:jobs:m:w0" in (j.receipt or "") for j in fetched)
+    for job in fetched:
+        await worker.complete(job, ItemResult(index=job.index, score=1.0))
+    assert await gateway.depth("m") == Depth(pending=0, lag=0)
+    await worker.close()
+    await gateway.close()

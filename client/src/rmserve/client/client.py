@@ -9,6 +9,7 @@ batches at once (async: a semaphore per call; sync: a thread pool per call shari
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -65,7 +66,7 @@ class ScoreResult(_Open):
     id: str | None = None
     index: int
     score: float | None = None
-    scores: list[float] | None = None
+    scores: list[float | None] | None = None
     step_scores: list[float | None] | None = None
     verdict: str | None = None
     critique: str | None = None
@@ -175,10 +176,32 @@ def _payload(item: Item) -> dict[str, Any]:
 
 
 def _batches(items: Sequence[Item], size: int) -> list[_Batch]:
+    """Requests of `size` items; a batch ends early or late rather than split a run of items
+    with the same `group` (a listwise judge compares a group within one request)."""
     payloads = [_payload(item) for item in items]
-    return [
-        _Batch(start, payloads[start : start + size]) for start in range(0, len(payloads), size)
-    ]
+    batches, start = [], 0
+    while start < len(payloads):
+        end = min(start + size, len(payloads))
+        group = payloads[end - 1].get("group")
+        if group is not None and end < len(payloads) and payloads[end].get("group") == group:
+            first = end - 1
+            while first > start and payloads[first - 1].get("group") == group:
+                first -= 1
+            if first > start:  # end before the group
+                end = first
+            else:  # the group alone is larger than a batch: keep it whole
+                while end < len(payloads) and payloads[end].get("group") == group:
+                    end += 1
+        batches.append(_Batch(start, payloads[start:end]))
+        start = end
+    return batches
+
+
+def group_of(prompt: Any) -> str:
+    """A group name for the responses to `prompt` (a string or chat messages): the same for
+    equal prompts, so that a trainer's n samples of one prompt form one group."""
+    text = json.dumps(prompt, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _body(model: str, batch: _Batch, options: Mapping[str, Any] | None, stream: bool) -> Any:
@@ -577,6 +600,11 @@ class AsyncRewardClient:
                     yield event
         finally:
             await _cancel(tasks)
+
+    async def post(self, path: str, body: Any) -> httpx.Response:
+        """POST `body` (JSON) to another route of the service (e.g. /get_reward) with this
+        client's key, timeouts and retries; the 2xx answer, else RewardServiceError."""
+        return await self._send("POST", path, body)
 
     async def _send(
         self, method: str, path: str, body: Any = None, offset: int = 0

@@ -142,8 +142,7 @@ class Endpoint:
             "prompts": [s.prompt for s in samples],
             "labels": [s.label for s in samples],
         }
-        # The client's request path: its auth header, timeouts and retry policy.
-        response = await self.client._send("POST", self.path, body)
+        response = await self.client.post(self.path, body)
         try:
             payload = response.json()
         except ValueError:

@@ -41,6 +41,7 @@ from rmserve.client.client import (
     AsyncRewardClient,
     RewardClient,
     ScoreResult,
+    group_of,
 )
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,8 @@ def build_item(
     """The trajectory of one completion, in TRL's standard (strings) or conversational (chat
     messages) format."""
     turns = _messages(prompt, "user", "prompt") + _messages(completion, "assistant", "completion")
-    item: dict[str, Any] = {"messages": _link_tool_calls(turns)}
+    # TRL's num_generations completions of one prompt form one group.
+    item: dict[str, Any] = {"messages": _link_tool_calls(turns), "group": group_of(prompt)}
     if (text := _reference_text(reference)) is not None:
         item["reference"] = text
     if (cases := _tests(tests)) is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmserve.client.batching import LoopLocal, LoopThread, ProcessLocal, ScoreBatcher
-from rmserve.client.client import API_KEY_ENV, DEFAULT_URL, ScoreResult
+from rmserve.client.client import API_KEY_ENV, DEFAULT_URL, ScoreResult, group_of
 from rmserve.client.policy import ON_ERROR_ENV, ErrorPolicy, ItemFailed, checked_score
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,11 @@ def trajectory(
     prompt: list[dict[str, Any]], response: str, ground_truth: Any, data_source: Any
 ) -> dict[str, Any]:
     messages = [*prompt, {"role": "assistant", "content": response}]
-    item: dict[str, Any] = {"messages": messages, "metadata": {"data_source": plain(data_source)}}
+    item: dict[str, Any] = {
+        "messages": messages,
+        "group": group_of(prompt),  # a prompt's n rollouts form one group
+        "metadata": {"data_source": plain(data_source)},
+    }
     if ground_truth is not None:
         item["reference"] = _text(ground_truth)
     return item
