@@ -213,40 +213,27 @@ def _computed(tokens: int, queries: float | None, hits: float | None) -> float |
 
 
 class _PrefixCounts:
-    queries = 0
-    hits = 0
+    """rmserve.models.engine.EngineStats keeping the prefix-cache totals."""
 
+    def __init__(self) -> None:
+        self.queries = self.hits = 0
 
-def _prefix_logger_factory(counts: type[_PrefixCounts]) -> Any:
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.queries += queries
+        self.hits += hits
 
-    class PrefixLogger(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
+    def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        pass
 
-        def record(
-            self,
-            scheduler_stats: Any,
-            iteration_stats: Any,
-            mm_cache_stats: Any = None,
-            engine_idx: int = 0,
-        ) -> None:
-            stats = getattr(scheduler_stats, "prefix_cache_stats", None)
-            if stats is not None:
-                counts.queries += stats.queries
-                counts.hits += stats.hits
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return PrefixLogger
+    def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
+        pass
 
 
 async def _vllm_child(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rmserve.models.engine import VllmPoolingEngine, engine_args
+    from rmserve.models.engine import VllmPoolingEngine, engine_args, stat_logger_factory
 
     model_dir = Path(spec["model_dir"])
     options = EngineOptions.model_validate(spec["engine"])
@@ -254,10 +241,11 @@ async def _vllm_child(spec: dict[str, Any]) -> dict[str, Any]:
     served_default = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
     args = engine_args(model_dir, model_dir, options)
     args.enable_prefix_caching = True
+    counts = _PrefixCounts()
     llm = AsyncLLM.from_engine_args(
         args,
         usage_context=UsageContext.OPENAI_API_SERVER,  # the scheduler defaults rmserve gets
-        stat_loggers=[_prefix_logger_factory(_PrefixCounts)],
+        stat_loggers=[stat_logger_factory(counts)],
     )
     engine = VllmPoolingEngine(llm, llm.model_config.max_model_len)
     try:
@@ -270,7 +258,7 @@ async def _vllm_child(spec: dict[str, Any]) -> dict[str, Any]:
         rounds = []
         for groups in spec["rounds"]:
             await asyncio.sleep(METRICS_SETTLE_S)
-            queries, hits = _PrefixCounts.queries, _PrefixCounts.hits
+            queries, hits = counts.queries, counts.hits
             started = time.perf_counter()
             scores = await score([t for group in groups for t in group])
             seconds = time.perf_counter() - started
@@ -279,8 +267,8 @@ async def _vllm_child(spec: dict[str, Any]) -> dict[str, Any]:
                 {
                     "seconds": seconds,
                     "scores": scores,
-                    "queries": _PrefixCounts.queries - queries,
-                    "hits": _PrefixCounts.hits - hits,
+                    "queries": counts.queries - queries,
+                    "hits": counts.hits - hits,
                 }
             )
         cache = llm.vllm_config.cache_config

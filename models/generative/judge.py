@@ -206,13 +206,7 @@ class GenerativeModel:
             self._prompt.choice(context, [texts[i] for i in order], item.reference)
             for order in orders
         ]
-        generated = await asyncio.gather(
-            *(
-                self._generate(prompt, images, item.documents or (), sampling, options, i)
-                for i, prompt in enumerate(prompts)
-            )
-        )
-        results = [judged for judged, _ in generated]
+        results, evidence = await self._generate_each(prompts, item, images, sampling, options)
         samples: list[Sample] = []
         verdicts: dict[int, ChoiceVerdict] = {}
         for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
@@ -254,7 +248,7 @@ class GenerativeModel:
             prompt_tokens=sum(judged.prompt_tokens for judged in results),
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
-            evidence=[e for _, evidence in generated for e in evidence or ()] or None,
+            evidence=evidence,
         )
 
     # -- listwise --------------------------------------------------------------------------
@@ -280,13 +274,7 @@ class GenerativeModel:
             self._prompt.listwise(context, [texts[i] for i in order], item.reference, low, high)
             for order in orders
         ]
-        generated = await asyncio.gather(
-            *(
-                self._generate(prompt, images, item.documents or (), sampling, options, i)
-                for i, prompt in enumerate(prompts)
-            )
-        )
-        results = [judged for judged, _ in generated]
+        results, evidence = await self._generate_each(prompts, item, images, sampling, options)
         samples: list[Sample] = []
         verdicts: dict[int, ListwiseVerdict] = {}
         for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
@@ -327,10 +315,29 @@ class GenerativeModel:
             prompt_tokens=sum(judged.prompt_tokens for judged in results),
             completion_tokens=sum(s.completion_tokens for s in samples),
             samples=samples if options.return_samples else None,
-            evidence=[e for _, evidence in generated for e in evidence or ()] or None,
+            evidence=evidence,
         )
 
     # -- generation, with or without tools ---------------------------------------------------
+
+    async def _generate_each(
+        self,
+        prompts: Sequence[str],
+        item: Trajectory,
+        images: Sequence[JudgeImage],
+        sampling: SamplingRequest,
+        options: RequestOptions,
+    ) -> tuple[list[Judged], list[Evidence] | None]:
+        """One judgement of each prompt (each its own candidate order), concurrently; their
+        tool calls in order."""
+        generated = await asyncio.gather(
+            *(
+                self._generate(prompt, images, item.documents or (), sampling, options, i)
+                for i, prompt in enumerate(prompts)
+            )
+        )
+        evidence = [e for _, calls in generated for e in calls or ()]
+        return [judged for judged, _ in generated], evidence or None
 
     async def _generate(
         self,

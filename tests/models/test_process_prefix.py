@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from rmserve.models.base import RequestOptions
-from rmserve.models.engine import VllmPoolingEngine, engine_args
+from rmserve.models.engine import VllmPoolingEngine, engine_args, stat_logger_factory
 from rmserve.models.process import ProcessModel
 from rmserve.models.rendering import ChatRenderer
 from rmserve.models.spec import ProcessSpec
@@ -59,29 +59,16 @@ class Counters:
     def computed_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
+    # rmserve.models.engine.EngineStats: what vLLM's stat logger reports.
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.queries += queries
+        self.hits += hits
 
-def stat_logger(counters: Counters) -> Any:
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        pass
 
-    class Recorder(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
-
-        def record(
-            self,
-            scheduler_stats: Any,
-            iteration_stats: Any,
-            mm_cache_stats: Any = None,
-            engine_idx: int = 0,
-        ) -> None:
-            if scheduler_stats is not None:
-                counters.queries += scheduler_stats.prefix_cache_stats.queries
-                counters.hits += scheduler_stats.prefix_cache_stats.hits
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return lambda vllm_config, engine_index=0: Recorder(vllm_config, engine_index)
+    def iteration(self, batch: int, prompt_tokens: int, generation_tokens: int) -> None:
+        pass
 
 
 class CountingLLM:
@@ -169,7 +156,7 @@ def start_engine(path: Path) -> tuple[Engine, Any]:
     llm = AsyncLLM.from_engine_args(
         args,
         usage_context=UsageContext.OPENAI_API_SERVER,
-        stat_loggers=[stat_logger(counters)],
+        stat_loggers=[stat_logger_factory(counters)],
     )
     engine = VllmPoolingEngine(CountingLLM(llm, counters), llm.model_config.max_model_len)
     return Engine(engine, llm, counters, asyncio.new_event_loop(), path), llm
