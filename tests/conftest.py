@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Iterator, Mapping
@@ -54,6 +56,16 @@ def ready_client(registry: Path, workdir: Path, env: dict[str, str]) -> Iterator
             yield client
     finally:
         server.stop()
+
+
+def close_engine_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the event loop an in-process vLLM AsyncLLM ran on, after its shutdown(). Called
+    from outside the loop, vLLM schedules the closing of its ZMQ sockets on that loop
+    (core_client.py, BackgroundResources); unless the loop runs once more they stay open, and
+    the garbage-collected ZMQ context later blocks forever in term(), in whatever test runs."""
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    gc.collect()  # a context left behind would block here, at its own module's teardown
 
 
 def start_sandbox(

@@ -28,6 +28,7 @@ from rmserve.models.spec import GenerativeSpec
 from rmserve.wire.errors import ItemError
 from rmserve.wire.images import JudgeImage
 from rmserve.wire.trajectory import Trajectory
+from tests.conftest import close_engine_loop
 
 T = TypeVar("T")
 QUESTION = "What is 12 * 7?"
@@ -268,7 +269,7 @@ def tiny_listwise(tiny_models: dict[str, Path]) -> Iterator[Served]:
         yield Served(model, loop)
     finally:
         model.shutdown()
-        loop.close()
+        close_engine_loop(loop)
 
 
 @pytest.mark.engine

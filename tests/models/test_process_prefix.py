@@ -21,6 +21,7 @@ from rmserve.models.spec import ProcessSpec
 from rmserve.models.tiny import STEP_TAG
 from rmserve.wire.errors import ItemError
 from rmserve.wire.trajectory import Trajectory
+from tests.conftest import close_engine_loop
 from tests.e2e import reference as ref
 
 pytestmark = pytest.mark.engine
@@ -169,7 +170,7 @@ def tiny_prm(tiny_models: dict[str, Path]) -> Iterator[Engine]:
         yield engine
     finally:
         llm.shutdown()
-        engine.loop.close()
+        close_engine_loop(engine.loop)
 
 
 Chat = list[dict[str, Any]]
