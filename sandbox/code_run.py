@@ -1,115 +1,69 @@
-"""Run untrusted Python (a judge's or a policy's code) under bubblewrap.
+"""Run untrusted Python (a judge's or a policy's code) under bubblewrap, and test it.
 
-Isolation design
-----------------
-Every execution (the program alone, or the program plus one test) gets a fresh sandbox made by
-bubblewrap: new user, mount, pid, network, ipc, uts and cgroup namespaces.
+Who decides a test
+------------------
+A policy under RL optimisation is an adversary: whatever runs in its interpreter, it can
+subvert. So tests are decided on the host wherever the format allows (`rmserve.sandbox.grading`):
 
-* Filesystem: the sandbox root is an empty tmpfs, remounted read-only once populated. Only /usr
-  (with /bin, /sbin, /lib, /lib64 as the symlinks or read-only dirs they are on the host) and the
-  *base* interpreter installation (``sys.base_prefix``, never the service's venv) are bound,
-  read-only. Nothing else of the host exists inside: no /etc, /home, /work, host /tmp; /root holds
-  only the directories leading to the interpreter when it lives there (pyenv). /proc is a fresh
-  procfs of the sandbox's pid namespace; /dev is bwrap's minimal /dev, read-only; /tmp and /dev/shm
-  are private tmpfs of ``file_size_mb`` each, the only writable places. The cwd is /tmp.
-* Environment: ``--clearenv`` plus PATH/HOME/TMPDIR/LANG, and bwrap itself is started with a
-  two-variable environment, so the service's variables (secrets) never reach the sandbox.
-* Code delivery: program, test code and limits travel as one JSON job through an anonymous memfd
-  passed as an inherited fd; the in-sandbox harness reads and closes it before any user code
-  runs. There is no code file to modify and no other run's file to read.
-* Network: a new network namespace holding only a loopback that is down: no egress, no host
-  loopback.
-* Processes: ``--unshare-pid`` with bwrap's reaper as pid 1. When the harness exits, pid 1 exits
-  and the kernel kills everything left in the namespace (orphans, daemons, double forks).
-  ``--die-with-parent`` plus killing bwrap's process group tear the whole sandbox down on
-  timeouts, output floods and cancellation.
-* Privileges: the sandboxed code has no capabilities, ``no_new_privs``, cannot create user
-  namespaces (``--disable-userns``), and runs under ``python -I -B``.
+* ``call`` tests (and ``code`` tests made only of plain asserts such as
+  ``assert fib(10) == 55``, rewritten by `rmserve.sandbox.asserts`): all of a response's
+  calls run in ONE sandbox, each with its own wall-clock limit; each value comes back typed
+  (exact builtin types only: no ``__eq__``, ``__repr__`` or subclass of the program's runs on
+  the host); the host compares it with the expected value, which never enters the sandbox. A
+  call that hangs or kills its process fails alone: the supervisor restarts the program for the
+  next call.
+* ``stdin`` + ``expected_stdout`` tests: one sandbox each; the host compares the output.
+* other ``code`` tests run in-process, after the program, in one sandbox each. The harness binds
+  what it needs before the program runs, keeps the test code and completion nonce out of every
+  Python object until the program has run, runs the test with Python's own builtins and decides
+  completion from a nonce the program never saw. But code the test calls can still inspect the
+  test's frame or replace library functions: **unsafe against an optimising policy**; refuse
+  them with ``in_process="refuse"``.
+A run that exits early (``sys.exit(0)``, ``os._exit(0)``) never passes a test.
 
-Root vs non-root
-----------------
-RLIMIT_NPROC is not enforced for host root, so as root each concurrency slot runs its sandbox
-under its own unprivileged uid ``sandbox_uid_base + slot`` (60000+): ``setpriv`` drops uid, gids
-and the capability bounding set, then bwrap creates its user namespace unprivileged. An
-unprivileged bwrap cannot bind a path it cannot traverse (e.g. /root/.pyenv under a 0700 /root;
---ro-bind-fd does not help, bwrap realpath()s sources), so at start-up root builds a *staging*
-mount namespace once (a root bwrap: read-only view of /, a 0755 tmpfs over the first
-non-traversable ancestor of the interpreter, the interpreter bound back into it), keeps it alive
-by an fd, and each run enters it with ``nsenter`` (no fork) before setpriv. Only setpriv and bwrap
-run there; the host's mounts never change.
-Command line as root (non-root: from the second ``setpriv`` on)::
+Isolation (`rmserve.sandbox.launch`, `rmserve.sandbox.harness`)
+---------------------------------------------------------------
+Every run gets a fresh bubblewrap sandbox: new user, mount, pid, network, ipc, uts and cgroup
+namespaces; an empty read-only root with /usr and the base interpreter bound read-only (never
+the service's venv, never site-packages: ``python -I -B -S``); a fresh /proc, a minimal /dev;
+/tmp and /dev/shm private tmpfs of ``file_size_mb`` each (the only writable places);
+``--clearenv``; a network namespace with a loopback that is down; no capabilities,
+``no_new_privs``, no new user namespaces; a seccomp filter denying ptrace, cross-process memory
+access and kernel surface it has no use for (`rmserve.sandbox.seccomp`). The job travels
+through an anonymous memfd. Only the job, status and (in-process tests) test descriptors reach
+the sandbox: the service's are closed whatever event loop it runs.
 
-    nsenter --mount=/proc/<service pid>/fd/N -- setpriv --reuid=U --regid=U --clear-groups
-      --bounding-set=-all --inh-caps=-all -- setpriv --pdeathsig=KILL -- bwrap <sandbox> --
-      <base python> -I -B -c <harness> JOB_FD STATUS_FD
-
-The service is bwrap's direct parent: if the service dies, the kernel SIGKILLs bwrap (the parent
-death signal is set after the uid change, which would clear it, and is sent with the dying
-parent's credentials - root or the same uid, so it is allowed), and bwrap's pid 1 dies with it.
-In both modes RLIMIT_NPROC is set *inside* the sandbox's own user namespace, where the kernel
-(>= 5.14, per-namespace ucounts) counts only that run's tasks: the limit is per run even when the
-uid is shared with the service (non-root) or reused by another runner. Checked by the tests.
-
-Harness and verdict
--------------------
-Inside the sandbox a small supervisor (the functions named ``_sandbox_*`` below, shipped as
-source via ``python -I -c``; never called in the service) applies the rlimits, forks the user
-process and ``wait4()``s it, then reports its exit code or signal, CPU time and whether the test
-code ran to completion on a private status pipe. The user process executes the program and then
-the test code in one fresh ``__main__`` namespace, so asserts see the program's definitions.
-The verdict comes only from that report, the exit status of bwrap and the captured output -
-never from files the code writes.
-A test with ``code`` also requires that its code actually ran to the end: the harness writes a
-per-run nonce after it, so a program that calls ``sys.exit(0)`` / ``os._exit(0)`` before the
-tests fails them. This is a guard against trivial exit hacks, not a proof: the test code shares
-the interpreter with the program, so a program that deliberately introspects or patches the
-interpreter (e.g. reads the nonce from the harness frame, ``sys.settrace``) can still subvert it.
+The harness's supervisor is the sandbox's pid 1: signals from inside the namespace cannot kill
+it, it is not dumpable, and its status pipe is held by no user process. When it exits, the
+kernel kills every process left in the namespace; on timeouts, output floods, cancellation and
+service death the host kills the whole run (its cgroup, or bwrap, whose death takes pid 1).
 
 Limits and how each is detected
 -------------------------------
-* ``wall_s``: asyncio timeout around the whole run; the bwrap process group is SIGKILLed, the
-  sandbox dies with it -> ``timeout``.
-* ``cpu_s``: RLIMIT_CPU, rounded up to whole seconds, hard limit one second later; SIGXCPU, or
-  SIGKILL after the user process used at least the soft limit -> ``cpu_limit``. RLIMIT_CPU is per
-  process: a run's processes together can use more, bounded by ``wall_s``.
-* ``memory_mb``: RLIMIT_AS (per process, so ``processes x memory_mb`` is the aggregate bound; a
-  cgroup would be needed for a tighter one). Detected honestly as what the limit produces: a
-  nonzero exit whose stderr ends with ``MemoryError`` (the harness prints at least that line even
-  when the traceback can't be formatted), or a SIGSEGV/SIGBUS/SIGABRT whose stderr mentions an
-  allocation failure -> ``memory_limit``. A program may of course print that line itself; it only
-  misreports its own failure.
-* ``processes``: RLIMIT_NPROC (see above); the harness's two processes (bwrap's pid 1 and the
-  supervisor) are added on top. Forks beyond it fail with EAGAIN; a fork bomb ends at ``wall_s``.
-* ``file_size_mb``: RLIMIT_FSIZE (Python ignores SIGXFSZ: the write fails with EFBIG) and the
-  size of /tmp and /dev/shm (ENOSPC). Core dumps are disabled (RLIMIT_CORE=0).
-* ``output_bytes``: stdout and stderr are each kept up to this; reading continues (discarding)
-  until a stream passes 16x this, then the sandbox is killed -> ``output_limit``. The service
-  holds at most ``output_bytes`` plus a 4 KiB tail per stream.
-* Per-request limits can only lower the runner's limits: each field is clamped to the runner's
-  (build them with ``dataclasses.replace(runner.limits, ...)``: unset fields take the class
-  defaults).
-* Other statuses: ``error`` = nonzero exit (uncaught exception, ``sys.exit(n)``); ``killed`` =
-  ended by another signal (SIGSEGV, its own SIGKILL...), or the supervisor was killed.
-  Checked in this order: output_limit, timeout, cpu_limit, memory_limit, killed, ok/error.
+All rlimits are set by ``prlimit`` before bwrap starts, so they bind every process of the run.
 
-Concurrency
------------
-At most ``max_concurrency`` sandboxes run at once (each owns a slot, hence a uid as root).
-Executions waiting for a slot count as ``queued``; a request is refused with
-``ToolError("busy")`` when all slots are taken and ``max_queued`` executions already wait. An
-admitted request queues all its executions (one per test), so it can push ``queued`` above
-``max_queued`` by its own size, bounded by ``max_tests``. A request's executions take slots one
-at a time, so concurrent requests interleave fairly.
+* ``wall_s``: per execution: the program alone, the program plus one test, or the program's
+  start-up and then each call of a calls run. Exceeded -> ``timeout``.
+* ``cpu_s``: RLIMIT_CPU per process, rounded up to whole seconds (a calls run's process gets
+  ``cpu_s`` per call it may still run); SIGXCPU -> ``cpu_limit``.
+* ``memory_mb``: with a per-run cgroup (`rmserve.sandbox.cgroups`; ``protections`` says
+  whether there is one), the whole run's memory, tmpfs pages and kernel memory (inodes)
+  included; plus RLIMIT_AS per process. Without a cgroup only RLIMIT_AS, so ``processes x
+  memory_mb`` is the aggregate bound. ``MemoryError``, or an OOM kill -> ``memory_limit``.
+* ``processes``: RLIMIT_NPROC in the run's user namespace (counts only that run's tasks), and
+  the cgroup's pids.max; forks beyond fail with EAGAIN.
+* ``file_size_mb``: RLIMIT_FSIZE and the size of /tmp and /dev/shm. No core dumps.
+* ``output_bytes``: stdout and stderr are each kept up to this; past 16x the run is killed
+  -> ``output_limit``.
+Per-request limits can only lower the runner's.
 
-``CodeResult.run`` is the program alone with ``stdin`` when no tests are given, and ``None``
-when tests are given (each test has its own run; a test with ``code=""`` is "the program exits
-0"). A test without its own ``stdin`` gets the request's ``stdin``.
+Concurrency: at most ``max_concurrency`` sandboxes at once (as root each slot has its own uid);
+a request is refused with ``ToolError("busy")`` when every slot is taken and ``max_queued``
+executions wait.
 
-``allow_unsafe=True`` is a development fallback used only when bubblewrap does not work: the
-harness runs directly, as the service's uid, with the same rlimits in a temporary directory - no
-filesystem, network, pid or uid isolation; the process group is killed after each run but
-daemons that left it survive; as root RLIMIT_NPROC is not enforced at all. It logs a loud
-warning. Linux only.
+``allow_unsafe=True`` is a development fallback when bubblewrap does not work: the harness runs
+directly as the service's uid with the same rlimits in a temporary directory - no filesystem,
+network, pid or uid isolation. It logs a loud warning. Linux only.
 """
 
 from __future__ import annotations
@@ -117,53 +71,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import json
 import logging
 import math
 import os
 import secrets
 import shutil
-import signal
-import stat
 import subprocess
-import sys
 import tempfile
-import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rmserve.sandbox import seccomp
+from rmserve.sandbox.cgroups import CgroupSupport, RunCgroup, RunCgroups
+from rmserve.sandbox.execution import (
+    Observed,
+    anonymous_file,
+    kill_process_group,
+    open_channels,
+    run_process,
+    status_records,
+)
+from rmserve.sandbox.grading import (
+    InProcess,
+    Plan,
+    TestStatus,
+    judge_calls,
+    normalize_output,
+    plan_tests,
+    run_status,
+)
+from rmserve.sandbox.launch import (
+    DEFAULT_UID_BASE,
+    HOST_ENV,
+    SANDBOX_PATH,
+    Launcher,
+    Spawn,
+    bwrap_launcher,
+    unsafe_launcher,
+)
 from rmserve.wire.errors import ToolError
 from rmserve.wire.trajectory import CodeTest
 
 logger = logging.getLogger(__name__)
 
 RunStatus = Literal["ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit", "killed"]
-_Mode = Literal["bwrap-root", "bwrap-user", "unsafe"]
+_JobMode = Literal["program", "calls", "test_code"]
 
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64")
-_SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-_HOST_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-}
-_DEFAULT_UID_BASE = 60000
-_HARNESS_PROCESSES = 2  # bwrap's pid 1 and the supervisor share the run's user namespace
+_HARNESS_PROCESSES = 2  # bwrap (outside) and the supervisor (pid 1)
+_HARNESS_MEMORY = 48 << 20  # bwrap and the supervisor, in the run's cgroup
 _HARD_OUTPUT_FACTOR = 16
-_READ_CHUNK = 65536
-_STDERR_TAIL_BYTES = 4096
-_STATUS_MAX_BYTES = 1 << 16
-_EOF_GRACE_S = 1.0
 _PROBE_TIMEOUT_S = 30.0
-_MEMORY_HINTS = ("MemoryError", "Cannot allocate memory", "out of memory", "bad_alloc")
-_MEMORY_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+_VALUE_DEPTH = 100
+_VALUE_ITEMS = 1_000_000
+_CLAIM_BYTES = 8 << 20
+_MAX_CALLS = 1024
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits of one execution (the program alone, or the program plus one test)."""
+    """Resource limits of one execution (the program alone, with one test, or one call)."""
 
     cpu_s: float = 10.0
     wall_s: float = 20.0
@@ -215,729 +184,94 @@ class RunResult:
 
 @dataclass(frozen=True)
 class TestResult:
+    """One test. ``run`` is its own sandbox run; None for call tests, which share
+    ``CodeResult.run``. ``status`` says how its execution ended ("ok" with ``passed`` False:
+    it ran and was wrong); ``detail`` why it failed."""
+
     __test__ = False  # not a pytest class
 
     name: str
     passed: bool
-    run: RunResult
+    status: TestStatus
+    detail: str
+    run: RunResult | None
 
 
 @dataclass(frozen=True)
 class CodeResult:
+    """``run``: the program alone (no tests), or the run that evaluated the call tests."""
+
     run: RunResult | None
     tests: list[TestResult]
     passed: int
     failed: int
 
 
-# ----------------------------------------------------------------------------------------------
-# Inside the sandbox. These functions are shipped as source (`python -I -c`) and run there only.
-# They must be self-contained: stdlib imports inside, no module globals but each other.
-# ----------------------------------------------------------------------------------------------
-
-
-def _sandbox_apply_limits(limits: dict[str, int]) -> None:
-    """Set the run's rlimits on the supervisor (inherited by the user process); lower only."""
-    import resource
-
-    wanted = {
-        resource.RLIMIT_CPU: (limits["cpu_s"], limits["cpu_s"] + 1),  # SIGXCPU, then SIGKILL
-        resource.RLIMIT_AS: (limits["address_space_bytes"], limits["address_space_bytes"]),
-        resource.RLIMIT_FSIZE: (limits["file_size_bytes"], limits["file_size_bytes"]),
-        resource.RLIMIT_CORE: (0, 0),
-    }
-    if limits.get("processes") is not None:
-        wanted[resource.RLIMIT_NPROC] = (limits["processes"], limits["processes"])
-    for kind, (soft, hard) in wanted.items():
-        _, current_hard = resource.getrlimit(kind)
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        resource.setrlimit(kind, (soft, hard))
-
-
-def _sandbox_report_exception(exc: BaseException) -> None:
-    """Print the user's traceback without the harness frame; at least the exception's name."""
-    import os
-    import sys
-    import traceback
-
-    user_frames = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-    try:
-        traceback.print_exception(type(exc), exc, user_frames)
-        sys.stderr.flush()
-    except BaseException:  # e.g. no memory left to format it
-        os.write(2, b"\n" + type(exc).__name__.encode() + b"\n")
-
-
-def _sandbox_run_user_code(job: dict[str, Any], done_fd: int) -> None:
-    """In the forked user process: the program, then the test code, in one fresh ``__main__``.
-
-    Returns normally (the interpreter then shuts down as for any script) or raises SystemExit.
-    The nonce goes to ``done_fd`` only after the test code ran to its end.
-    """
-    import contextlib
-    import linecache
-    import os
-    import sys
-    import types
-
-    units = [("<program>", job["program"])]
-    if job["test_code"] is not None:
-        units.append(("<test>", job["test_code"]))
-    else:
-        os.close(done_fd)
-    for filename, source in units:
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    module = types.ModuleType("__main__")
-    sys.modules["__main__"] = module
-    sys.argv = ["<program>"]
-    try:
-        for filename, source in units:
-            code = compile(source, filename, "exec", dont_inherit=True)  # not our __future__
-            exec(code, module.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        _sandbox_report_exception(exc)
-        raise SystemExit(1) from None
-    if job["test_code"] is not None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.write(done_fd, job["nonce"].encode())
-        os.close(done_fd)
-
-
-def _sandbox_main(job_fd: int, status_fd: int) -> None:
-    """Supervisor: read the job, apply limits, fork the user process, report how it ended."""
-    import json
-    import os
-
-    with os.fdopen(job_fd, "rb") as job_file:
-        job = json.loads(job_file.read())
-    _sandbox_apply_limits(job["limits"])
-    os.write(status_fd, b'{"started": true}\n')
-    done_read, done_write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(status_fd)
-        os.close(done_read)
-        _sandbox_run_user_code(job, done_write)
-        return
-    os.close(done_write)
-    _, wait_status, usage = os.wait4(child, 0)
-    os.set_blocking(done_read, False)
-    try:
-        done = os.read(done_read, 256).decode(errors="replace")
-    except BlockingIOError:
-        done = ""
-    record = {
-        "exit_code": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
-        "signal": os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "done": done,
-    }
-    os.write(status_fd, (json.dumps(record) + "\n").encode())
-    os._exit(0)
-
-
-@functools.cache
-def _harness_source() -> str:
-    functions = (
-        _sandbox_apply_limits,
-        _sandbox_report_exception,
-        _sandbox_run_user_code,
-        _sandbox_main,
-    )
-    body = "\n\n".join(inspect.getsource(function) for function in functions)
-    return (
-        "from __future__ import annotations\n\n"
-        f"{body}\n\n"
-        "import sys\n"
-        "_sandbox_main(int(sys.argv[1]), int(sys.argv[2]))\n"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Building the command line.
-# ----------------------------------------------------------------------------------------------
-
-
-def _base_interpreter() -> tuple[str, str]:
-    """(installation prefix, executable) of the base interpreter, not the venv's."""
-    executable = getattr(sys, "_base_executable", None) or sys.executable
-    return os.path.realpath(sys.base_prefix), os.path.realpath(executable)
-
-
-def _system_mount_args() -> list[str]:
-    args: list[str] = []
-    for path in _SYSTEM_DIRS:
-        if os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    return args
-
-
-def _is_within(path: str, roots: Sequence[str]) -> bool:
-    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
-
-
-def _interpreter_mount_args(prefix: str) -> list[str]:
-    system_dirs = [os.path.realpath(path) for path in _SYSTEM_DIRS if os.path.isdir(path)]
-    return [] if _is_within(prefix, system_dirs) else ["--ro-bind", prefix, prefix]
-
-
-def _sandbox_args(bwrap: str, prefix: str, limits: Limits, mount_proc: bool) -> list[str]:
-    """The sandboxing bwrap invocation (unprivileged), up to and including ``--``. Without
-    `mount_proc` the sandbox has no /proc at all (container runtimes mask parts of theirs,
-    and then the kernel refuses a fresh one)."""
-    tmpfs_bytes = str(limits.file_size_mb * 1024 * 1024)
-    return [
-        bwrap,
-        "--unshare-all",
-        "--unshare-user",
-        "--disable-userns",
-        "--cap-drop", "ALL",
-        "--die-with-parent",
-        "--new-session",
-        "--hostname", "sandbox",
-        "--clearenv",
-        "--setenv", "PATH", _SANDBOX_PATH,
-        "--setenv", "HOME", "/tmp",
-        "--setenv", "TMPDIR", "/tmp",
-        "--setenv", "LANG", "C.UTF-8",
-        *_system_mount_args(),
-        *_interpreter_mount_args(prefix),
-        *(["--proc", "/proc"] if mount_proc else []),
-        "--dev", "/dev",
-        "--size", tmpfs_bytes, "--tmpfs", "/tmp",
-        "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
-        "--remount-ro", "/dev",
-        "--remount-ro", "/",
-        "--chdir", "/tmp",
-        "--",
-    ]  # fmt: skip
-
-
-def _ancestors(path: str) -> list[str]:
-    """'/a/b/c' -> ['/a', '/a/b'] (proper ancestors, without '/')."""
-    parts = path.strip("/").split("/")[:-1]
-    return ["/" + "/".join(parts[: index + 1]) for index in range(len(parts))]
-
-
-def _expose_interpreter_args(prefix: str) -> list[str]:
-    """Staging mounts making ``prefix`` reachable for an unprivileged uid, if it is not."""
-    ancestors = _ancestors(prefix)
-    for index, directory in enumerate(ancestors):
-        if not os.stat(directory).st_mode & stat.S_IXOTH:
-            args = ["--perms", "0755", "--tmpfs", directory]
-            for inner in ancestors[index + 1 :]:
-                args += ["--perms", "0755", "--dir", inner]
-            return [*args, "--ro-bind", prefix, prefix]
-    return []
-
-
-def _staging_args(bwrap: str, prefix: str, info_fd: int) -> list[str]:
-    """Root only: a private mount namespace (read-only view of the host) in which an
-    unprivileged uid can reach the interpreter. Nothing but setpriv and bwrap runs in it."""
-    return [
-        bwrap,
-        "--ro-bind", "/", "/",
-        "--dev-bind", "/dev", "/dev",
-        "--bind", "/proc", "/proc",
-        *_expose_interpreter_args(prefix),
-        "--die-with-parent",
-        "--info-fd", str(info_fd),
-        "--",
-    ]  # fmt: skip
-
-
-def _open_staging_namespace(bwrap: str, prefix: str) -> int:
-    """Create the staging mount namespace; return an fd that keeps it alive (for nsenter).
-
-    A short-lived root bwrap builds it around ``cat``. bwrap reports the child's pid before the
-    child has built its mounts, so wait for ``cat`` to echo a line (setup done), then open the
-    child's namespace and let it exit. The host's own mounts never change."""
-    info_read, info_write = os.pipe()
-    try:
-        with subprocess.Popen(
-            [*_staging_args(bwrap, prefix, info_write), "cat"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(info_write,),
-            env=_HOST_ENV,
-        ) as holder:
-            os.close(info_write)
-            info_write = -1
-            try:
-                return _namespace_of_ready_holder(holder, _read_json_object(info_read))
-            finally:
-                holder.kill()
-    finally:
-        os.close(info_read)
-        if info_write >= 0:
-            os.close(info_write)
-
-
-def _namespace_of_ready_holder(holder: subprocess.Popen[bytes], info: dict[str, Any] | None) -> int:
-    assert holder.stdin is not None and holder.stdout is not None
-    if info is None or not isinstance(info.get("child-pid"), int):
-        raise OSError(f"bwrap did not start: {holder.communicate(timeout=5)[1]!r}")
-    holder.stdin.write(b"ready\n")
-    holder.stdin.flush()
-    if holder.stdout.readline() != b"ready\n":
-        raise OSError(f"bwrap did not start: {holder.communicate(timeout=5)[1]!r}")
-    return os.open(f"/proc/{info['child-pid']}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _read_json_object(fd: int) -> dict[str, Any] | None:
-    """bwrap's --info-fd document (the fd may stay open after it: stop at the object's end)."""
-    data = b""
-    while not data.rstrip().endswith(b"}") and (chunk := os.read(fd, 4096)):
-        data += chunk
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def _enter_staging_args(nsenter: str, namespace_fd: int) -> list[str]:
-    """Enter the staging namespace without forking: the service stays bwrap's parent. nsenter
-    opens the namespace through the service's own fd table, so the fd is never inherited."""
-    return [nsenter, f"--mount=/proc/{os.getpid()}/fd/{namespace_fd}", "--"]
-
-
-def _drop_to_uid_args(setpriv: str, uid: int) -> list[str]:
-    return [
-        setpriv,
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        "--bounding-set=-all",
-        "--inh-caps=-all",
-        "--",
-    ]
-
-
-def _die_with_service_args(setpriv: str) -> list[str]:
-    """SIGKILL bwrap when the service dies. Set after any uid change (a credential change
-    clears it); the service is bwrap's parent and, root or same uid, may signal it."""
-    return [setpriv, "--pdeathsig=KILL", "--"]
-
-
-def _harness_args(executable: str, job_fd: int, status_fd: int) -> list[str]:
-    return [executable, "-I", "-B", "-c", _harness_source(), str(job_fd), str(status_fd)]
-
-
-def _tasks_owned_by(uid: int) -> int | None:
-    """Tasks (threads) whose real uid is ``uid``, as RLIMIT_NPROC counts them; None if unknown."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    total = 0
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as status_file:
-                status = dict(line.split(":", 1) for line in status_file if ":" in line)
-        except OSError:
-            continue
-        if int(status["Uid"].split()[0]) == uid:
-            total += int(status["Threads"])
-    return total
-
-
-@dataclass(frozen=True)
-class _Launcher:
-    """How to start one harness: mode, binaries, interpreter, uids, staging namespace."""
-
-    mode: _Mode
-    bwrap: str
-    setpriv: str
-    nsenter: str
-    prefix: str
-    executable: str
-    uid_base: int
-    staging_fd: int | None = None  # bwrap-root only
-    mount_proc: bool = True
-
-    def command(self, slot: int, limits: Limits, job_fd: int, status_fd: int) -> list[str]:
-        harness = _harness_args(self.executable, job_fd, status_fd)
-        if self.mode == "unsafe":
-            return harness
-        sandbox = [*_sandbox_args(self.bwrap, self.prefix, limits, self.mount_proc), *harness]
-        if self.mode == "bwrap-user":
-            return [*_die_with_service_args(self.setpriv), *sandbox]
-        assert self.staging_fd is not None
-        return [
-            *_enter_staging_args(self.nsenter, self.staging_fd),
-            *_drop_to_uid_args(self.setpriv, self.uid_base + slot),
-            *_die_with_service_args(self.setpriv),
-            *sandbox,
-        ]
-
-    def process_limit(self, limits: Limits) -> int | None:
-        """RLIMIT_NPROC for the run. In a sandbox the count is per user namespace (per run);
-        unsafe mode counts the service's uid, so add what that uid already runs."""
-        if self.mode != "unsafe":
-            return limits.processes + _HARNESS_PROCESSES
-        existing = _tasks_owned_by(os.getuid())
-        return None if existing is None else existing + limits.processes + 1
-
-    def close(self) -> None:
-        if self.staging_fd is not None:
-            os.close(self.staging_fd)
-
-
-def _bwrap_launcher(
-    bwrap_name: str, uid_base: int, mount_proc: bool = True
-) -> tuple[_Launcher | None, str | None]:
-    """A working sandbox launcher, or why there is none (after a trial run)."""
-    bwrap, setpriv, nsenter = (shutil.which(name) for name in (bwrap_name, "setpriv", "nsenter"))
-    root = os.geteuid() == 0
-    if bwrap is None:
-        return None, f"bubblewrap ({bwrap_name!r}) is not installed or not on PATH"
-    if setpriv is None or (root and nsenter is None):
-        return None, "util-linux `setpriv`" + (" and `nsenter` are" if root else " is") + " needed"
-    prefix, executable = _base_interpreter()
-    staging_fd = None
-    if root:
-        try:
-            staging_fd = _open_staging_namespace(bwrap, prefix)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"could not create the staging mount namespace: {exc}"
-    launcher = _Launcher(
-        mode="bwrap-root" if root else "bwrap-user",
-        bwrap=bwrap,
-        setpriv=setpriv,
-        nsenter=nsenter or "nsenter",
-        prefix=prefix,
-        executable=executable,
-        uid_base=uid_base,
-        staging_fd=staging_fd,
-        mount_proc=mount_proc,
-    )
-    problem = _probe(launcher)
-    if problem is None:
-        return launcher, None
-    launcher.close()
-    if mount_proc and "mount proc" in problem:
-        problem += (
-            " (in a container, /proc is masked: turn mount_proc off, "
-            "RMSERVE_SANDBOX_MOUNT_PROC=false)"
-        )
-    return None, problem
-
-
-def _unsafe_launcher() -> _Launcher:
-    prefix, executable = _base_interpreter()
-    return _Launcher("unsafe", "", "", "", prefix, executable, uid_base=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# One execution: job channel, process, output, verdict.
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class _Job:
+    mode: _JobMode
     program: str
-    test_code: str | None
     stdin: bytes
-    nonce: str
+    calls: tuple[str, ...] = ()
+    test_code: str | None = None
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
 class _Execution:
-    result: RunResult
-    test_code_completed: bool
-
-
-def _job_payload(job: _Job, limits: Limits, processes: int | None) -> bytes:
-    rlimits = {
-        "cpu_s": limits.cpu_rlimit_s,
-        "address_space_bytes": limits.memory_mb * 1024 * 1024,
-        "file_size_bytes": limits.file_size_mb * 1024 * 1024,
-    }
-    if processes is not None:
-        rlimits["processes"] = processes
-    payload = {
-        "program": job.program,
-        "test_code": job.test_code,
-        "nonce": job.nonce,
-        "limits": rlimits,
-    }
-    return json.dumps(payload).encode()
-
-
-def _anonymous_file(data: bytes, name: str) -> int:
-    """A readable fd holding ``data`` at offset 0, with no name anywhere in a filesystem."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    else:
-        with tempfile.TemporaryFile() as unnamed:
-            fd = os.dup(unnamed.fileno())
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def _read_status_records(fd: int) -> list[dict[str, Any]]:
-    """The JSON lines the supervisor wrote (it is dead by now; read without blocking)."""
-    os.set_blocking(fd, False)
-    data = bytearray()
-    with contextlib.suppress(BlockingIOError):
-        while len(data) < _STATUS_MAX_BYTES and (chunk := os.read(fd, _READ_CHUNK)):
-            data += chunk
-    records = []
-    for line in data.splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-class _Capture(asyncio.Protocol):
-    """One output pipe: keep the first ``keep`` bytes and a short tail, count everything, call
-    ``on_overflow`` once past ``hard_cap``. Reads to EOF whatever happens (discarding), so
-    memory stays bounded and the pipe never stalls the sandbox's teardown."""
-
-    def __init__(self, keep: int, hard_cap: int) -> None:
-        self.keep = keep
-        self.hard_cap = hard_cap
-        self.on_overflow: Callable[[], None] = lambda: None
-        self.kept = bytearray()
-        self.tail = b""
-        self.total = 0
-        self.overflowed = False
-        self.eof: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.keep - len(self.kept)
-        if room > 0:
-            self.kept += data[:room]
-        self.tail = (self.tail + data)[-_STDERR_TAIL_BYTES:]
-        if self.total > self.hard_cap and not self.overflowed:
-            self.overflowed = True
-            self.on_overflow()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.eof.done():
-            self.eof.set_result(None)
+    observed: Observed
+    records: list[dict[str, Any]]
+    oom_killed: bool
+    limits: Limits
 
     @property
-    def truncated(self) -> bool:
-        return self.total > self.keep
+    def final(self) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.records) if "exit_code" in r), None)
 
-    def text(self) -> str:
-        return self.kept.decode("utf-8", errors="replace")
-
-
-async def _open_capture(limits: Limits, cleanup: contextlib.ExitStack) -> tuple[_Capture, int]:
-    """A pipe whose read end feeds a ``_Capture``; returns it and the write end for the child."""
-    read_fd, write_fd = os.pipe()
-    capture = _Capture(limits.output_bytes, limits.output_hard_cap)
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: capture, os.fdopen(read_fd, "rb", buffering=0)
-    )
-    cleanup.callback(transport.close)
-    return capture, write_fd
-
-
-@dataclass(frozen=True)
-class _Observed:
-    """What the host saw of one execution."""
-
-    returncode: int
-    timed_out: bool
-    stdout: _Capture
-    stderr: _Capture
-    wall_s: float
-
-    @property
-    def output_overflowed(self) -> bool:
-        return self.stdout.overflowed or self.stderr.overflowed
-
-
-def _kill_process_group(process: asyncio.subprocess.Process) -> None:
-    """SIGKILL bwrap's process group; its pid-1 child dies with it and takes the pid namespace
-    (every sandboxed process) along."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-async def _watch(
-    process: asyncio.subprocess.Process,
-    stdout: _Capture,
-    stderr: _Capture,
-    limits: Limits,
-    started: float,
-    reap_group: bool,
-) -> _Observed:
-    """Enforce the wall clock and the output cap until the sandbox is gone. ``reap_group``:
-    also kill the process group after a normal exit (unsafe mode has no pid namespace)."""
-
-    def kill_if_running() -> None:
-        if process.returncode is None:
-            _kill_process_group(process)
-
-    stdout.on_overflow = stderr.on_overflow = kill_if_running
-    timed_out = False
-    try:
-        async with asyncio.timeout(limits.wall_s):
-            await process.wait()
-    except TimeoutError:
-        timed_out = True
-    finally:
-        kill_if_running()  # timeout or cancellation: take the whole sandbox down
-        returncode = await process.wait()
-        wall_s = time.monotonic() - started
-        if reap_group:
-            _kill_process_group(process)
-        # EOF is immediate once the sandbox is gone; only unsafe-mode escapees can hold it
-        await asyncio.wait([stdout.eof, stderr.eof], timeout=_EOF_GRACE_S)
-    return _Observed(returncode, timed_out, stdout, stderr, round(wall_s, 3))
-
-
-def _optional_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _signal_from_returncode(returncode: int) -> int | None:
-    if returncode < 0:
-        return -returncode
-    return returncode - 128 if returncode > 128 else None
-
-
-def _ran_out_of_memory(exit_code: int | None, sig: int | None, stderr_tail: bytes) -> bool:
-    text = stderr_tail.decode("utf-8", errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    last_line = lines[-1] if lines else ""
-    if exit_code not in (None, 0) and (
-        last_line == "MemoryError" or last_line.startswith("MemoryError:")
-    ):
-        return True
-    return sig in _MEMORY_SIGNALS and any(hint in text for hint in _MEMORY_HINTS)
-
-
-def _classify(
-    observed: _Observed, final: dict[str, Any] | None, limits: Limits
-) -> tuple[RunStatus, int | None, int | None]:
-    """(status, exit_code, signal) of an execution."""
-    killed = int(signal.SIGKILL)
-    if observed.output_overflowed:
-        return "output_limit", None, killed
-    if observed.timed_out:
-        return "timeout", None, killed
-    if final is None:  # the supervisor itself was killed (by the user's code)
-        return "killed", None, _signal_from_returncode(observed.returncode)
-    exit_code, sig = _optional_int(final.get("exit_code")), _optional_int(final.get("signal"))
-    cpu_s = final.get("cpu_s")
-    used_cpu = float(cpu_s) if isinstance(cpu_s, int | float) else 0.0
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and used_cpu >= limits.cpu_rlimit_s):
-        return "cpu_limit", None, sig
-    if _ran_out_of_memory(exit_code, sig, observed.stderr.tail):
-        return "memory_limit", exit_code, sig
-    if sig is not None:
-        return "killed", None, sig
-    return ("ok" if exit_code == 0 else "error"), exit_code, None
-
-
-def _judge_execution(
-    observed: _Observed, records: list[dict[str, Any]], limits: Limits, nonce: str
-) -> _Execution:
-    if not observed.timed_out and not any(record.get("started") for record in records):
-        detail = observed.stderr.tail.decode("utf-8", errors="replace").strip()
-        raise ToolError(
-            "sandbox_failed",
-            f"the sandbox did not start (exit {observed.returncode}): {detail[-1000:]}",
+    def result(self) -> RunResult:
+        observed = self.observed
+        tail = observed.stderr.tail.decode("utf-8", errors="replace")
+        status, exit_code, sig = run_status(
+            self.final,
+            timed_out=observed.timed_out,
+            output_overflowed=observed.output_overflowed,
+            returncode=observed.returncode,
+            cpu_rlimit_s=self.limits.cpu_rlimit_s,
+            stderr_tail=tail,
+            oom_killed=self.oom_killed,
         )
-    final = next((record for record in reversed(records) if "exit_code" in record), None)
-    status, exit_code, sig = _classify(observed, final, limits)
-    result = RunResult(
-        status=status,
-        exit_code=exit_code,
-        signal=sig,
-        stdout=observed.stdout.text(),
-        stderr=observed.stderr.text(),
-        stdout_truncated=observed.stdout.truncated,
-        stderr_truncated=observed.stderr.truncated,
-        wall_s=observed.wall_s,
-    )
-    completed = final is not None and final.get("done") == nonce
-    return _Execution(result, completed)
-
-
-def _normalize_output(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip()
-
-
-def _test_passed(test: CodeTest, execution: _Execution) -> bool:
-    """Exit 0 (status "ok"); with ``code``: the test code ran to its end; with
-    ``expected_stdout``: untruncated stdout equal modulo trailing whitespace per line and at
-    the end."""
-    run = execution.result
-    if run.status != "ok":
-        return False
-    if test.code is not None and not execution.test_code_completed:
-        return False
-    if test.expected_stdout is not None:
-        if run.stdout_truncated:
-            return False
-        return _normalize_output(run.stdout) == _normalize_output(test.expected_stdout)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Availability probe.
-# ----------------------------------------------------------------------------------------------
-
-
-def _probe(launcher: _Launcher) -> str | None:
-    """Run ``print(6 * 7)`` the way real runs go; None if it worked, else why not."""
-    job = _Job(program="print(6 * 7)", test_code=None, stdin=b"", nonce="probe")
-    limits = Limits(cpu_s=5, wall_s=_PROBE_TIMEOUT_S)
-    job_fd = _anonymous_file(_job_payload(job, limits, launcher.process_limit(limits)), "job")
-    status_read, status_write = os.pipe()
-    try:
-        completed = subprocess.run(
-            launcher.command(0, limits, job_fd, status_write),
-            input=b"",
-            capture_output=True,
-            pass_fds=(job_fd, status_write),
-            env=_HOST_ENV,
-            timeout=_PROBE_TIMEOUT_S,
-            start_new_session=True,
-            check=False,
+        assert status != "unserialisable"
+        return RunResult(
+            status=status,
+            exit_code=exit_code,
+            signal=sig,
+            stdout=observed.stdout.text(),
+            stderr=observed.stderr.text(),
+            stdout_truncated=observed.stdout.truncated,
+            stderr_truncated=observed.stderr.truncated,
+            wall_s=observed.wall_s,
         )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"the sandbox could not be started: {exc}"
-    finally:
-        os.close(job_fd)
-        os.close(status_write)
-    try:
-        records = _read_status_records(status_read)
-    finally:
-        os.close(status_read)
-    final = next((record for record in records if "exit_code" in record), None)
-    if completed.stdout == b"42\n" and final is not None and final.get("exit_code") == 0:
-        return None
-    detail = completed.stderr.decode("utf-8", errors="replace").strip()[-1000:]
-    return f"a trial sandboxed run failed (exit {completed.returncode}): {detail or 'no output'}"
 
-
-# ----------------------------------------------------------------------------------------------
-# The runner.
-# ----------------------------------------------------------------------------------------------
+    def calls_result(self) -> RunResult:
+        """A calls run as a whole: ok when the supervisor finished."""
+        observed = self.observed
+        status: RunStatus = "ok"
+        if observed.output_overflowed:
+            status = "output_limit"
+        elif observed.timed_out:
+            status = "timeout"
+        elif not any(record.get("finished") for record in self.records):
+            status = "killed"
+        return RunResult(
+            status=status,
+            exit_code=None,
+            signal=None,
+            stdout=observed.stdout.text(),
+            stderr=observed.stderr.text(),
+            stdout_truncated=observed.stdout.truncated,
+            stderr_truncated=observed.stderr.truncated,
+            wall_s=observed.wall_s,
+        )
 
 
 class CodeRunner:
@@ -952,8 +286,9 @@ class CodeRunner:
         allow_unsafe: bool = False,
         *,
         max_tests: int = 64,
-        sandbox_uid_base: int = _DEFAULT_UID_BASE,
+        sandbox_uid_base: int = DEFAULT_UID_BASE,
         mount_proc: bool = True,
+        cgroup_parent: str | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queued < 0 or max_tests < 1:
             raise ValueError("need max_concurrency >= 1, max_queued >= 0, max_tests >= 1")
@@ -961,26 +296,33 @@ class CodeRunner:
         self.max_concurrency = max_concurrency
         self.max_queued = max_queued
         self.max_tests = max_tests
+        self._seccomp = seccomp.filter_program() if seccomp.supported() else None
         self._launcher = self._choose_launcher(bwrap, allow_unsafe, sandbox_uid_base, mount_proc)
-        self._release_launcher = weakref.finalize(self, self._launcher.close)
+        cgroups = RunCgroups.detect(cgroup_parent) if self._launcher.mode != "unsafe" else None
+        self._cgroups = cgroups if isinstance(cgroups, RunCgroups) else None
+        self._cgroup_support = (
+            cgroups.support if isinstance(cgroups, RunCgroups) else cgroups
+        ) or CgroupSupport(None, "unsafe mode: no per-run cgroup")
+        self._release = weakref.finalize(self, _release, self._launcher, self._cgroups)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._free_slots = list(reversed(range(max_concurrency)))
         self._in_flight = 0
         self._queued = 0
+        self._serial = 0
+        logger.info("code sandbox protections: %s", json.dumps(self.protections))
 
     @staticmethod
     def available(bwrap: str = "bwrap", mount_proc: bool = True) -> str | None:
         """None if bubblewrap sandboxes work here (a trial run succeeded), else the reason."""
-        launcher, problem = _bwrap_launcher(bwrap, _DEFAULT_UID_BASE, mount_proc)
+        launcher, problem = _working_launcher(bwrap, DEFAULT_UID_BASE, mount_proc, _filter())
         if launcher is not None:
             launcher.close()
         return problem
 
-    @staticmethod
     def _choose_launcher(
-        bwrap: str, allow_unsafe: bool, uid_base: int, mount_proc: bool
-    ) -> _Launcher:
-        launcher, problem = _bwrap_launcher(bwrap, uid_base, mount_proc)
+        self, bwrap: str, allow_unsafe: bool, uid_base: int, mount_proc: bool
+    ) -> Launcher:
+        launcher, problem = _working_launcher(bwrap, uid_base, mount_proc, self._seccomp)
         if launcher is not None:
             return launcher
         if not allow_unsafe:
@@ -992,20 +334,55 @@ class CodeRunner:
             problem,
             "; running as root: no process limit at all" if os.geteuid() == 0 else "",
         )
-        unsafe = _unsafe_launcher()
-        unsafe_problem = _probe(unsafe)
+        unsafe = unsafe_launcher()
+        if isinstance(unsafe, str):
+            raise ToolError("unavailable", f"{problem}; unsafe mode failed too: {unsafe}")
+        unsafe_problem = _probe(unsafe, None)
         if unsafe_problem is not None:
             raise ToolError("unavailable", f"{problem}; unsafe mode failed too: {unsafe_problem}")
         return unsafe
 
     def close(self) -> None:
-        """Release the staging namespace (also done when the runner is garbage-collected)."""
-        self._release_launcher()
+        """Release the staging namespace and the cgroup parent (also done when the runner is
+        garbage-collected)."""
+        self._release()
 
     @property
     def mode(self) -> str:
         """'bwrap-root', 'bwrap-user' or 'unsafe'."""
         return self._launcher.mode
+
+    @property
+    def protections(self) -> dict[str, str]:
+        """What protects the host here, one line each (logged at start-up)."""
+        mode = self._launcher.mode
+        if mode == "unsafe":
+            return {
+                "isolation": "NONE (unsafe mode): rlimits and a temporary directory only",
+                "cgroup": self._cgroup_support.reason,
+            }
+        cgroup = self._cgroup_support
+        uids = self.slot_uids
+        return {
+            "isolation": "bubblewrap, "
+            + (
+                f"as root: each slot its own uid ({uids.start}-{uids.stop - 1})"
+                if mode == "bwrap-root"
+                else "unprivileged: the service's uid in a new user namespace"
+            ),
+            "supervisor": "pid 1 of the run's pid namespace, not dumpable; rlimits set "
+            "before bwrap",
+            "seccomp": "on: " + ", ".join(seccomp.DENIED_SYSCALLS)
+            if self._seccomp is not None
+            else "off: not supported on this architecture",
+            "memory": f"per run ({cgroup.describe()}), and RLIMIT_AS per process"
+            if cgroup.version is not None
+            else f"per process only (RLIMIT_AS): no per-run cgroup ({cgroup.reason}); "
+            "tmpfs inodes bounded only by the wall clock",
+            "descriptors": "only the job's own reach the sandbox (closed at spawn and by "
+            "the supervisor)",
+            "proc": "a fresh /proc of the run" if self._launcher.mount_proc else "no /proc",
+        }
 
     @property
     def slot_uids(self) -> range:
@@ -1031,33 +408,42 @@ class CodeRunner:
         stdin: str = "",
         tests: Sequence[CodeTest] = (),
         limits: Limits | None = None,
+        in_process: InProcess = "allow",
     ) -> CodeResult:
-        """Run ``code`` alone (no tests) or once per test, each in its own fresh sandbox.
+        """Run ``code`` alone (no tests) or against ``tests``.
 
         ``limits`` can only lower the runner's limits (clamped field by field; build them with
-        ``dataclasses.replace(runner.limits, ...)``). Raises
-        ToolError("busy") when all slots are busy and ``max_queued`` executions already wait,
-        ToolError("invalid_arguments") beyond ``max_tests`` tests, ToolError("sandbox_failed")
-        if a sandbox could not start.
+        ``dataclasses.replace(runner.limits, ...)``). Raises ToolError("busy") when all slots
+        are busy and ``max_queued`` executions already wait, ToolError("invalid_arguments")
+        beyond ``max_tests`` tests or for test code that does not parse,
+        ToolError("unsafe_test") for an in-process test when ``in_process`` is "refuse",
+        ToolError("sandbox_failed") if a sandbox could not start.
         """
         effective = self.limits if limits is None else limits.clamped_to(self.limits)
         if len(tests) > self.max_tests:
             raise ToolError("invalid_arguments", f"at most {self.max_tests} tests per request")
         if not tests:
-            (execution,) = await self._execute_all([_program_job(code, stdin)], effective)
-            return CodeResult(run=execution.result, tests=[], passed=0, failed=0)
-        jobs = [_test_job(code, stdin, test) for test in tests]
-        executions = await self._execute_all(jobs, effective)
-        results = [
-            TestResult(
-                name=test.name or f"test_{index}",
-                passed=_test_passed(test, execution),
-                run=execution.result,
+            job = _Job("program", code, stdin.encode())
+            (execution,) = await self._execute_all([job], effective)
+            return CodeResult(run=execution.result(), tests=[], passed=0, failed=0)
+        plan = plan_tests(tests, in_process)
+        if len(plan.calls) > _MAX_CALLS:
+            raise ToolError("invalid_arguments", f"at most {_MAX_CALLS} call checks per request")
+        separate = [_separate_job(code, stdin, tests[index]) for index in plan.separate]
+        batched = [_Job("calls", code, stdin.encode(), calls=plan.expressions)] if plan.calls else []
+        executions = await self._execute_all(batched + separate, effective)
+        results = {
+            index: _separate_result(tests[index], index, job, execution)
+            for index, job, execution in zip(
+                plan.separate, separate, executions[len(batched) :], strict=True
             )
-            for index, (test, execution) in enumerate(zip(tests, executions, strict=True))
-        ]
-        passed = sum(result.passed for result in results)
-        return CodeResult(run=None, tests=results, passed=passed, failed=len(results) - passed)
+        }
+        batch = executions[0].calls_result() if batched else None
+        if batch is not None:
+            results |= _call_test_results(tests, plan, executions[0], batch)
+        ordered = [results[index] for index in range(len(tests))]
+        passed = sum(result.passed for result in ordered)
+        return CodeResult(run=batch, tests=ordered, passed=passed, failed=len(ordered) - passed)
 
     def _admit(self, executions: int) -> None:
         if self._in_flight >= self.max_concurrency and self._queued >= self.max_queued:
@@ -1099,35 +485,253 @@ class CodeRunner:
 
     async def _execute(self, job: _Job, slot: int, limits: Limits) -> _Execution:
         launcher = self._launcher
-        payload = _job_payload(job, limits, launcher.process_limit(limits))
+        self._serial += 1
         with contextlib.ExitStack() as cleanup:
             workdir = _unsafe_workdir(cleanup) if launcher.mode == "unsafe" else None
-            stdout, stdout_write = await _open_capture(limits, cleanup)
-            stderr, stderr_write = await _open_capture(limits, cleanup)
-            status_read, status_write = os.pipe()
-            cleanup.callback(os.close, status_read)
-            with contextlib.ExitStack() as child_ends:  # closed as soon as the child has them
-                for fd in (stdout_write, stderr_write, status_write):
-                    child_ends.callback(os.close, fd)
-                job_fd = _anonymous_file(payload, "job")
-                child_ends.callback(os.close, job_fd)
-                stdin_fd = _anonymous_file(job.stdin, "stdin")
-                child_ends.callback(os.close, stdin_fd)
-                started = time.monotonic()
-                process = await asyncio.create_subprocess_exec(
-                    *launcher.command(slot, limits, job_fd, status_write),
-                    stdin=stdin_fd,
-                    stdout=stdout_write,
-                    stderr=stderr_write,
-                    pass_fds=(job_fd, status_write),
-                    env=_HOST_ENV if workdir is None else _unsafe_env(workdir),
-                    cwd=workdir,
-                    start_new_session=True,
-                )
-            observed = await _watch(
-                process, stdout, stderr, limits, started, reap_group=launcher.mode == "unsafe"
+            calls = len(job.calls)
+            channels = await open_channels(
+                job.stdin, limits.output_bytes, limits.output_hard_cap, cleanup
             )
-            return _judge_execution(observed, _read_status_records(status_read), limits, job.nonce)
+            cgroup = self._run_cgroup(slot, limits, cleanup)
+            spawn = _spawn(job, limits, launcher, self._seccomp, cgroup, channels.status_fd)
+            for fd in spawn.fds:
+                if fd != channels.status_fd:
+                    cleanup.callback(os.close, fd)
+            wall = limits.wall_s * (1 + calls) + (2.0 if calls else 0.0)
+
+            def kill(process: subprocess.Popen[bytes]) -> None:
+                if cgroup is not None:
+                    cgroup.kill()
+                kill_process_group(process)
+
+            observed = await run_process(
+                launcher.command(slot, spawn),
+                channels,
+                spawn.fds,
+                HOST_ENV if workdir is None else _unsafe_env(workdir),
+                wall,
+                kill,
+                cwd=workdir,
+            )
+            records = observed.records()
+            if not observed.timed_out and not any(r.get("started") for r in records):
+                detail = observed.stderr.tail.decode("utf-8", errors="replace").strip()
+                raise ToolError(
+                    "sandbox_failed",
+                    f"the sandbox did not start (exit {observed.returncode}): {detail[-1000:]}",
+                )
+            oom = cgroup.oom_killed() if cgroup is not None else False
+            return _Execution(observed, records, oom, limits)
+
+    def _run_cgroup(
+        self, slot: int, limits: Limits, cleanup: contextlib.ExitStack
+    ) -> RunCgroup | None:
+        if self._cgroups is None:
+            return None
+        cgroup = self._cgroups.create(
+            f"run-{slot}-{self._serial}",
+            memory_bytes=limits.memory_mb * 1024 * 1024 + _HARNESS_MEMORY,
+            max_processes=limits.processes + _HARNESS_PROCESSES + 1,
+        )
+        cleanup.callback(cgroup.remove)
+        return cgroup
+
+
+def _release(launcher: Launcher, cgroups: RunCgroups | None) -> None:
+    launcher.close()
+    if cgroups is not None:
+        cgroups.close()
+
+
+def _filter() -> bytes | None:
+    return seccomp.filter_program() if seccomp.supported() else None
+
+
+def _working_launcher(
+    bwrap: str, uid_base: int, mount_proc: bool, seccomp_filter: bytes | None
+) -> tuple[Launcher | None, str | None]:
+    """A launcher whose trial run worked, or why there is none."""
+    launcher = bwrap_launcher(bwrap, uid_base, mount_proc)
+    if isinstance(launcher, str):
+        return None, launcher
+    problem = _probe(launcher, seccomp_filter)
+    if problem is None:
+        return launcher, None
+    launcher.close()
+    if mount_proc and "mount proc" in problem:
+        problem += (
+            " (in a container, /proc is masked: turn mount_proc off, "
+            "RMSERVE_SANDBOX_MOUNT_PROC=false)"
+        )
+    return None, problem
+
+
+def _spawn(
+    job: _Job,
+    limits: Limits,
+    launcher: Launcher,
+    seccomp_filter: bytes | None,
+    cgroup: RunCgroup | None,
+    status_fd: int,
+) -> Spawn:
+    """The descriptors and limits of one run's command line (the caller closes the fds)."""
+    calls = len(job.calls)
+    run_cpu = limits.cpu_rlimit_s * (1 + calls)
+    memory = limits.memory_mb * 1024 * 1024
+    file_size = limits.file_size_mb * 1024 * 1024
+    rlimits = {"cpu": run_cpu, "as": memory, "fsize": file_size, "core": 0}
+    if launcher.counts_processes_per_slot:
+        rlimits["nproc"] = limits.processes + _HARNESS_PROCESSES + 1
+    payload = {
+        "mode": job.mode,
+        "program": job.program,
+        "calls": list(job.calls),
+        "limits": {
+            "cpu_s": limits.cpu_rlimit_s,
+            "run_cpu_s": run_cpu,
+            "address_space_bytes": memory,
+            "file_size_bytes": file_size,
+            "processes": _process_limit(launcher, limits),
+            "wall_s": limits.wall_s,
+            "call_wall_s": limits.wall_s,
+            "value_depth": _VALUE_DEPTH,
+            "value_items": _VALUE_ITEMS,
+            "claim_bytes": _CLAIM_BYTES,
+        },
+    }
+    secret_fd = -1
+    if job.test_code is not None:
+        source = job.test_code.encode()
+        secret_fd = anonymous_file(f"{len(source):16d}".encode() + source + job.nonce.encode(), "t")
+    return Spawn(
+        job_fd=anonymous_file(json.dumps(payload).encode(), "job"),
+        status_fd=status_fd,
+        tmpfs_bytes=file_size,
+        rlimits=rlimits,
+        secret_fd=secret_fd,
+        seccomp_fd=anonymous_file(seccomp_filter, "seccomp") if seccomp_filter else -1,
+        cgroup_join=cgroup.join_command() if cgroup is not None else [],
+    )
+
+
+def _process_limit(launcher: Launcher, limits: Limits) -> int | None:
+    """RLIMIT_NPROC inside the run. In a sandbox the count is per user namespace (per run);
+    unsafe mode counts the service's uid, so add what that uid already runs."""
+    if launcher.mode != "unsafe":
+        return limits.processes + _HARNESS_PROCESSES
+    existing = _tasks_owned_by(os.getuid())
+    return None if existing is None else existing + limits.processes + 1
+
+
+def _tasks_owned_by(uid: int) -> int | None:
+    """Tasks (threads) whose real uid is ``uid``, as RLIMIT_NPROC counts them; None if unknown."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    total = 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status_file:
+                status = dict(line.split(":", 1) for line in status_file if ":" in line)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[0]) == uid:
+            total += int(status["Threads"])
+    return total
+
+
+def _call_test_results(
+    tests: Sequence[CodeTest], plan: Plan, execution: _Execution, batch: RunResult
+) -> dict[int, TestResult]:
+    """Each call test: passed when all of its checks passed; else the first failure's."""
+    outcomes = judge_calls(
+        plan.calls,
+        execution.records,
+        batch.status if batch.status != "ok" else "killed",
+        execution.observed.stderr.tail.decode("utf-8", errors="replace"),
+        execution.oom_killed,
+    )
+    results = {}
+    for index in dict.fromkeys(plan.call_owner):
+        mine = [outcomes[i] for i in plan.calls_of(index)]
+        failure = next((outcome for outcome in mine if not outcome.passed), None)
+        name = tests[index].name or f"test_{index}"
+        if failure is None:
+            results[index] = TestResult(name, True, "ok", "", None)
+        else:
+            results[index] = TestResult(name, False, failure.status, failure.detail, None)
+    return results
+
+
+def _separate_job(code: str, stdin: str, test: CodeTest) -> _Job:
+    test_stdin = (test.stdin if test.stdin is not None else stdin).encode()
+    if test.code is None:
+        return _Job("program", code, test_stdin)
+    return _Job("test_code", code, test_stdin, test_code=test.code, nonce=secrets.token_hex(16))
+
+
+def _separate_result(test: CodeTest, index: int, job: _Job, execution: _Execution) -> TestResult:
+    """A test with its own run: exit 0; with ``code``: the test code ran to its end; with
+    ``expected_stdout``: untruncated stdout equal modulo trailing whitespace per line and at
+    the end."""
+    run = execution.result()
+    name = test.name or f"test_{index}"
+    if run.status != "ok":
+        last = run.stderr.strip().splitlines()[-1:] or [f"exit code {run.exit_code}"]
+        return TestResult(name, False, run.status, f"{run.status}: {last[0][:300]}", run)
+    final = execution.final or {}
+    if job.mode == "test_code" and final.get("done") != job.nonce:
+        return TestResult(name, False, "ok", "the test code did not run to its end", run)
+    if test.expected_stdout is not None:
+        if run.stdout_truncated:
+            return TestResult(name, False, "ok", "the output was truncated", run)
+        if normalize_output(run.stdout) != normalize_output(test.expected_stdout):
+            return TestResult(name, False, "ok", "the output differs from expected_stdout", run)
+    return TestResult(name, True, "ok", "", run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability probe and unsafe mode.
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe(launcher: Launcher, seccomp_filter: bytes | None) -> str | None:
+    """Run ``print(6 * 7)`` the way real runs go; None if it worked, else why not."""
+    job = _Job("program", "print(6 * 7)", b"")
+    limits = Limits(cpu_s=5, wall_s=_PROBE_TIMEOUT_S)
+    status_read, status_write = os.pipe()
+    spawn = _spawn(job, limits, launcher, seccomp_filter, None, status_write)
+    try:
+        completed = subprocess.run(
+            launcher.command(0, spawn),
+            input=b"",
+            capture_output=True,
+            pass_fds=spawn.fds,
+            env=HOST_ENV,
+            timeout=_PROBE_TIMEOUT_S,
+            start_new_session=True,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the sandbox could not be started: {exc}"
+    finally:
+        for fd in spawn.fds:
+            os.close(fd)
+    records: list[dict[str, Any]] = []
+    try:
+        os.set_blocking(status_read, False)
+        with contextlib.suppress(BlockingIOError):
+            records = status_records(os.read(status_read, 1 << 16))
+    finally:
+        os.close(status_read)
+    final = next((record for record in records if "exit_code" in record), None)
+    if completed.stdout == b"42\n" and final is not None and final.get("exit_code") == 0:
+        return None
+    detail = completed.stderr.decode("utf-8", errors="replace").strip()[-1000:]
+    return f"a trial sandboxed run failed (exit {completed.returncode}): {detail or 'no output'}"
 
 
 def _unsafe_workdir(cleanup: contextlib.ExitStack) -> str:
@@ -1137,18 +741,5 @@ def _unsafe_workdir(cleanup: contextlib.ExitStack) -> str:
 
 
 def _unsafe_env(workdir: str) -> dict[str, str]:
-    return {"PATH": _SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+    return {"PATH": SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
 
-
-def _program_job(code: str, stdin: str) -> _Job:
-    return _Job(program=code, test_code=None, stdin=stdin.encode(), nonce=secrets.token_hex(16))
-
-
-def _test_job(code: str, stdin: str, test: CodeTest) -> _Job:
-    test_stdin = test.stdin if test.stdin is not None else stdin
-    return _Job(
-        program=code,
-        test_code=test.code,
-        stdin=test_stdin.encode(),
-        nonce=secrets.token_hex(16),
-    )

@@ -8,6 +8,7 @@ wrong content types and malformed data URLs fail validation with the offending f
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import json
@@ -136,24 +137,95 @@ Message = Annotated[
 
 
 class CodeTest(BaseModel):
-    """One test: run the program (plus ``code``) with ``stdin``. When it passes is the rule of
-    `rmserve.sandbox.code_run`."""
+    """One test of a program. Three formats, which differ in what the program can forge:
+
+    * ``call`` + ``expected`` (JSON) or ``expected_literal`` (a Python literal: tuples, sets,
+      bytes...): the expression runs in the sandbox after the program, its value comes back
+      typed, and the host compares it. Safe against an optimising policy.
+    * ``stdin`` + ``expected_stdout``: the program's output, compared on the host. Safe.
+    * ``code``: Python run after the program in the same interpreter. Plain asserts of the shape
+      ``assert CALL == LITERAL`` (and ``assert CALL``, ``isinstance``, ``math.isclose``...)
+      are rewritten into call tests on the host; any other code runs in-process, where the
+      program can subvert it: unsafe for RL (the `code_tests` verifier refuses it there).
+    When a test passes is the rule of `rmserve.sandbox.code_run`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = None
-    code: str | None = None
-    stdin: str | None = None
-    expected_stdout: str | None = None
+    name: str | None = Field(default=None, max_length=256)
+    call: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        description="a Python expression evaluated after the program, e.g. `fib(10)`",
+    )
+    expected: Any = Field(
+        default=None, description="the call's expected value, as JSON (arrays match tuples)"
+    )
+    expected_literal: str | None = Field(
+        default=None,
+        max_length=1_000_000,
+        description="the call's expected value as a Python literal, compared exactly",
+    )
+    abs_tol: float | None = Field(default=None, ge=0, description="float tolerance (absolute)")
+    rel_tol: float | None = Field(default=None, ge=0, description="float tolerance (relative)")
+    code: str | None = Field(default=None, max_length=1_000_000)
+    stdin: str | None = Field(default=None, max_length=1_000_000)
+    expected_stdout: str | None = Field(default=None, max_length=1_000_000)
 
     @model_validator(mode="after")
     def _has_a_check(self) -> CodeTest:
-        if self.code is None and self.expected_stdout is None:
+        given_expected = "expected" in self.model_fields_set
+        if self.call is not None:
+            self._check_call(given_expected)
+        elif given_expected or self.expected_literal is not None:
+            raise ValueError("`expected` and `expected_literal` belong to a `call` test")
+        elif self.abs_tol is not None or self.rel_tol is not None:
+            raise ValueError("`abs_tol` and `rel_tol` belong to a `call` test")
+        elif self.code is None and self.expected_stdout is None:
             raise ValueError(
-                "a test needs `code` (Python run after the program, e.g. asserts; passes iff it "
-                "completes and the run exits 0) and/or `expected_stdout`"
+                "a test needs `call` with `expected` (the value is compared on the host), "
+                "`expected_stdout` (with `stdin`), or `code` (Python run after the program)"
             )
         return self
+
+    def _check_call(self, given_expected: bool) -> None:
+        assert self.call is not None
+        others = [name for name in ("code", "stdin", "expected_stdout") if getattr(self, name)]
+        if others:
+            raise ValueError(f"a `call` test takes no {', '.join(others)}")
+        if given_expected == (self.expected_literal is not None):
+            raise ValueError("a `call` test needs exactly one of `expected`, `expected_literal`")
+        try:
+            compile(self.call, "<call>", "eval", dont_inherit=True)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            raise ValueError(f"`call` is not a Python expression: {exc}") from None
+        if self.expected_literal is not None:
+            try:
+                ast.literal_eval(self.expected_literal)
+            except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as exc:
+                raise ValueError(f"`expected_literal` is not a Python literal: {exc}") from None
+        elif _json_depth(self.expected) > _MAX_EXPECTED_DEPTH:
+            raise ValueError(f"`expected` is nested deeper than {_MAX_EXPECTED_DEPTH} levels")
+        elif len(json.dumps(self.expected)) > _MAX_EXPECTED_CHARS:
+            raise ValueError(f"`expected` is larger than {_MAX_EXPECTED_CHARS} characters")
+
+
+_MAX_EXPECTED_DEPTH = 100
+_MAX_EXPECTED_CHARS = 1_000_000
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > _MAX_EXPECTED_DEPTH:
+            return depth
+        children = node.values() if isinstance(node, dict) else node
+        if isinstance(node, dict | list):
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class Candidate(BaseModel):
