@@ -247,6 +247,10 @@ class CodeTestsOptions(_Strict):
     reward: Literal["fraction", "all_pass"] = "fraction"
     # Per-test wall-clock seconds (at most the sandbox's own limit).
     timeout_s: float | None = Field(default=None, gt=0)
+    # refuse: an item whose `code` test would run in the program's own interpreter (anything
+    # but plain asserts of calls) gets the error `unsafe_test`: the code under test can forge
+    # such tests. allow: run them anyway (code not written by an optimising policy).
+    in_process_tests: Literal["allow", "refuse"] = "refuse"
 
 
 class CodeTestsSpec(_VerifierSpec):

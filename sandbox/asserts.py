@@ -1,11 +1,11 @@
 """Rewrite assert-only test code into call checks that the host decides.
 
 ``assert f(1) == 55`` becomes a :class:`CallCheck`: the sandbox evaluates ``f(1)`` in the
-program's namespace and sends back its plain value (see :mod:`rmserve.sandbox.values`); the host
-applies an :class:`Equals` check to it. A check depends only on that value and on the test's
-literals, and the part that runs in the sandbox never contains a comparison or a type or
-closeness predicate, so no object of the candidate (an ``__eq__`` that is always true, a patched
-``isinstance``) can decide a test. Test code of any other shape stays in-process (``None``).
+program's namespace and returns its plain value (:mod:`rmserve.sandbox.values`); the host applies
+``Equals(55)`` to it. A check depends only on that value and the test's literals. The sandbox's
+part never lets a candidate object meet a test value (no comparison, arithmetic, boolean operator
+or predicate in it), so an ``__eq__`` that is always true, or a patched builtin, decides nothing.
+Test code of any other shape stays in-process (``None``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any, Literal, TypeAlias, cast
 
 from rmserve.sandbox.values import parse_literal, values_equal
 
+CompareOp: TypeAlias = Literal["<", "<=", ">", ">=", "in", "not in", "is", "is not"]
 _FAILS = (ArithmeticError, TypeError, ValueError, RecursionError)  # a comparison gone wrong
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
-_TYPES: dict[str, type] = {t.__name__: t for t in _PLAIN[1:]}
+_TYPES: dict[str, type] = {kind.__name__: kind for kind in _PLAIN[1:]}
 _OPS: dict[str, Callable[[Any, Any], object]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
     "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
@@ -33,23 +34,27 @@ _AST_OPS = {
 }  # fmt: skip
 _MIRRORED = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _NEGATED = {"==": "!=", "!=": "==", "in": "not in", "not in": "in", "is": "is not", "is not": "is"}
-_PREDICATES = {"isinstance", "issubclass", "isclose", "callable", "hasattr"}
+# Names of predicates (or ways to reach dunders) a candidate object could answer in the sandbox.
+_PREDICATES = {
+    "isinstance", "issubclass", "callable", "hasattr", "getattr", "isclose", "allclose",
+    "array_equal", "array_equiv", "eq", "ne", "lt", "le", "gt", "ge", "contains", "is_",
+    "is_not", "truth", "not_",
+}  # fmt: skip
 _CONSTANT_NODES = (
     ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.BinOp, ast.UnaryOp,
     ast.operator, ast.unaryop, ast.expr_context,
 )  # fmt: skip
-CompareOp: TypeAlias = Literal["<", "<=", ">", ">=", "in", "not in", "is", "is not"]
 _IMPORTS = {("math", None): "math", ("math", "isclose"): "isclose"}  # dropped: used on the host
 
 
 def _is(value: object, *kinds: type) -> bool:
-    """``type(value)`` is one of ``kinds`` (identity: no metaclass ``__eq__``)."""
+    """``type(value)`` is one of ``kinds`` (by identity)."""
     return any(type(value) is kind for kind in kinds)
 
 
-def _tolerance(tol: float | None) -> None:
-    if tol is not None and not tol >= 0:  # also nan
-        raise ValueError(f"a tolerance must be a non-negative number, not {tol!r}")
+def _tolerance(*tolerances: float | None) -> None:
+    if any(tol is not None and not tol >= 0 for tol in tolerances):  # also nan
+        raise ValueError(f"tolerances must be non-negative numbers, not {tolerances!r}")
 
 
 @dataclass(frozen=True)
@@ -60,18 +65,17 @@ class _Equality:
     rel_tol: float | None = None
 
     def __post_init__(self) -> None:
-        _tolerance(self.abs_tol)
-        _tolerance(self.rel_tol)
+        _tolerance(self.abs_tol, self.rel_tol)
 
     def _equal(self, value: object) -> bool | None:
-        """:func:`values_equal`, or None if the value cannot be compared."""
+        """:func:`values_equal`, or None if ``value`` cannot be compared."""
         if not _is(value, *_PLAIN):
             return None
         try:
-            return values_equal(
+            return bool(values_equal(
                 value, self.expected, json_expected=self.json_expected,
                 abs_tol=self.abs_tol, rel_tol=self.rel_tol,
-            )  # fmt: skip
+            ))  # fmt: skip
         except _FAILS:
             return None
 
@@ -133,9 +137,8 @@ class IsInstance:
             raise ValueError(f"not builtin value types: {self.type_names!r}")
 
     def passed(self, value: object) -> bool:
-        return _is(value, *_PLAIN) and isinstance(
-            value, tuple(_TYPES[name] for name in self.type_names)
-        )
+        kinds = tuple(_TYPES[name] for name in self.type_names)
+        return _is(value, *_PLAIN) and isinstance(value, kinds)
 
 
 @dataclass(frozen=True)
@@ -148,27 +151,25 @@ class IsClose:
     comparison: Literal["isclose", "<", "<="] = "isclose"
 
     def __post_init__(self) -> None:
-        _tolerance(self.rel_tol)
-        _tolerance(self.abs_tol)
+        _tolerance(self.abs_tol, self.rel_tol)
 
     def passed(self, value: object) -> bool:
-        number = cast(float, value)  # checked below
+        expected, rel_tol, abs_tol = self.expected, self.rel_tol, self.abs_tol
         try:
             if self.comparison == "isclose":
-                close = math.isclose(
-                    number, self.expected, rel_tol=self.rel_tol, abs_tol=self.abs_tol
-                )
-                return _is(value, bool, int, float) and close
-            difference = abs(number - self.expected)  # complex values too, as in Python
-            within = (
-                difference < self.abs_tol if self.comparison == "<" else difference <= self.abs_tol
-            )
-            return _is(value, bool, int, float, complex) and within
+                number = cast(float, value)
+                close = _is(value, bool, int, float)
+                return close and math.isclose(number, expected, rel_tol=rel_tol, abs_tol=abs_tol)
+            if not _is(value, bool, int, float, complex):  # abs() of a complex, as in Python
+                return False
+            difference = abs(cast(complex, value) - expected)
+            return difference < abs_tol if self.comparison == "<" else difference <= abs_tol
         except _FAILS:
             return False
 
 
 Check: TypeAlias = Equals | NotEquals | Truthy | Compare | IsInstance | IsClose
+Found: TypeAlias = tuple[ast.expr, Check]  # the sandbox's expression, the host's check
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,6 @@ class CallCheck:
     expression: str
     check: Check
     source: str
-
-
-Found: TypeAlias = tuple[ast.expr, Check]  # the sandbox's expression, the host's check
 
 
 def _literal(node: ast.expr) -> tuple[object] | None:
@@ -227,14 +225,12 @@ def _isinstance(node: ast.Call) -> Found | None:
 def _isclose(node: ast.Call) -> Found | None:
     """``math.isclose(E, L, rel_tol=R, abs_tol=A)``, in either argument order."""
     tolerances = {keyword.arg: _number(keyword.value) for keyword in node.keywords}
-    if not tolerances.keys() <= {"rel_tol", "abs_tol"}:
-        return None
-    parts = _split(node.args[0], node.args[1]) if len(node.args) == 2 else None
-    expected = None if parts is None else _real(parts[1])
-    if parts is None or expected is None:
+    if len(node.args) != 2 or not tolerances.keys() <= {"rel_tol", "abs_tol"}:
         return None
     rel_tol, abs_tol = tolerances.get("rel_tol", 1e-09), tolerances.get("abs_tol", 0.0)
-    if rel_tol is None or abs_tol is None:
+    parts = _split(node.args[0], node.args[1])
+    expected = None if parts is None else _real(parts[1])
+    if parts is None or expected is None or rel_tol is None or abs_tol is None:
         return None
     return parts[0], IsClose(expected, rel_tol, abs_tol)
 
@@ -244,22 +240,19 @@ def _abs_difference(node: ast.Compare, op: str) -> Found | None:
     measured, bound = node.left, node.comparators[0]
     if isinstance(bound, ast.Call):
         measured, bound, op = bound, measured, _MIRRORED[op]
-    tolerance = _number(bound)
     if not (
         op in ("<", "<=")
-        and tolerance is not None
         and isinstance(measured, ast.Call)
-        and isinstance(measured.func, ast.Name)
-        and measured.func.id == "abs"
+        and ast.unparse(measured.func) == "abs"
         and len(measured.args) == 1
         and not measured.keywords
         and isinstance(difference := measured.args[0], ast.BinOp)
         and isinstance(difference.op, ast.Sub)
     ):
         return None
-    parts = _split(difference.left, difference.right)
+    parts, tolerance = _split(difference.left, difference.right), _number(bound)
     expected = None if parts is None else _real(parts[1])
-    if parts is None or expected is None:
+    if parts is None or expected is None or tolerance is None:
         return None
     return parts[0], IsClose(expected, 0.0, tolerance, "<" if op == "<" else "<=")
 
@@ -292,23 +285,24 @@ def _check(node: ast.expr, names: set[str]) -> Found | None:
     inner = node.operand if isinstance(node, ast.UnaryOp) and negate else node
     if isinstance(inner, ast.Compare):
         return _compare(inner, negate)
-    function = node.func if isinstance(node, ast.Call) else None
-    name = function.id if isinstance(function, ast.Name) else None
-    if isinstance(node, ast.Call) and name == "isinstance":
+    function = ast.unparse(node.func) if isinstance(node, ast.Call) else ""
+    if isinstance(node, ast.Call) and function == "isinstance":
         return _isinstance(node)
-    math_isclose = isinstance(function, ast.Attribute) and ast.unparse(function) == "math.isclose"
-    if isinstance(node, ast.Call) and (math_isclose or (name == "isclose" and name in names)):
-        return _isclose(node)  # a bare `isclose` only as imported by the test from math
+    # A bare `isclose` only as the test imported it from math (numpy's has other defaults).
+    if isinstance(node, ast.Call) and (
+        function == "math.isclose" or function in names & {"isclose"}
+    ):
+        return _isclose(node)
     if isinstance(inner, ast.BoolOp) or _literal(inner) is not None:
         return None
     return inner, Truthy(negate)
 
 
 def _sandbox_safe(expression: ast.expr, names: set[str]) -> bool:
-    """Whether the sandbox's part never lets a candidate object meet the test's values.
+    """Whether the sandbox's part keeps candidate objects away from the test's values.
 
-    No comparison, boolean operator, conditional, arithmetic on non-constants, predicate call,
-    dunder attribute, or name of a dropped import.
+    No comparison, boolean operator, conditional, arithmetic on anything but constants,
+    predicate, dunder attribute, or name bound by a dropped import.
     """
     for node in ast.walk(expression):
         if isinstance(node, ast.Compare | ast.BoolOp | ast.IfExp):
@@ -317,11 +311,9 @@ def _sandbox_safe(expression: ast.expr, names: set[str]) -> bool:
             isinstance(part, _CONSTANT_NODES) for part in ast.walk(node)
         ):
             return False
-        if isinstance(node, ast.Name) and (node.id in _PREDICATES or node.id in names):
-            return False
-        if isinstance(node, ast.Attribute) and (
-            node.attr in _PREDICATES or node.attr.startswith("__")
-        ):
+        name = node.id if isinstance(node, ast.Name) else ""
+        attribute = node.attr if isinstance(node, ast.Attribute) else ""
+        if name in _PREDICATES | names or attribute in _PREDICATES or attribute[:2] == "__":
             return False
     return True
 
@@ -333,7 +325,7 @@ def _conjuncts(node: ast.expr) -> list[ast.expr]:
 
 
 def _imported(statement: ast.stmt) -> set[str] | None:
-    """The names an allowed (and dropped) import binds, or None for any other statement."""
+    """The names an allowed (dropped) import binds, or None for any other statement."""
     keys: list[tuple[tuple[str, str | None], str | None]]
     if isinstance(statement, ast.Import):
         keys = [((alias.name, None), alias.asname) for alias in statement.names]
@@ -346,18 +338,6 @@ def _imported(statement: ast.stmt) -> set[str] | None:
     return {_IMPORTS[key] for key, _ in keys}
 
 
-def _parse(code: str) -> ast.Module:
-    """Parse and compile (never run) ``code``; ``ValueError`` naming the line if it is invalid."""
-    try:
-        tree = ast.parse(code, "<test>")
-        compile(tree, "<test>", "exec", dont_inherit=True)  # errors ast.parse misses
-    except SyntaxError as exc:
-        raise ValueError(f"test code line {exc.lineno}: {exc.msg}") from None
-    except (ValueError, MemoryError, RecursionError) as exc:
-        raise ValueError(f"test code cannot be compiled: {exc}") from None
-    return tree
-
-
 def rewrite_asserts(code: str) -> list[CallCheck] | None:
     """The call checks equivalent to ``code``, or None if it must run in-process.
 
@@ -365,19 +345,24 @@ def rewrite_asserts(code: str) -> list[CallCheck] | None:
     or ``import math`` / ``from math import isclose``, which are dropped; code without an assert
     gives None. ``ValueError`` on a syntax error. Nothing is executed.
     """
-    tree = _parse(code)
+    try:
+        tree = ast.parse(code, "<test>")
+        compile(tree, "<test>", "exec", dont_inherit=True)  # errors ast.parse misses; not run
+    except SyntaxError as exc:
+        raise ValueError(f"test code line {exc.lineno}: {exc.msg}") from None
+    except (ValueError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"test code cannot be compiled: {exc}") from None
     names: set[str] = set()
-    asserts: list[ast.Assert] = []
     for statement in tree.body:
         bound = set() if isinstance(statement, ast.Assert) else _imported(statement)
         if bound is None:
             return None
         names |= bound
-        if isinstance(statement, ast.Assert):
-            asserts.append(statement)
     checks: list[CallCheck] = []
     try:
-        for statement in asserts:
+        for statement in tree.body:
+            if not isinstance(statement, ast.Assert):
+                continue
             if statement.msg is not None and _literal(statement.msg) is None:
                 return None
             source = ast.get_source_segment(code, statement) or ast.unparse(statement)

@@ -120,7 +120,7 @@ logger = logging.getLogger(__name__)
 RunStatus = Literal["ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit", "killed"]
 _JobMode = Literal["program", "calls", "test_code"]
 
-_HARNESS_PROCESSES = 2  # bwrap (outside) and the supervisor (pid 1)
+_HARNESS_PROCESSES = 2  # bwrap (outside the pid namespace) and the supervisor (pid 1)
 _HARNESS_MEMORY = 48 << 20  # bwrap and the supervisor, in the run's cgroup
 _HARD_OUTPUT_FACTOR = 16
 _PROBE_TIMEOUT_S = 30.0
@@ -430,7 +430,9 @@ class CodeRunner:
         if len(plan.calls) > _MAX_CALLS:
             raise ToolError("invalid_arguments", f"at most {_MAX_CALLS} call checks per request")
         separate = [_separate_job(code, stdin, tests[index]) for index in plan.separate]
-        batched = [_Job("calls", code, stdin.encode(), calls=plan.expressions)] if plan.calls else []
+        batched = (
+            [_Job("calls", code, stdin.encode(), calls=plan.expressions)] if plan.calls else []
+        )
         executions = await self._execute_all(batched + separate, effective)
         results = {
             index: _separate_result(tests[index], index, job, execution)
@@ -531,7 +533,7 @@ class CodeRunner:
         cgroup = self._cgroups.create(
             f"run-{slot}-{self._serial}",
             memory_bytes=limits.memory_mb * 1024 * 1024 + _HARNESS_MEMORY,
-            max_processes=limits.processes + _HARNESS_PROCESSES + 1,
+            max_processes=limits.processes + _HARNESS_PROCESSES,
         )
         cleanup.callback(cgroup.remove)
         return cgroup
@@ -579,9 +581,14 @@ def _spawn(
     run_cpu = limits.cpu_rlimit_s * (1 + calls)
     memory = limits.memory_mb * 1024 * 1024
     file_size = limits.file_size_mb * 1024 * 1024
-    rlimits = {"cpu": run_cpu, "as": memory, "fsize": file_size, "core": 0}
+    rlimits: dict[str, int | str] = {
+        "cpu": f"{run_cpu}:{run_cpu + 1}",  # soft: SIGXCPU; hard: SIGKILL
+        "as": memory,
+        "fsize": file_size,
+        "core": 0,
+    }
     if launcher.counts_processes_per_slot:
-        rlimits["nproc"] = limits.processes + _HARNESS_PROCESSES + 1
+        rlimits["nproc"] = limits.processes + _HARNESS_PROCESSES
     payload = {
         "mode": job.mode,
         "program": job.program,
@@ -618,7 +625,7 @@ def _process_limit(launcher: Launcher, limits: Limits) -> int | None:
     """RLIMIT_NPROC inside the run. In a sandbox the count is per user namespace (per run);
     unsafe mode counts the service's uid, so add what that uid already runs."""
     if launcher.mode != "unsafe":
-        return limits.processes + _HARNESS_PROCESSES
+        return limits.processes + 1  # the supervisor and the run's processes
     existing = _tasks_owned_by(os.getuid())
     return None if existing is None else existing + limits.processes + 1
 
@@ -742,4 +749,3 @@ def _unsafe_workdir(cleanup: contextlib.ExitStack) -> str:
 
 def _unsafe_env(workdir: str) -> dict[str, str]:
     return {"PATH": SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-

@@ -208,7 +208,12 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
     loop = asyncio.get_running_loop()
     pidfd = os.pidfd_open(process.pid)
     exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await exited
     finally:

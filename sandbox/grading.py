@@ -94,9 +94,10 @@ def _call_checks(index: int, test: CodeTest) -> list[CallCheck] | None:
     if test.code is None or test.expected_stdout is not None or test.stdin is not None:
         return None
     try:
-        return rewrite_asserts(test.code)
+        checks = rewrite_asserts(test.code)
     except ValueError as exc:
         raise ToolError("invalid_arguments", f"tests[{index}].code: {exc}") from None
+    return checks or None  # no assert at all: "the program runs to its end", in its own run
 
 
 def judge_calls(
@@ -135,7 +136,9 @@ def _call_outcome(check: CallCheck, record: dict[str, Any], oom_killed: bool) ->
             detail = "" if passed else f"{check.source}: got {_preview(value)}"
             return CallOutcome("ok", passed, detail)
         if "unserialisable" in claim:
-            return CallOutcome("unserialisable", False, f"{check.source}: {claim['unserialisable']}")
+            return CallOutcome(
+                "unserialisable", False, f"{check.source}: {claim['unserialisable']}"
+            )
         raised = str(claim.get("raised", "an exception"))[:200]
         status: TestStatus = "memory_limit" if raised == "MemoryError" else "error"
         return CallOutcome(status, False, f"{check.source}: raised {raised}")
@@ -149,9 +152,7 @@ def _call_outcome(check: CallCheck, record: dict[str, Any], oom_killed: bool) ->
     return CallOutcome(status, False, f"{check.source}: the process ended ({_ending(record)})")
 
 
-def _program_failure(
-    program: dict[str, Any], stderr_tail: str, oom_killed: bool
-) -> CallOutcome:
+def _program_failure(program: dict[str, Any], stderr_tail: str, oom_killed: bool) -> CallOutcome:
     if program.get("status") == "timeout":
         return CallOutcome("timeout", False, "the program timed out before the tests")
     sig, exit_code = _optional_int(program.get("signal")), _optional_int(program.get("exit_code"))

@@ -43,6 +43,16 @@ def _sandbox_make_undumpable() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
 
 
+def _sandbox_add_site_builtins() -> None:
+    """``exit()`` and ``quit()``, which ``site`` would add (the interpreter runs with -S)."""
+    import builtins
+
+    def leave(code: object = None) -> None:
+        raise SystemExit(code)
+
+    builtins.exit = builtins.quit = leave  # type: ignore[assignment]
+
+
 def _sandbox_keep_fds(keep: list[int]) -> None:
     """Close every descriptor but ``keep`` (whatever the spawning event loop leaked)."""
     import os
@@ -123,9 +133,11 @@ def _sandbox_flush() -> None:
 def _sandbox_exec_program(source: str, compile_: Any, exec_: Any) -> dict[str, Any]:
     """Run the program as a fresh ``__main__`` module; its namespace. An exception exits 1
     with the user's traceback; SystemExit leaves as it came."""
+    import linecache
     import sys
     import types
 
+    linecache.cache["<program>"] = (len(source), None, source.splitlines(True), "<program>")
     module = types.ModuleType("__main__")
     sys.modules["__main__"] = module
     sys.argv = ["<program>"]
@@ -155,7 +167,7 @@ def _sandbox_child_calls(job: dict[str, Any], start: int, claims_fd: int) -> Non
         namespace = _sandbox_exec_program(job["program"], compile_, exec_)
     except SystemExit as stop:
         _sandbox_flush()
-        os._exit(stop.code if type_(stop.code) is int else 1)
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
     _sandbox_flush()
     write(claims_fd, b'{"ready": true}\n')
     for index in range(start, len(codes)):
@@ -196,6 +208,8 @@ def _sandbox_child_once(job: dict[str, Any], done_fd: int, secret_fd: int) -> No
 
     compile_, exec_, pread, write, close = compile, exec, os.pread, os.write, os.close
     pristine = dict(builtins.__dict__)
+    if secret_fd < 0:
+        close(done_fd)
     try:
         namespace = _sandbox_exec_program(job["program"], compile_, exec_)
         if secret_fd < 0:
@@ -271,7 +285,7 @@ def _sandbox_watch_calls(
     import time
 
     limits, total = job["limits"], len(job["calls"])
-    state = {"ready": False, "current": start, "buffer": b""}
+    state: dict[str, Any] = {"ready": False, "current": start, "buffer": b""}
 
     def consume(data: bytes) -> bool:
         """Forward the complete claims in ``data``; False when they exceed the size bound."""
@@ -325,7 +339,7 @@ def _sandbox_watch_calls(
                 pass
         except BlockingIOError:
             pass
-    current = state["current"]
+    current: int = state["current"]
     if current >= total:
         return total
     if not state["ready"]:
@@ -370,6 +384,7 @@ def _sandbox_main(job_fd: int, status_fd: int, secret_fd: int) -> None:
     def report(record: dict[str, Any]) -> None:
         os.write(status_fd, (json.dumps(record) + "\n").encode())
 
+    _sandbox_add_site_builtins()
     report({"started": True})
     if job["mode"] == "calls":
         _sandbox_run_calls(job, status_fd, report)
@@ -385,6 +400,7 @@ def harness_source() -> str:
     functions = (
         sandbox_encode,
         _sandbox_make_undumpable,
+        _sandbox_add_site_builtins,
         _sandbox_keep_fds,
         _sandbox_apply_limits,
         _sandbox_kill_others,

@@ -59,7 +59,7 @@ class Spawn:
     job_fd: int
     status_fd: int
     tmpfs_bytes: int
-    rlimits: dict[str, int]  # prlimit option -> value: cpu, as, fsize, core, nproc
+    rlimits: dict[str, int | str]  # prlimit option -> value (or soft:hard): cpu, as, ...
     secret_fd: int = -1
     seccomp_fd: int = -1
     cgroup_join: list[str] = field(default_factory=list)
@@ -239,13 +239,12 @@ def _die_with_service_args(setpriv: str) -> list[str]:
     return [setpriv, "--pdeathsig=KILL", "--"]
 
 
-
 def _harness_args(executable: str, spawn: Spawn) -> list[str]:
     fds = (spawn.job_fd, spawn.status_fd, spawn.secret_fd)
     return [executable, "-I", "-B", "-S", "-c", harness_source(), *map(str, fds)]
 
 
-def _prlimit_args(prlimit: str, rlimits: dict[str, int]) -> list[str]:
+def _prlimit_args(prlimit: str, rlimits: dict[str, int | str]) -> list[str]:
     return [prlimit, *(f"--{name}={value}" for name, value in rlimits.items()), "--"]
 
 
@@ -299,8 +298,10 @@ def bwrap_launcher(bwrap_name: str, uid_base: int, mount_proc: bool = True) -> L
     if bwrap is None:
         return f"bubblewrap ({bwrap_name!r}) is not installed or not on PATH"
     if setpriv is None or prlimit is None or (root and nsenter is None):
-        return "util-linux `setpriv`, `prlimit`" + (" and `nsenter` are" if root else " are") + (
-            " needed"
+        return (
+            "util-linux `setpriv`, `prlimit`"
+            + (" and `nsenter` are" if root else " are")
+            + (" needed")
         )
     prefix, executable = _base_interpreter()
     staging_fd = None

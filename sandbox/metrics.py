@@ -59,7 +59,10 @@ class SandboxMetrics(HttpMetrics):
         self.tool_duration.labels(tool).observe(result.elapsed_s)
 
     def count_kills(self, result: CodeResult) -> None:
-        runs = ([result.run] if result.run is not None else []) + [t.run for t in result.tests]
-        for run in runs:
-            if run.status in KILLS:
-                self.kills.labels(run.status).inc()
+        statuses: list[str] = [
+            run.status for run in (result.run, *(t.run for t in result.tests)) if run
+        ]
+        statuses += [test.status for test in result.tests if test.run is None]  # call tests
+        for status in statuses:
+            if status in KILLS:
+                self.kills.labels(status).inc()

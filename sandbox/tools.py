@@ -23,6 +23,7 @@ from rmserve.sandbox.checks import CheckArguments, run_check
 from rmserve.sandbox.code_run import CodeResult, CodeRunner, Limits
 from rmserve.sandbox.config import SandboxSettings
 from rmserve.sandbox.crop import CropArguments, crop, image_from_data_url, image_to_data_url
+from rmserve.sandbox.grading import plan_tests
 from rmserve.sandbox.metrics import SandboxMetrics
 from rmserve.sandbox.search import SearchArguments, SearchIndex
 from rmserve.wire.errors import ToolError
@@ -50,11 +51,22 @@ class CodeRunArguments(BaseModel):
     tests: list[CodeTest] = Field(
         default_factory=list,
         max_length=100,
-        description="each run in a fresh sandbox after the program: `code` (e.g. asserts; "
-        "passes if it exits 0) and/or `stdin` with `expected_stdout`",
+        description="`call` with `expected` (all calls run in one sandbox; values compared on "
+        "the host), `stdin` with `expected_stdout` (compared on the host), or `code` run after "
+        "the program (plain asserts of calls are rewritten into call tests; other code runs "
+        "in the program's interpreter, which the program can subvert)",
     )
-    timeout_s: float | None = Field(default=None, gt=0, description="wall-clock seconds")
-    memory_mb: int | None = Field(default=None, ge=16, description="address-space limit")
+    in_process_tests: Literal["allow", "refuse"] = Field(
+        default="allow",
+        description="refuse: reject `code` tests that would run in the program's interpreter "
+        "(422), for code written by an optimising policy",
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="wall-clock seconds per run, and per call"
+    )
+    memory_mb: int | None = Field(
+        default=None, ge=16, description="memory of the run (per process without a cgroup)"
+    )
 
 
 Handler = Callable[[Any, ToolContext], Awaitable[ToolOutput]]
@@ -156,13 +168,19 @@ class LocalToolbox:
             known = ", ".join(self._tools) or "none"
             raise ToolError("not_found", f"no tool named {name!r} (tools: {known})")
         try:
-            return tool.arguments.model_validate(arguments)
+            parsed = tool.arguments.model_validate(arguments)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
                 for err in exc.errors()
             )
             raise ToolError("invalid_arguments", problems) from None
+        if isinstance(parsed, CodeRunArguments) and parsed.tests:
+            try:  # refused in-process tests and test code that does not parse: bad input
+                plan_tests(parsed.tests, parsed.in_process_tests)
+            except ToolError as exc:
+                raise ToolError("invalid_arguments", f"{exc.code}: {exc.message}") from None
+        return parsed
 
     async def call(self, name: str, call: ToolCall) -> ToolResult:
         started = time.perf_counter()
@@ -228,7 +246,9 @@ class LocalToolbox:
             cpu_s=arguments.timeout_s or limits.cpu_s,
             memory_mb=arguments.memory_mb or limits.memory_mb,
         )
-        result = await self.code.run(arguments.code, arguments.stdin, arguments.tests, limits)
+        result = await self.code.run(
+            arguments.code, arguments.stdin, arguments.tests, limits, arguments.in_process_tests
+        )
         self.metrics.count_kills(result)
         return ToolOutput(text=code_summary(result), data=asdict(result))
 
@@ -265,7 +285,7 @@ def code_summary(result: CodeResult) -> str:
     if result.tests:
         lines.append(f"tests: {result.passed} passed, {result.failed} failed")
         for test in result.tests:
-            mark = "PASS" if test.passed else f"FAIL ({test.run.status})"
+            mark = "PASS" if test.passed else f"FAIL ({test.status}) {test.detail}".rstrip()
             lines.append(f"- {test.name}: {mark}")
     return "\n".join(lines)
 

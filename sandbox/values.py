@@ -33,7 +33,7 @@ def sandbox_encode(value: object, max_depth: int, max_items: int) -> object:
     Runs inside the sandbox, shipped as source: self-contained. It never calls a method of the
     value: only ``type(x) is T`` tests, iteration of exact builtin containers and the builtin
     types' own ``__repr__``/``hex``. ``max_depth`` bounds container nesting (and so cycles),
-    ``max_items`` the number of values in total.
+    ``max_items`` the number of values in total. Not a trust boundary: ``decode`` is.
     """
     plain = (bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
     name_of = type.__dict__["__name__"].__get__  # not a metaclass's __name__
@@ -88,22 +88,25 @@ def sandbox_encode(value: object, max_depth: int, max_items: int) -> object:
         ):
             if depth >= max_depth:
                 raise ValueError(f"returned a value nested over {max_depth} levels (or a cycle)")
-            size = len(x) * 2 if type(x) is dict else len(x)
-            if count + size > max_items:
-                raise ValueError(f"returned a value of over {max_items} elements")
-            count += size
+            pairs = type(x) is dict
+            too_many = ValueError(f"returned a value of over {max_items} elements")
+            if count + len(x) > max_items:  # before copying it
+                raise too_many
+            items = tuple(dict.items(x)) if type(x) is dict else tuple(x)  # never user code
+            count += len(items) * (2 if pairs else 1)
+            if count > max_items:
+                raise too_many
             children: list[object] = []
-            if type(x) is dict:
-                for key, item in dict.items(x):
+            for item in items:
+                if pairs:
                     pair: list[object] = [None, None]
                     children.append(pair)
-                    stack.append((item, depth + 1, pair, 1))
-                    stack.append((key, depth + 1, pair, 0))
-            else:
-                for item in x:
+                    stack.append((item[1], depth + 1, pair, 1))
+                    stack.append((item[0], depth + 1, pair, 0))
+                else:
                     stack.append((item, depth + 1, children, len(children)))
                     children.append(None)
-            node = [str.__str__(name_of(type(x))), children]
+            node = [name_of(type(x)), children]
         else:
             raise refuse(x, depth > 0)
         out[index] = node
@@ -120,15 +123,15 @@ def _scalar(node: list[object]) -> object:
     if tag == "none" and len(node) == 1:
         return None
     if len(node) != 2:
-        return _bad_node(node)
+        raise _bad_node(node)
     payload = node[1]
     if tag == "bool" and type(payload) is bool:
         return payload
     if tag == "str" and type(payload) is str:
         return payload
     if type(payload) is not str:
-        return _bad_node(node)
-    if tag == "int" and len(payload) <= MAX_INT_DIGITS + 1 and _INT.fullmatch(payload):
+        raise _bad_node(node)
+    if tag == "int" and len(payload.lstrip("-")) <= MAX_INT_DIGITS and _INT.fullmatch(payload):
         return int(payload)
     if tag == "bytes" and _HEX.fullmatch(payload):
         return bytes.fromhex(payload)
@@ -141,14 +144,14 @@ def _scalar(node: list[object]) -> object:
                 return number
     except ValueError:
         pass
-    return _bad_node(node)
+    raise _bad_node(node)
 
 
-def _bad_node(node: list[object]) -> object:
+def _bad_node(node: list[object]) -> ValueError:
     tag = str(node[0])
     if tag in {"none", "bool", "int", "float", "complex", "str", "bytes", *_CONTAINERS}:
-        raise _malformed(f"a bad {tag!r} node")
-    raise _malformed(f"unknown tag {tag[:40]!r}")
+        return _malformed(f"a bad {tag!r} node")
+    return _malformed(f"unknown tag {tag[:40]!r}")
 
 
 def _build(tag: str, items: list[object]) -> object:
@@ -220,8 +223,8 @@ def _check_plain(value: object, max_depth: int, max_items: int, json: bool, what
     count = 0
     while stack:
         item, depth = stack.pop()
-        if type(item) not in allowed:
-            raise ValueError(f"{what} contains a {type(item).__name__}, not a plain value")
+        if not any(type(item) is kind for kind in allowed):
+            raise ValueError(f"{what} contains a value of type {type(item).__name__}")
         if type(item) is int and item.bit_length() > _INT_BITS:
             raise ValueError(f"{what} contains an int of over {MAX_INT_DIGITS} digits")
         if isinstance(item, list | tuple | set | frozenset | dict):
@@ -245,7 +248,7 @@ def parse_literal(text: str, *, max_chars: int = 100_000) -> object:
     try:
         value = ast.literal_eval(text)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
-        raise ValueError(f"not a Python literal: {str(exc)[:200]}") from None
+        raise ValueError(f"not a Python literal: {str(exc)[:200] or type(exc).__name__}") from None
     _check_plain(value, 100, 100_000, False, "the literal")
     return value
 

@@ -153,12 +153,16 @@ class CodeTestsVerifier(_Verifier):
             return _nothing(self._options.extract)
         arguments: dict[str, object] = {
             "code": code,
-            "tests": [test.model_dump(exclude_none=True) for test in item.tests],
+            "tests": [test.model_dump(exclude_unset=True) for test in item.tests],
+            "in_process_tests": self._options.in_process_tests,
         }
         if self._options.timeout_s is not None:
             arguments["timeout_s"] = self._options.timeout_s
         result = await self._toolbox.call("code_run", ToolCall(arguments=arguments))
         if result.error is not None:
+            if result.error.type == "invalid_arguments":
+                unsafe = result.error.message.startswith("unsafe_test")
+                raise ItemError("unsafe_test" if unsafe else "invalid_tests", result.error.message)
             raise ItemError("sandbox_error", f"{result.error.type}: {result.error.message}")
         assert result.output is not None and result.output.data is not None
         tests = result.output.data["tests"]

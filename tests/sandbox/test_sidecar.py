@@ -106,9 +106,21 @@ def test_code_runs_are_judged_by_exit_status_and_tests(sandbox: httpx.Client) ->
     result = call(sandbox, "code_run", {"code": program, "tests": tests}).json()
     data = result["output"]["data"]
     assert [t["passed"] for t in data["tests"]] == [True, False]
-    assert data["tests"][0]["run"]["stdout"].strip() == "5"
-    assert "AssertionError" in data["tests"][1]["run"]["stderr"]
+    assert data["run"]["stdout"].strip() == "5"  # the call tests' run
+    assert data["tests"][1]["detail"].endswith("got 3")  # decided on the host
     assert "tests: 1 passed, 1 failed" in result["output"]["text"]
+    refused = call(
+        sandbox,
+        "code_run",
+        {
+            "code": program,
+            "in_process_tests": "refuse",
+            "tests": [{"code": "import os\nassert add(1, 2) == 3"}],
+        },
+    )
+    assert refused.status_code == 422 and "unsafe_test" in refused.text, refused.text
+    bad = call(sandbox, "code_run", {"code": program, "tests": [{"call": "add(1,", "expected": 3}]})
+    assert bad.status_code == 422 and "call" in bad.text, bad.text
     leak = call(sandbox, "code_run", {"code": "import os; print(dict(os.environ))"}).json()
     assert "do-not-leak" not in leak["output"]["data"]["run"]["stdout"]
 
