@@ -79,7 +79,10 @@ def create_sandbox_app(settings: SandboxSettings, toolbox: LocalToolbox | None =
         """Ready (readiness): every configured tool can run."""
         if tools.code is None and "code_run" in settings.tools:
             raise Unavailable("code_run is not available")
-        return {"status": "ready", "tools": tools.names}
+        ready: dict[str, Any] = {"status": "ready", "tools": tools.names}
+        if tools.code is not None:
+            ready["code_run_protections"] = tools.code.protections
+        return ready
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

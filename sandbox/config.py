@@ -36,6 +36,10 @@ class SandboxSettings(BaseSettings):
     # their runtimes mask parts of /proc, and the kernel then refuses to mount a new one. The
     # code then sees no /proc at all.
     mount_proc: bool = True
+    # A cgroup (path like /rmserve, or its directory) under which each code run gets its own
+    # cgroup bounding its memory and processes. Unset: found automatically where the host
+    # allows (root, or a delegated cgroup v2 subtree); else memory is bounded per process.
+    cgroup_parent: str | None = None
 
     # crop: the largest image accepted (pixels, checked before decoding).
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)

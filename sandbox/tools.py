@@ -110,6 +110,7 @@ class LocalToolbox:
                 bwrap=settings.bwrap,
                 allow_unsafe=settings.allow_unsafe_code,
                 mount_proc=settings.mount_proc,
+                cgroup_parent=settings.cgroup_parent,
             )
             self.metrics.watch(self.code)
         self._corpus = _load_corpus(settings.corpus) if settings.corpus else None

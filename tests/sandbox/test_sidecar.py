@@ -167,5 +167,8 @@ def test_busy_code_sandboxes_answer_429_and_hostile_code_leaves_it_serving(
 def test_probes_and_build_info(sandbox: httpx.Client) -> None:
     for path in ("/startupz", "/healthz", "/readyz"):
         assert sandbox.get(path).status_code == 200, path
+    protections = sandbox.get("/readyz").json()["code_run_protections"]
+    assert protections["seccomp"].startswith("on: ptrace")
+    assert protections["supervisor"].startswith("pid 1")
     assert metric(sandbox, "rmserve_build_info", role="sandbox") == 1
     assert metric(sandbox, "rmserve_http_requests_total", route="/healthz", code="200") >= 1
