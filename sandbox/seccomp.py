@@ -1,11 +1,11 @@
 """The seccomp filter of the code sandbox: a classic-BPF program bwrap loads with ``--seccomp FD``.
 
 Untrusted code in the code sandbox must not trace, or read and write the memory of, another
-process of its run - e.g. take over pid 1 (bwrap's reaper) with PTRACE_ATTACH, a published escape
-against this project - and must not reach kernel attack surface it has no use for: io_uring,
-eBPF, perf, userfaultfd (a favourite for winning kernel races), keyrings, module loading, the
-mount API, namespaces. Namespaces, capabilities and ``no_new_privs`` already make most of these
-fail; the filter removes the code paths themselves, on every kernel.
+process of its run - e.g. take over pid 1 (the run's supervisor) with PTRACE_ATTACH, a published
+escape against this project - and must not reach kernel attack surface it has no use for:
+io_uring, eBPF, perf, userfaultfd (a favourite for winning kernel races), keyrings, module
+loading, the mount API, namespaces. Namespaces, capabilities and ``no_new_privs`` already make
+most of these fail; the filter removes the code paths themselves, on every kernel.
 
 Policy: default ALLOW. The ``DENIED_SYSCALLS`` fail with EPERM (SECCOMP_RET_ERRNO), so Python sees
 ``PermissionError`` and a test can report it instead of dying. A syscall made with a foreign
@@ -19,6 +19,11 @@ what is exec'd next, READ_IMPLIES_EXEC makes every mapping executable) fails wit
 
 The program only reads the arch and the syscall number (and personality's first argument), so
 the kernel's seccomp action cache (>= 5.11) allows all other syscalls without running it.
+
+Not covered: ``/proc/<pid>/mem`` is plain open/pread/pwrite, which a filter cannot tell from
+other file I/O (it sees no paths). Under bwrap with ``--proc``, a child of pid 1 opens /proc/1/mem
+read-write, filter or not; it fails (EACCES) once pid 1 is non-dumpable (``PR_SET_DUMPABLE`` 0)
+and the sandbox holds no capabilities (``--cap-drop ALL``), or when there is no /proc.
 """
 
 from __future__ import annotations
