@@ -6,7 +6,8 @@ any JSON value.
     string                 the reference
     number                 the reference as text (72 -> "72", 0.5 -> "0.5")
     list                   the code tests (`tests`): a string is test code; an object a test,
-                           {"code"}, {"stdin", "expected_stdout"} or {"input", "output"}
+                           {"call", "expected"}, {"stdin", "expected_stdout"} (or
+                           {"input", "output"}) or {"code"}
     object                 item fields: reference, tests, documents, metadata
 
 Anything else (a boolean, which could mean a reference or a verdict; unknown fields; a malformed
@@ -86,7 +87,7 @@ def _code_test(value: JsonValue, where: str) -> dict[str, Any]:
                 )
             test[field] = test.pop(alias)
     try:
-        return CodeTest.model_validate(test).model_dump(exclude_none=True)
+        return CodeTest.model_validate(test).model_dump(exclude_unset=True)
     except ValidationError as exc:
         raise UnprocessableEntity(f"{where}: {first_error(exc)}", param=where) from None
 

@@ -174,7 +174,11 @@ class CodeTest(BaseModel):
 
     @model_validator(mode="after")
     def _has_a_check(self) -> CodeTest:
-        given_expected = "expected" in self.model_fields_set
+        # `expected` may be null, so "given" means set; a full dump (a queued job) sets every
+        # field, so a null `expected` beside an `expected_literal`, or off a call, is unset.
+        given_expected = "expected" in self.model_fields_set and (
+            self.expected is not None or (self.call is not None and self.expected_literal is None)
+        )
         if self.call is not None:
             self._check_call(given_expected)
         elif given_expected or self.expected_literal is not None:

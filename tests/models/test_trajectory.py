@@ -65,3 +65,42 @@ def test_item_rejects_unknown_fields_and_empty_messages() -> None:
         Trajectory.model_validate({"messages": []})
     with pytest.raises(ValidationError, match="mesages"):
         Trajectory.model_validate({"mesages": [{"role": "user", "content": "x"}]})
+
+
+@pytest.mark.parametrize(
+    ("test", "problem"),
+    [
+        ({"call": "fib(10", "expected": 55}, "`call` is not a Python expression"),
+        ({"call": "fib(10)"}, "exactly one of `expected`, `expected_literal`"),
+        ({"call": "fib(10)", "expected": 55, "expected_literal": "55"}, "exactly one of"),
+        (
+            {"call": "f()", "expected_literal": "set(["},
+            "`expected_literal` is not a Python literal",
+        ),
+        ({"call": "f()", "expected_literal": "print(1)"}, "not a Python literal"),
+        ({"call": "f()", "expected": 1, "code": "assert f()"}, "a `call` test takes no code"),
+        ({"code": "assert f()", "expected": 1}, "belong to a `call` test"),
+        ({"call": "f()", "expected": [[[[1]]]] * 1 + [eval("[" * 120 + "]" * 120)]}, "deeper"),
+        ({"call": "f()", "expected": "x" * 1_000_001}, "larger than"),
+        ({"name": "nothing"}, "a test needs `call`"),
+    ],
+)
+def test_code_test_formats_are_checked_at_the_door(test: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem) as refused:
+        Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}], "tests": [test]})
+    assert refused.value.errors()[0]["loc"][:2] == ("tests", 0)
+
+
+def test_code_tests_survive_a_queue_round_trip() -> None:
+    """Jobs travel as full JSON dumps: a null `expected` is kept, unset ones stay unset."""
+    tests = [
+        {"call": "f()", "expected": None},
+        {"call": "f()", "expected_literal": "(1, 2)"},
+        {"call": "g(1)", "expected": [1, "a"], "abs_tol": 1e-6},
+        {"code": "assert f() is None"},
+        {"stdin": "1", "expected_stdout": "2"},
+    ]
+    item = Trajectory.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "tests": tests}
+    )
+    assert Trajectory.model_validate_json(item.model_dump_json()) == item
