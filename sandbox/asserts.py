@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, cast
@@ -44,6 +45,7 @@ _CONSTANT_NODES = (
     ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.BinOp, ast.UnaryOp,
     ast.operator, ast.unaryop, ast.expr_context,
 )  # fmt: skip
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # the tokenizer's lines
 _IMPORTS = {("math", None): "math", ("math", "isclose"): "isclose"}  # dropped: used on the host
 
 
@@ -169,7 +171,7 @@ class IsClose:
 
 
 Check: TypeAlias = Equals | NotEquals | Truthy | Compare | IsInstance | IsClose
-Found: TypeAlias = tuple[ast.expr, Check]  # the sandbox's expression, the host's check
+_Found: TypeAlias = tuple[ast.expr, Check]  # the sandbox's expression, the host's check
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _split(left: ast.expr, right: ast.expr) -> tuple[ast.expr, object, bool] | N
     return None
 
 
-def _isinstance(node: ast.Call) -> Found | None:
+def _isinstance(node: ast.Call) -> _Found | None:
     """``isinstance(E, T)`` or ``isinstance(E, (T1, T2))`` with builtin value types."""
     if len(node.args) != 2 or node.keywords:
         return None
@@ -222,7 +224,7 @@ def _isinstance(node: ast.Call) -> Found | None:
     return node.args[0], IsInstance(names)
 
 
-def _isclose(node: ast.Call) -> Found | None:
+def _isclose(node: ast.Call) -> _Found | None:
     """``math.isclose(E, L, rel_tol=R, abs_tol=A)``, in either argument order."""
     tolerances = {keyword.arg: _number(keyword.value) for keyword in node.keywords}
     if len(node.args) != 2 or not tolerances.keys() <= {"rel_tol", "abs_tol"}:
@@ -235,7 +237,7 @@ def _isclose(node: ast.Call) -> Found | None:
     return parts[0], IsClose(expected, rel_tol, abs_tol)
 
 
-def _abs_difference(node: ast.Compare, op: str) -> Found | None:
+def _abs_difference(node: ast.Compare, op: str) -> _Found | None:
     """``abs(E - L) < tol`` / ``abs(L - E) <= tol``, or ``tol > abs(E - L)`` / ``>=``."""
     measured, bound = node.left, node.comparators[0]
     if isinstance(bound, ast.Call):
@@ -257,7 +259,7 @@ def _abs_difference(node: ast.Compare, op: str) -> Found | None:
     return parts[0], IsClose(expected, 0.0, tolerance, "<" if op == "<" else "<=")
 
 
-def _compare(node: ast.Compare, negate: bool) -> Found | None:
+def _compare(node: ast.Compare, negate: bool) -> _Found | None:
     """One comparison with a literal on one side (``negate``: under ``not``)."""
     if len(node.ops) != 1:
         return None  # chained: stays in-process
@@ -279,7 +281,7 @@ def _compare(node: ast.Compare, negate: bool) -> Found | None:
     return expression, Compare(cast(CompareOp, op), literal, literal_left)
 
 
-def _check(node: ast.expr, names: set[str]) -> Found | None:
+def _check(node: ast.expr, names: set[str]) -> _Found | None:
     """The sandbox's expression and the host's check for one conjunct of an assert."""
     negate = isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)
     inner = node.operand if isinstance(node, ast.UnaryOp) and negate else node
@@ -324,6 +326,15 @@ def _conjuncts(node: ast.expr) -> list[ast.expr]:
     return [node]
 
 
+def _segment(lines: list[bytes], node: ast.stmt) -> str:
+    """``ast.get_source_segment`` on lines split once (it splits the whole code each time)."""
+    last = node.end_lineno if node.end_lineno is not None else node.lineno
+    chunk = b"".join(lines[node.lineno - 1 : last])
+    end_column = node.end_col_offset if node.end_col_offset is not None else len(lines[last - 1])
+    end = len(chunk) - len(lines[last - 1]) + end_column
+    return chunk[node.col_offset : end].decode(errors="replace")
+
+
 def _imported(statement: ast.stmt) -> set[str] | None:
     """The names an allowed (dropped) import binds, or None for any other statement."""
     keys: list[tuple[tuple[str, str | None], str | None]]
@@ -351,7 +362,7 @@ def rewrite_asserts(code: str) -> list[CallCheck] | None:
     except SyntaxError as exc:
         raise ValueError(f"test code line {exc.lineno}: {exc.msg}") from None
     except (ValueError, MemoryError, RecursionError) as exc:
-        raise ValueError(f"test code cannot be compiled: {exc}") from None
+        raise ValueError(f"test code cannot be compiled: {exc or type(exc).__name__}") from None
     names: set[str] = set()
     for statement in tree.body:
         bound = set() if isinstance(statement, ast.Assert) else _imported(statement)
@@ -359,18 +370,19 @@ def rewrite_asserts(code: str) -> list[CallCheck] | None:
             return None
         names |= bound
     checks: list[CallCheck] = []
+    lines = [line.encode() for line in _LINE.findall(code)]
     try:
         for statement in tree.body:
             if not isinstance(statement, ast.Assert):
                 continue
             if statement.msg is not None and _literal(statement.msg) is None:
                 return None
-            source = ast.get_source_segment(code, statement) or ast.unparse(statement)
+            source = _segment(lines, statement)
             for part in _conjuncts(statement.test):
                 found = _check(part, names)
                 if found is None or not _sandbox_safe(found[0], names):
                     return None
                 checks.append(CallCheck(ast.unparse(found[0]), found[1], source))
-    except ValueError:  # a literal too large for the host, or a negative tolerance
+    except (ValueError, RecursionError):  # a literal too large, a negative tolerance, deep code
         return None
     return checks or None

@@ -95,6 +95,8 @@ from rmserve.sandbox.execution import (
     status_records,
 )
 from rmserve.sandbox.grading import (
+    VALUE_DEPTH,
+    VALUE_ITEMS,
     InProcess,
     Plan,
     TestStatus,
@@ -124,8 +126,8 @@ _HARNESS_PROCESSES = 2  # bwrap (outside the pid namespace) and the supervisor (
 _HARNESS_MEMORY = 48 << 20  # bwrap and the supervisor, in the run's cgroup
 _HARD_OUTPUT_FACTOR = 16
 _PROBE_TIMEOUT_S = 30.0
-_VALUE_DEPTH = 100
-_VALUE_ITEMS = 1_000_000
+_VALUE_DEPTH = VALUE_DEPTH
+_VALUE_ITEMS = VALUE_ITEMS
 _CLAIM_BYTES = 8 << 20
 _MAX_CALLS = 1024
 

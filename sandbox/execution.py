@@ -168,7 +168,9 @@ async def run_process(
     """Start ``command`` and wait for it within ``wall_s``; ``kill`` takes the whole run down
     (called on every way out: a normal exit too, for what the run left behind)."""
     started = time.monotonic()
-    process = subprocess.Popen(
+    # The standard library's spawn on purpose (close_fds must hold whatever the event loop);
+    # fork+exec takes about a millisecond, and the exit is awaited on a pidfd below.
+    process = subprocess.Popen(  # noqa: ASYNC220
         command,
         stdin=channels.stdin_fd,
         stdout=channels.stdout_fd,

@@ -34,6 +34,9 @@ TestStatus = Literal[
 _MEMORY_HINTS = ("MemoryError", "Cannot allocate memory", "out of memory", "bad_alloc")
 _MEMORY_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
 _VALUE_PREVIEW = 200
+# A returned value's bounds: the sandbox refuses to encode more, the host to decode more.
+VALUE_DEPTH = 100
+VALUE_ITEMS = 100_000
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def _call_outcome(check: CallCheck, record: dict[str, Any], oom_killed: bool) ->
     if isinstance(claim, dict):
         if "value" in claim:
             try:
-                value = decode(claim["value"])
+                value = decode(claim["value"], max_depth=VALUE_DEPTH, max_items=VALUE_ITEMS)
             except ValueError as exc:
                 return CallOutcome("unserialisable", False, f"{check.source}: {exc}")
             passed = check.check.passed(value)
