@@ -1,9 +1,14 @@
 """Tool sandbox latency and code-run throughput, each beside its baseline in the same run.
 
-    python benchmarks/tool_latency.py [--calls 200] [--code-calls 100] [--code-concurrency 4]
+    python benchmarks/tool_latency.py [--only sidecar|runner-latency|code-batch ...]
+        [--calls 200] [--code-calls 100] [--code-concurrency NPROC]
+        [--latency-runs 100] [--responses 64] [--tests-per-response 10]
 
-A real `rmserve sandbox` is started on a loopback port (bubblewrap included); one keep-alive
-httpx client calls it.
+Three sections, all by default (``--only`` picks some; it may be repeated):
+
+sidecar (HTTP):
+A real `rmserve sandbox` is started on a loopback port (bubblewrap included, running
+`--code-concurrency` sandboxes at once); one keep-alive httpx client calls it.
 
   latency (sequential calls, p50 / p99):
     crop      a 0-1000 box of a 1024x768 PNG          vs. the same crop() in-process
@@ -14,8 +19,21 @@ httpx client calls it.
   `--code-concurrency` sandboxes at once and queues the rest), vs. plain subprocesses at the
   same concurrency.
 
+runner-latency (no HTTP): `--latency-runs` sequential runs of the same short program through
+  the current CodeRunner, the runner of commit 53ffbbd (loaded from git) and a plain
+  `python -I -c` subprocess, interleaved; p50 / p99 and the ratio new / old (target <= 1.20).
+
+code-batch (a GRPO step of the `unit-tests` verifier; see benchmarks/code_batch.py):
+  `--responses` responses x `--tests-per-response` asserts through the old runner (a sandbox
+  per test), the current CodeRunner (assert tests and call tests: a sandbox per response), the
+  unit-tests verifier over an in-process LocalToolbox, and plain `python -I -c` (a process per
+  response, and per test); `--code-concurrency` at once on every path, the same limits.
+  items/s, tests/s, ratios after/today and after/unsandboxed. Every path must give the same
+  verdict for every test: a mismatch is printed and the exit status is 1.
+
 Each line prints the measured figure, its baseline and the ratio (sidecar / baseline for
 latency: what HTTP, argument checking and isolation add; baseline / sidecar for throughput).
+Without git history (or commit 53ffbbd) the old runner's figures say so and are skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ import argparse
 import asyncio
 import base64
 import io
+import os
 import random
 import statistics
 import subprocess
@@ -36,10 +55,22 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
-from rmserve.sandbox.crop import crop
-from rmserve.sandbox.search import SearchIndex
-from rmserve.service.launcher import ServerProcess
-from rmserve.wire.trajectory import Document
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.code_batch import (  # noqa: E402
+    code_batch,
+    default_concurrency,
+    load_old_runner,
+    runner_latency,
+)
+from rmserve.sandbox.crop import crop  # noqa: E402
+from rmserve.sandbox.search import SearchIndex  # noqa: E402
+from rmserve.service.launcher import ServerProcess  # noqa: E402
+from rmserve.wire.trajectory import Document  # noqa: E402
+
+SECTIONS = ("sidecar", "runner-latency", "code-batch")
 
 PROGRAM = "import math\nprint(sum(math.isqrt(i) for i in range(20000)))"
 WORDS = [
@@ -122,13 +153,7 @@ async def throughput(call: Callable[[], Awaitable[None]], total: int, concurrenc
     return total / (time.perf_counter() - started)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--code-calls", type=int, default=100)
-    parser.add_argument("--code-concurrency", type=int, default=4)
-    args = parser.parse_args()
-
+def sidecar(args: argparse.Namespace) -> None:
     image, url = picture()
     docs = documents(200)
     box = (120.0, 200.0, 380.0, 520.0)
@@ -206,7 +231,47 @@ def main() -> int:
         asyncio.run(load())
     finally:
         server.stop()
-    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable); default: all",
+    )
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--code-calls", type=int, default=100)
+    parser.add_argument(
+        "--code-concurrency",
+        type=int,
+        default=default_concurrency(),
+        help="sandboxes (or plain processes) at once; default: the machine's cores",
+    )
+    parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--responses", type=int, default=64)
+    parser.add_argument("--tests-per-response", type=int, default=10)
+    args = parser.parse_args()
+    sections = args.only or list(SECTIONS)
+
+    started = time.perf_counter()
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    cores = default_concurrency()
+    print(f"{cores} cores, load average {load}; code concurrency {args.code_concurrency}")
+    if "sidecar" in sections:
+        sidecar(args)
+    old = load_old_runner() if {"runner-latency", "code-batch"} & set(sections) else ""
+    if "runner-latency" in sections:
+        asyncio.run(runner_latency(old, PROGRAM, args.latency_runs))
+    agree = True
+    if "code-batch" in sections:
+        agree = asyncio.run(
+            code_batch(old, args.responses, args.tests_per_response, args.code_concurrency)
+        )
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average {load}")
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":
