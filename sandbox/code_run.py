@@ -15,10 +15,10 @@ subvert. So tests are decided on the host wherever the format allows (`rmserve.s
 * ``stdin`` + ``expected_stdout`` tests: one sandbox each; the host compares the output.
 * other ``code`` tests run in-process, after the program, in one sandbox each. The harness binds
   what it needs before the program runs, keeps the test code and completion nonce out of every
-  Python object until the program has run, runs the test with Python's own builtins and decides
-  completion from a nonce the program never saw. But code the test calls can still inspect the
-  test's frame or replace library functions: **unsafe against an optimising policy**; refuse
-  them with ``in_process="refuse"``.
+  Python object and of ``linecache`` until the program has run, and runs the test with Python's
+  own builtins. But the program shares the process: it can read the descriptor that holds the
+  test and the nonce, and code the test calls can inspect the test's frame or replace library
+  functions. **Unsafe against an optimising policy**; refuse them with ``in_process="refuse"``.
 A run that exits early (``sys.exit(0)``, ``os._exit(0)``) never passes a test.
 
 Isolation (`rmserve.sandbox.launch`, `rmserve.sandbox.harness`)

@@ -24,7 +24,10 @@ Modes (``job["mode"]``):
   The user process runs the program, then reads the test code from the secret descriptor (it is
   in no Python object while the program runs, nor in ``linecache``), runs it with Python's own
   builtins, and only then reads the completion nonce from the same descriptor and writes it to
-  its done pipe. The harness's exec/compile/os functions are bound before user code runs.
+  its done pipe. The harness's exec/compile/os functions are bound before user code runs. This
+  closes the harness's Python state to the program, not the process: a program that reads the
+  secret descriptor itself (or its own memory) can forge completion. Nothing in-process can
+  prevent that; call and output tests are the formats for untrusted code.
 """
 
 from __future__ import annotations
@@ -296,7 +299,7 @@ def _sandbox_watch_calls(
         for line in lines:
             try:
                 claim = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # not a claim the harness wrote
                 continue
             if not isinstance(claim, dict):
                 continue

@@ -23,7 +23,7 @@ import psutil
 import pydantic
 import pytest
 
-from rmserve.sandbox import code_run, launch
+from rmserve.sandbox import launch
 from rmserve.sandbox.code_run import CodeRunner, Limits, RunResult
 from rmserve.wire.errors import ToolError
 from rmserve.wire.trajectory import CodeTest
