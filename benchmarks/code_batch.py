@@ -15,7 +15,8 @@ once) under the same limits, and must give the same per-test verdicts:
              tests: one sandbox per response), and as ``CodeTest(call=..., expected=...)``
   verifier   CodeTestsVerifier (unit-tests: code_block, fraction) over an in-process
              LocalToolbox (embedded mode), Trajectory items scored with asyncio.gather
-  plain      ``python -I -c`` without sandbox: the response and its asserts in one process
+  plain      ``python -I -B -S -c`` without sandbox (the base interpreter, as the sandbox
+             starts it): the response and its asserts in one process
              per response, and in one process per test (only the wall clock is limited)
 """
 

@@ -21,12 +21,13 @@ A real `rmserve sandbox` is started on a loopback port (bubblewrap included, run
 
 runner-latency (no HTTP): `--latency-runs` sequential runs of the same short program through
   the current CodeRunner, the runner of commit 53ffbbd (loaded from git) and a plain
-  `python -I -c` subprocess, interleaved; p50 / p99 and the ratio new / old (target <= 1.20).
+  `python -I -B -S -c` subprocess (the base interpreter), interleaved; p50 / p99 and the ratio
+  new / old (target <= 1.20).
 
 code-batch (a GRPO step of the `unit-tests` verifier; see benchmarks/code_batch.py):
   `--responses` responses x `--tests-per-response` asserts through the old runner (a sandbox
   per test), the current CodeRunner (assert tests and call tests: a sandbox per response), the
-  unit-tests verifier over an in-process LocalToolbox, and plain `python -I -c` (a process per
+  unit-tests verifier over an in-process LocalToolbox, and plain `python -I -S -c` (a process per
   response, and per test); `--code-concurrency` at once on every path, the same limits.
   items/s, tests/s, ratios after/today and after/unsandboxed. Every path must give the same
   verdict for every test: a mismatch is printed and the exit status is 1.

@@ -18,8 +18,8 @@ PATHS = (
     "after  CodeRunner, assert tests",
     "after  CodeRunner, call tests",
     "after  unit-tests verifier",
-    "plain  python -I -c, a process per response",
-    "plain  python -I -c, a process per test",
+    "plain  python -I -S -c, a process per response",
+    "plain  python -I -S -c, a process per test",
 )
 
 
