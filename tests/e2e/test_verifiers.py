@@ -83,6 +83,32 @@ def test_code_tests_run_in_the_sandbox(service: httpx.Client) -> None:
     assert "timeout" in results[5]["critique"] or "cpu_limit" in results[5]["critique"]
 
 
+def test_code_rewards_are_decided_on_the_host(service: httpx.Client) -> None:
+    """Call tests through /v1/score: the AlwaysEqual hack and an early exit score 0; in-process
+    test code is refused (`unsafe_test`); malformed call tests are a 422 naming the field."""
+    tests = [{"call": "add(2, 3)", "expected": 5},
+             {"call": "pair(1)", "expected_literal": "(1, 1)"},
+             {"code": "assert add(0, 0) == 0"}]  # fmt: skip
+    good = "```python\ndef add(a, b):\n    return a + b\ndef pair(x):\n    return (x, x)\n```"
+    always_equal = (
+        "```python\nclass E:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return E()\ndef pair(x):\n    return E()\n```"
+    )
+    exits = "```python\nimport sys\nsys.exit(0)\n```"
+    in_process = [{"code": "for x in range(3):\n    assert add(x, 0) == x"}]
+    results = scores(service, "unit-tests", [
+        answer(good, tests=tests), answer(always_equal, tests=tests), answer(exits, tests=tests),
+        answer(good, tests=in_process),
+    ])  # fmt: skip
+    assert [r["score"] for r in results[:3]] == [1.0, 0.0, 0.0]
+    assert "unserialisable" in results[1]["critique"]
+    assert results[3]["error"]["type"] == "unsafe_test"
+    bad = service.post("/v1/score", json={"model": "unit-tests", "items": [
+        answer(good, tests=[{"call": "add(2,", "expected": 5}])]})  # fmt: skip
+    assert bad.status_code == 422, bad.text
+    assert "items.0.tests.0" in bad.text or "items[0].tests[0]" in bad.text, bad.text
+
+
 def test_a_composite_combines_its_inputs_concurrently(service: httpx.Client) -> None:
     item = answer("<think>ok</think> \\boxed{4}", "4")
     (mixed,) = scores(service, "mixed", [item])
