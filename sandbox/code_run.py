@@ -243,16 +243,7 @@ class _Execution:
             oom_killed=self.oom_killed,
         )
         assert status != "unserialisable"
-        return RunResult(
-            status=status,
-            exit_code=exit_code,
-            signal=sig,
-            stdout=observed.stdout.text(),
-            stderr=observed.stderr.text(),
-            stdout_truncated=observed.stdout.truncated,
-            stderr_truncated=observed.stderr.truncated,
-            wall_s=observed.wall_s,
-        )
+        return self._run_result(status, exit_code, sig)
 
     def calls_result(self) -> RunResult:
         """A calls run as a whole: ok when the supervisor finished."""
@@ -264,10 +255,14 @@ class _Execution:
             status = "timeout"
         elif not any(record.get("finished") for record in self.records):
             status = "killed"
+        return self._run_result(status, None, None)
+
+    def _run_result(self, status: RunStatus, exit_code: int | None, sig: int | None) -> RunResult:
+        observed = self.observed
         return RunResult(
             status=status,
-            exit_code=None,
-            signal=None,
+            exit_code=exit_code,
+            signal=sig,
             stdout=observed.stdout.text(),
             stderr=observed.stderr.text(),
             stdout_truncated=observed.stdout.truncated,

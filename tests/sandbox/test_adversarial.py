@@ -48,6 +48,8 @@ import pytest
 from rmserve.sandbox.code_run import CodeResult, CodeRunner, Limits
 from rmserve.wire.errors import ToolError
 from rmserve.wire.trajectory import CodeTest
+from tests.sandbox import test_code_run as code_run_tests
+from tests.sandbox.test_code_run import describe
 
 UNAVAILABLE = CodeRunner.available()
 pytestmark = [
@@ -1458,41 +1460,8 @@ def host_files(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
 
 
-def live_processes(predicate: str) -> list[psutil.Process]:
-    """Host processes (not zombies) whose command line contains ``predicate``."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if predicate in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(process)
-    return found
-
-
-def slot_uid_processes(uids: range) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["uids", "status"]):
-        real = process.info["uids"]
-        if (
-            real is not None
-            and real.real in uids
-            and process.info["status"] != psutil.STATUS_ZOMBIE
-        ):
-            found.append(process)
-    return found
-
-
 def leftovers(runner: CodeRunner, marker: str) -> list[psutil.Process]:
-    return live_processes(marker) + slot_uid_processes(runner.slot_uids)
-
-
-def describe(processes: list[psutil.Process]) -> str:
-    lines = []
-    for process in processes:
-        try:
-            lines.append(f"pid {process.pid} uid {process.uids().real} {process.cmdline()}")
-        except psutil.Error as exc:
-            lines.append(f"pid {process.pid}: {exc!r}")
-    return "\n".join(lines)
+    return code_run_tests.leftovers(marker, runner.slot_uids)
 
 
 async def wait_until_gone(runner: CodeRunner, marker: str, within_s: float) -> None:
