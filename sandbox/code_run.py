@@ -254,7 +254,7 @@ class _Execution:
         elif observed.timed_out:
             status = "timeout"
         elif not any(record.get("finished") for record in self.records):
-            status = "killed"
+            status = "memory_limit" if self.oom_killed else "killed"
         return self._run_result(status, None, None)
 
     def _run_result(self, status: RunStatus, exit_code: int | None, sig: int | None) -> RunResult:

@@ -227,8 +227,12 @@ def run_status(
         return "output_limit", None, killed
     if timed_out:
         return "timeout", None, killed
-    if final is None:  # the supervisor itself was killed
-        return "killed", None, signal_from_returncode(returncode)
+    if final is None:  # the supervisor itself was killed (the run's OOM killer may pick it)
+        return (
+            ("memory_limit" if oom_killed else "killed"),
+            None,
+            signal_from_returncode(returncode),
+        )
     exit_code, sig = _optional_int(final.get("exit_code")), _optional_int(final.get("signal"))
     cpu_s = final.get("cpu_s")
     used_cpu = float(cpu_s) if isinstance(cpu_s, int | float) else 0.0
