@@ -83,11 +83,13 @@ class PoolingEngine(Protocol):
     max_model_len: int
 
     async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
-        """Rows of head outputs: one row for `classify`, one per token for `token_classify`."""
+        """Rows of head outputs: one row for `classify` (the model's output for the sequence),
+        one per token, in order, for `token_classify`."""
         ...
 
     async def supports(self, task: PoolingTask) -> bool:
-        """Whether the loaded model serves `task` (`classify` pooling the last token)."""
+        """Whether the loaded model serves `task`; `classify` only as a last-token request the
+        engine can serve from its prefix cache (what a PRM's `reuse_prefix` relies on)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -104,9 +106,11 @@ def engine_args(
     vision-language model's images per prompt (vLLM sizes its encoder cache by it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    multimodal: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if max_images is not None:
-        multimodal["limit_mm_per_prompt"] = {"image": max_images}
+        extra["limit_mm_per_prompt"] = {"image": max_images}
+    if runner == "pooling":
+        extra["pooler_config"] = per_token_pooler_config()
     return AsyncEngineArgs(
         model=str(model_dir),
         tokenizer=str(tokenizer_dir),
@@ -123,8 +127,29 @@ def engine_args(
         trust_remote_code=options.trust_remote_code,
         seed=options.seed,
         disable_log_stats=True,
-        **multimodal,
+        **extra,
     )
+
+
+def per_token_pooler_config() -> Any:
+    """vLLM's pooler configuration for rmserve's pooling engines: `token_classify` returns one
+    row per token (ALL pooling), whatever the model's default.
+
+    vLLM 0.32 gives Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM) STEP token pooling by default
+    (vllm/model_executor/models/qwen2_rm.py, `@default_pooling_type(tok_pooling_type="STEP")`),
+    with step_tag_id 151651, the real model's <extra_0>, set when none is configured
+    (vllm/model_executor/models/config.py, Qwen2ForProcessRewardModelConfig). STEP pooling
+    returns rows only at the tokens equal to that id (vllm/model_executor/layers/pooler/
+    tokwise/methods.py, StepPool.forward), and it also turns vLLM's chunked prefill and prefix
+    caching off (vllm/config/model.py, is_chunked_prefill_supported and
+    is_prefix_caching_supported). rmserve finds the step tags itself and reads the per-token
+    rows at their positions, so it asks every model for ALL token pooling: the default of
+    every other vLLM model, so nothing changes for them. A value the user sets wins over the
+    model's default (ModelConfig.__post_init__, "Init pooler config").
+    """
+    from vllm.config import PoolerConfig
+
+    return PoolerConfig(tok_pooling_type="ALL")
 
 
 def _start_async_llm(
@@ -160,7 +185,7 @@ class VllmPoolingEngine:
         self._llm = llm
         self.max_model_len = max_model_len
         self._ids = itertools.count()
-        self._tasks: frozenset[str] | None = None
+        self._served: frozenset[str] | None = None
 
     @classmethod
     def start(
@@ -173,7 +198,74 @@ class VllmPoolingEngine:
         llm = _start_async_llm(model_dir, tokenizer_dir, options, "pooling", stats=stats)
         return cls(llm, llm.model_config.max_model_len)
 
+    def token_rows_problem(self) -> str | None:
+        """Why `token_classify` would not give one row per token (None: it does). rmserve
+        asks for ALL token pooling (see `per_token_pooler_config`); this catches an engine
+        that pools otherwise anyway, before any item is scored."""
+        pooler = self._llm.model_config.pooler_config
+        kind = getattr(pooler, "tok_pooling_type", None)
+        if kind == "ALL":
+            return None
+        return (
+            f"vLLM pools this model's tokens with {kind} pooling"
+            + _step_pooling_detail(pooler)
+            + ", not one row per token (ALL), so rmserve cannot read the head at its own "
+            "step tags"
+        )
+
     async def pool(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
+        served = await self._served_tasks()
+        if task == "token_classify" and task in served:
+            return await self._token_rows(token_ids)
+        if task in served:
+            return await self._encode(token_ids, task)
+        if task == "classify" and "token_classify" in served and self._causal():
+            # A head vLLM serves only per token (Qwen2ForRewardModel, say): its output for the
+            # sequence is the last token's, as the model's own code pools it.
+            return [(await self._token_rows(token_ids))[-1]]
+        raise ItemError(
+            "unsupported_model",
+            f"vLLM serves this model's head for {', '.join(sorted(served)) or 'no task'}, "
+            f"not {task}"
+            + (" (nor token_classify of a causal model)" if task == "classify" else ""),
+        )
+
+    async def supports(self, task: PoolingTask) -> bool:
+        # The tasks of the model's pooler, asked of the engine core once (AsyncLLM caches
+        # them too). A *ForTokenClassification model is loaded through vLLM's seq-cls
+        # adapter, whose pooler serves token_classify and classify with the same head.
+        served = await self._served_tasks()
+        if task == "classify":
+            pooler = self._llm.model_config.pooler_config
+            # classify of a prefix equals a token's row only when it pools the last token.
+            return "classify" in served and getattr(pooler, "seq_pooling_type", None) == "LAST"
+        return task in served
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+    async def _served_tasks(self) -> frozenset[str]:
+        if self._served is None:
+            self._served = frozenset(await self._llm.get_supported_tasks())
+        return self._served
+
+    def _causal(self) -> bool:
+        """Causal attention: the last token's row then depends on the whole sequence."""
+        return getattr(self._llm.model_config, "attn_type", None) == "decoder"
+
+    async def _token_rows(self, token_ids: list[int]) -> list[list[float]]:
+        rows = await self._encode(token_ids, "token_classify")
+        if len(rows) != len(token_ids):
+            pooler = self._llm.model_config.pooler_config
+            raise ItemError(
+                "unsupported_model",
+                f"the engine returned {len(rows)} head rows for {len(token_ids)} tokens "
+                f"(vLLM token pooling {getattr(pooler, 'tok_pooling_type', None)}"
+                f"{_step_pooling_detail(pooler)}); rmserve needs one row per token",
+            )
+        return rows
+
+    async def _encode(self, token_ids: list[int], task: PoolingTask) -> list[list[float]]:
         from vllm import PoolingParams
 
         params = PoolingParams(task=task, use_activation=False)
@@ -187,21 +279,15 @@ class VllmPoolingEngine:
         rows: list[list[float]] = data.reshape(-1, data.shape[-1]).tolist()
         return rows
 
-    async def supports(self, task: PoolingTask) -> bool:
-        # The tasks of the model's pooler, asked of the engine core once (AsyncLLM caches
-        # them too). A *ForTokenClassification model is loaded through vLLM's seq-cls
-        # adapter, whose pooler serves token_classify and classify with the same head.
-        if self._tasks is None:
-            tasks = set(await self._llm.get_supported_tasks())
-            pooler = self._llm.model_config.pooler_config
-            if pooler is None or pooler.seq_pooling_type != "LAST":
-                # classify of a prefix equals a token's row only when it pools the last token.
-                tasks.discard("classify")
-            self._tasks = frozenset(tasks)
-        return task in self._tasks
 
-    def shutdown(self) -> None:
-        self._llm.shutdown()
+def _step_pooling_detail(pooler: Any) -> str:
+    """What STEP pooling keeps: rows at `step_tag_id`, columns `returned_token_ids`."""
+    if getattr(pooler, "tok_pooling_type", None) != "STEP":
+        return ""
+    detail = f": rows only at token id {getattr(pooler, 'step_tag_id', None)}"
+    if getattr(pooler, "returned_token_ids", None):
+        detail += f", columns {pooler.returned_token_ids}"
+    return detail
 
 
 def _image_token_id(hf_config: Any) -> int | None:

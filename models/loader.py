@@ -82,6 +82,10 @@ def load_model(
     _check_memory(spec, weights)
     log.info("starting engine for %s from %s", spec.name, weights)
     engine = VllmPoolingEngine.start(weights, tokenizer_dir, spec.engine, stats)
+    problem = engine.token_rows_problem() if isinstance(spec, ProcessSpec) else None
+    if problem is not None:  # a PRM reads the head at its step tags, one row per token
+        engine.shutdown()
+        raise ModelLoadError(problem)
     renderer = ChatRenderer(tokenizer, engine.max_model_len, spec.options.too_long)
     if isinstance(spec, DiscriminativeSpec):
         return DiscriminativeModel(spec, renderer, engine)

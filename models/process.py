@@ -12,6 +12,7 @@ read at each tag position:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from rmserve.models.rendering import ChatRenderer, template_messages
 from rmserve.models.spec import Aggregate, ProcessOptions, ProcessSpec
 from rmserve.wire.errors import ItemError
 from rmserve.wire.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
 
 AGGREGATES: dict[Aggregate, Callable[[Sequence[float]], float]] = {
     "min": min,
@@ -62,6 +65,7 @@ class ProcessModel:
         self._tag_id = step_tag_id(renderer.tokenizer, spec.options.step_tag)
         self._renderer = renderer
         self._engine = engine
+        self._fallback_logged = False
 
     async def score(self, item: Trajectory, options: RequestOptions) -> Reward:
         require_text_only(item, self.name)
@@ -98,6 +102,10 @@ class ProcessModel:
         per-token output at p. vLLM serves last-token pooling from its prefix cache (it
         never does for per-token pooling), so the prompt a group of items shares and each
         item's earlier steps are computed once rather than once per item and per step.
+
+        A model whose head the engine serves only per token (vLLM's Qwen2ForProcessRewardModel:
+        `token_classify` alone) has no such request: `reuse_prefix` then falls back to the
+        one per-token request per item (logged once), with the same scores.
         """
         if self._options.reuse_prefix and await self._engine.supports("classify"):
             kept = [p for p in positions if p >= 0]
@@ -111,9 +119,29 @@ class ProcessModel:
                 # A failed step fails the item: stop computing its other steps.
                 for task in tasks:
                     task.cancel()
+            if any(len(rows) != 1 for rows in outputs):
+                raise ItemError(
+                    "unsupported_model",
+                    "the engine returned other than one head row for a last-token request",
+                )
             by_position = {p: rows[0] for p, rows in zip(kept, outputs, strict=True)}
             return [by_position.get(p) for p in positions]
+        if self._options.reuse_prefix and not self._fallback_logged:
+            self._fallback_logged = True
+            log.warning(
+                "%s: reuse_prefix is on, but the engine serves this model's head only per "
+                "token (no last-token classify), so each item is scored in one per-token "
+                "request, without the prefix cache (reuse_prefix: false says so, unlogged)",
+                self.name,
+            )
         rows = await self._engine.pool(token_ids, "token_classify")
+        if len(rows) != len(token_ids):
+            # E.g. vLLM's STEP pooling: rows only at the engine's own step tag id.
+            raise ItemError(
+                "unsupported_model",
+                f"the engine returned {len(rows)} head rows for {len(token_ids)} tokens; a "
+                "process model reads one row per token at its step tags",
+            )
         return [rows[p] if p >= 0 else None for p in positions]
 
     def _tagged_text(self, item: Trajectory) -> tuple[str, int]:

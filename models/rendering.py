@@ -51,10 +51,18 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
 
 
 class ChatRenderer:
-    """Chat-template rendering, tokenization and the too-long policy for one model."""
+    """Chat-template rendering, tokenization and the too-long policy for one model.
+
+    What the model's template refuses is the item's error, never silently rewritten: a system
+    message under a template without a system role (Gemma 2: "System role not supported") is
+    `template_error`, not merged into the user turn. Tool calls under a template that never
+    reads `tool_calls` (Gemma 2's drops them without a word) are `unsupported_content`: the
+    model would otherwise score the trajectory without its actions.
+    """
 
     def __init__(self, tokenizer: Any, max_model_len: int, too_long: TooLongPolicy) -> None:
-        if not getattr(tokenizer, "chat_template", None):
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
             raise ModelLoadError(
                 "the tokenizer has no chat template, so trajectories cannot be rendered "
                 "the way the model was trained"
@@ -62,6 +70,8 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.too_long = too_long
+        # A mapping of named templates (e.g. default and tool_use) counts if any reads them.
+        self.renders_tool_calls = "tool_calls" in str(template)
 
     def render(
         self,
@@ -72,6 +82,12 @@ class ChatRenderer:
         """Render messages already in template shape (see `template_messages`); with
         `generation_prompt`, end with the opening of the assistant's turn (generation);
         `tools` (OpenAI function-tool shape) go to the template's tools support."""
+        if not self.renders_tool_calls and any(m.get("tool_calls") for m in chat):
+            raise ItemError(
+                "unsupported_content",
+                "the model's chat template does not render tool calls (it never reads "
+                "`tool_calls`), so the trajectory would be scored without its actions",
+            )
         try:
             text = self.tokenizer.apply_chat_template(
                 chat,

@@ -82,6 +82,7 @@ class ProcessOptions(_Strict):
     # at a tag equals the last-token output of that prefix, attention being causal), so vLLM's
     # prefix cache computes a group's shared prompt and earlier steps once. Off: one request
     # per item reading every token's output, which vLLM never serves from the prefix cache.
+    # A head vLLM serves per token only (Qwen2ForProcessRewardModel) always gets the latter.
     reuse_prefix: bool = True
 
 

@@ -108,6 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-models", help="write tiny random reward models (for trying rmserve offline)"
     )
     tiny.add_argument("out", type=Path)
+    tiny.add_argument(
+        "--twins",
+        action="store_true",
+        help="also the tiny twins of real reward-model families (configs and chat templates)",
+    )
+
+    inspect = commands.add_parser(
+        "inspect-model",
+        help="check a model before serving it: its kind, head, vLLM's view, its chat template, "
+        "and vLLM's score against transformers",
+    )
+    inspect.add_argument(
+        "model", help="a model directory, or a hub id (where the hub is reachable)"
+    )
+    inspect.add_argument(
+        "--kind",
+        choices=["discriminative", "process", "generative"],
+        help="serve it as this kind (default: from the architecture in config.json)",
+    )
+    inspect.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        help="score a sample on the vLLM CPU engine and with transformers, and compare "
+        "(default: on for discriminative and process models)",
+    )
+    inspect.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model's own code (auto_map)"
+    )
+    inspect.add_argument("--step-tag", help="a process model's step tag (default: a known one)")
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     return parser
 
@@ -116,11 +146,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check-registry":
         return _check_registry(args.registry)
     if args.command == "make-tiny-models":
-        from rmserve.models.tiny import make_tiny_models
+        from rmserve.models.tiny import make_tiny_models, make_twins
 
-        for name, path in make_tiny_models(args.out).items():
+        paths = make_tiny_models(args.out)
+        if args.twins:
+            paths |= make_twins(args.out)
+        for name, path in paths.items():
             print(f"{name}\t{path}")
         return 0
+    if args.command == "inspect-model":
+        from rmserve.service import inspect_model
+
+        return inspect_model.main(
+            args.model, kind=args.kind, compare=args.compare, as_json=args.json,
+            trust_remote_code=args.trust_remote_code, step_tag=args.step_tag,
+        )  # fmt: skip
     if args.command == "sandbox":
         return _run_sandbox(args)
     if args.command == "api-key":

@@ -1,4 +1,5 @@
-"""Session fixtures: tiny models generated once, and a real `rmserve serve` on a loopback port."""
+"""Session fixtures: tiny models generated once, tiny twins of real models built on first use,
+and a real `rmserve serve` on a loopback port."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from rmserve.models.tiny import make_tiny_models
+from rmserve.models.tiny.twins import build_twin
 from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess
 
 TESTS = Path(__file__).parent
@@ -32,6 +34,26 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (broken / "tokenizer.json").write_text((paths["tiny-rm"] / "tokenizer.json").read_text())
     os.environ["RMSERVE_TINY_MODELS"] = str(out)
     return paths
+
+
+class TwinModels:
+    """Tiny twins of real models (rmserve.models.tiny.twins), each built the first time a test
+    asks for it and kept for the session: `twin_models["twin-skywork-qwen3-rm"]` is its
+    directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self._built:
+            self._built[name] = build_twin(name, self.root)
+        return self._built[name]
+
+
+@pytest.fixture(scope="session")
+def twin_models(tmp_path_factory: pytest.TempPathFactory) -> TwinModels:
+    return TwinModels(tmp_path_factory.mktemp("twin-models"))
 
 
 def start_server(registry: Path, workdir: Path, env: dict[str, str]) -> ServerProcess:

@@ -7,6 +7,11 @@ rmserve without a model hub. Their scores are random functions of the input, not
       DIR/tiny-lm    causal LM (a "judge" whose judgements are random text)
       DIR/tiny-vlm   vision-language model (Idefics3; see tiny/vlm.py)
 
+    rmserve make-tiny-models --twins DIR
+      also the tiny twins of real reward-model families (their configs scaled down, their chat
+      templates and special tokens): tiny/twins.py (Skywork-Reward-V2 Qwen3 and Llama 3.1,
+      Skywork-Reward-Gemma-2) and tiny/qwen2_heads.py (Qwen2.5-Math-PRM, Qwen2.5-Math-RM)
+
 A Llama with head_dim 64 (the CPU attention backend refuses smaller heads), a byte-level BPE
 tokenizer trained on a small built-in corpus, and a ChatML-style chat template with tool calls.
 """
@@ -18,7 +23,7 @@ from pathlib import Path
 from rmserve.models.tiny.llama import STEP_TAG, make_tiny_text_models
 from rmserve.models.tiny.vlm import make_tiny_vlm
 
-__all__ = ["STEP_TAG", "make_tiny_models"]
+__all__ = ["STEP_TAG", "make_tiny_models", "make_twins"]
 
 
 def make_tiny_models(
@@ -28,4 +33,15 @@ def make_tiny_models(
     sizes = {"hidden_size": hidden_size, "layers": layers, "max_positions": max_positions}
     paths = make_tiny_text_models(out, seed=seed, **sizes)
     paths["tiny-vlm"] = make_tiny_vlm(out / "tiny-vlm", **sizes)
+    return paths
+
+
+def make_twins(out: Path, *, seed: int = 0) -> dict[str, Path]:
+    """Write every tiny twin under `out`; return their directories."""
+    from rmserve.models.tiny.qwen2_heads import make_qwen2_prm_twin, make_qwen2_rm_twin
+    from rmserve.models.tiny.twins import TWINS, build_twin
+
+    paths = {name: build_twin(name, out, seed=seed) for name in TWINS}
+    paths["twin-qwen2.5-math-prm"] = make_qwen2_prm_twin(out / "twin-qwen2.5-math-prm", seed=seed)
+    paths["twin-qwen2.5-math-rm"] = make_qwen2_rm_twin(out / "twin-qwen2.5-math-rm", seed=seed)
     return paths

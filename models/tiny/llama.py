@@ -4,6 +4,7 @@ attention backend refuses smaller heads)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,38 @@ _CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 1024) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = bpe_tokenizer(
+        SPECIAL_TOKENS, bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", vocab_size=vocab_size
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def bpe_tokenizer(
+    special_tokens: Sequence[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str | None,
+    unk: str | None = None,
+    added_tokens: Sequence[str] = (),
+    prepend_bos: bool = False,
+    corpus: Sequence[str] = (),
+    vocab_size: int = 1024,
+) -> Any:
+    """A byte-level BPE tokenizer trained on the built-in corpus (and `corpus`), whose
+    `special_tokens` (ids 0, 1, ... in that order) and `added_tokens` (not special: written in
+    text, like Qwen's <think>) are single tokens. `prepend_bos`: encoding with special tokens
+    puts `bos` first (the post-processor of Llama 3's and Gemma's tokenizers)."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
@@ -54,15 +86,22 @@ def build_tokenizer(vocab_size: int = 1024) -> Any:
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    core.train_from_iterator(_CORPUS * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=core, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    core.train_from_iterator([*_CORPUS, *corpus] * 20, trainer)
+    if added_tokens:
+        core.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
+    if prepend_bos:
+        assert bos is not None
+        bos_id = core.token_to_id(bos)
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core, **{k: v for k, v in named.items() if v is not None}
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def make_tiny_text_models(

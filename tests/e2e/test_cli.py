@@ -85,6 +85,11 @@ def test_check_registry(tmp_path: Path) -> None:
     done = rmserve("check-registry", str(TESTS.parent / "deploy" / "registry.gpu.yaml"))
     assert done.returncode == 0
     assert "skywork-rm\tdiscriminative\tSkywork/Skywork-Reward-V2-Qwen3-0.6B" in done.stdout
+    catalogue = rmserve(
+        "check-registry", str(TESTS.parent / "examples" / "registry.catalogue.yaml")
+    )
+    assert catalogue.returncode == 0, catalogue.stderr
+    assert "Qwen/Qwen2.5-Math-PRM-7B" in catalogue.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  x: {kind: process, weights: w, options: {}}\n")
     done = rmserve("check-registry", str(bad))
