@@ -101,15 +101,10 @@ def _fold_group(
             f"at most {MAX_GROUP} in one call (split the group, or use a pointwise judge)",
             param=where,
         )
-    prompt, _ = split_prompt(first)
+    prompt, _ = _prompt_and_response(first_index, first)
     responses: list[Candidate] = []
     for index, item in members:
-        own_prompt, response = split_prompt(item)
-        if not response:
-            raise UnprocessableEntity(
-                f"items.{index}.messages: no response after the last user message to compare",
-                param=f"items.{index}.messages",
-            )
+        own_prompt, response = _prompt_and_response(index, item)
         if own_prompt != prompt:
             raise UnprocessableEntity(
                 f"items.{index}.messages: the conversation before the response differs from "
@@ -133,6 +128,24 @@ def _fold_group(
         metadata=first.metadata,
     )
     return judged, [GroupMember(index=index, id=item.id) for index, item in members]
+
+
+def _prompt_and_response(index: int, item: Trajectory) -> tuple[list[Message], list[Message]]:
+    """split_prompt of a group's item; 422 naming its messages when it has no user message
+    (no prompt to compare the responses to) or no turn after the last one (no response)."""
+    prompt, response = split_prompt(item)
+    if not prompt:
+        raise UnprocessableEntity(
+            f"items.{index}.messages: no user message; a listwise judge compares responses to "
+            "one prompt, the conversation up to the last user message",
+            param=f"items.{index}.messages",
+        )
+    if not response:
+        raise UnprocessableEntity(
+            f"items.{index}.messages: no response after the last user message to compare",
+            param=f"items.{index}.messages",
+        )
+    return prompt, response
 
 
 def unfold(result: ItemResult, members: Sequence[GroupMember]) -> list[ItemResult]:

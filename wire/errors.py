@@ -3,6 +3,8 @@ HTTP error envelope every rmserve server answers with."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 
@@ -17,6 +19,10 @@ class ItemError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its constructor's arguments (across processes), not by its message alone.
+        return type(self), (self.code, self.message), self.__dict__
+
 
 class ToolError(Exception):
     """A tool call failed; the judge sees the message as the tool's answer.
@@ -28,6 +34,10 @@ class ToolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its constructor's arguments (across processes), not by its message alone.
+        return type(self), (self.code, self.message), self.__dict__
 
 
 class ErrorDetail(BaseModel):

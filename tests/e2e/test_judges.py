@@ -27,6 +27,7 @@ from tests.trained_judge import train_judge
 pytestmark = pytest.mark.engine
 
 CONVERSATION = [{"role": "user", "content": "What is 12 * 7?"}]
+SYSTEM = {"role": "system", "content": "Answer in one line."}
 
 
 def item(n: int) -> dict[str, Any]:
@@ -374,6 +375,19 @@ def test_a_listwise_group_streams_per_item_and_bad_groups_are_422s(judges: httpx
         (grpo_group("one", 1), "items.0.group"),
         ([item(0), item(1)], "items.0.group"),
         ([*grpo_group("g", 2), {**item(3), "group": "g", "reference": "84"}], "items.2.reference"),
+        # No user message in the group's items (no prompt), or prompts that differ.
+        ([{**i, "messages": i["messages"][1:]} for i in grpo_group("a", 2)], "items.0.messages"),
+        (
+            [{**i, "messages": [SYSTEM, *i["messages"][1:]]} for i in grpo_group("s", 2)],
+            "items.0.messages",
+        ),
+        (
+            [
+                *grpo_group("p", 2),
+                {**item(2), "group": "p", "messages": [SYSTEM, *item(2)["messages"]]},
+            ],
+            "items.2.messages",
+        ),
     ]:
         response = judges.post("/v1/score", json={"model": "tiny-listwise", "items": items})
         assert response.status_code == 422, response.text

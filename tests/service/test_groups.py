@@ -20,7 +20,7 @@ PROMPT = [
 
 
 def item(response: str, group: str | None = "g", prompt: Any = None, **fields: Any) -> Trajectory:
-    messages = [*(prompt or PROMPT), {"role": "assistant", "content": response}]
+    messages = [*(PROMPT if prompt is None else prompt), {"role": "assistant", "content": response}]
     return Trajectory.model_validate({"messages": messages, "group": group, **fields})
 
 
@@ -68,6 +68,19 @@ def test_a_group_folds_into_one_item_with_its_responses_as_candidates_in_order()
             "items.1.messages",
             "differs",
         ),
+        (
+            [item("4"), item("5", prompt=[{"role": "system", "content": "Be terse."}, PROMPT[1]])],
+            "items.1.messages",
+            "differs",
+        ),
+        # No user message, so no prompt to compare the responses to (was a 500).
+        ([item("4", prompt=[]), item("5", prompt=[])], "items.0.messages", "no user message"),
+        (
+            [item("4", prompt=PROMPT[:1]), item("5", prompt=PROMPT[:1])],
+            "items.0.messages",
+            "no user message",
+        ),
+        ([item("4"), item("5", prompt=PROMPT[:1])], "items.1.messages", "no user message"),
         (
             [item("4", reference="4"), item("5", reference="5")],
             "items.1.reference",

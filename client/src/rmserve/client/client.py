@@ -99,6 +99,11 @@ class RewardServiceError(Exception):
         if retryable is not None:
             self.retryable = retryable
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its constructor's arguments, not by str(); the keyword-only ones come
+        # back with the state.
+        return type(self), (self.status, self.type, self.message, self.param), self.__dict__
+
 
 @dataclass(frozen=True)
 class RetryPolicy:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rmserve.client.client import ScoreResult
 
@@ -21,6 +21,10 @@ class ItemFailed(Exception):
     def __init__(self, type: str, message: str) -> None:
         super().__init__(f"rmserve could not score the item: {type}: {message}")
         self.type, self.message = type, message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its constructor's arguments (Ray hands it to the driver), not by str().
+        return type(self), (self.type, self.message), self.__dict__
 
     @property
     def summary(self) -> str:

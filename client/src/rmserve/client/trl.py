@@ -60,7 +60,11 @@ class UnscoredItemsError(RuntimeError):
 
     def __init__(self, name: str, results: list[ScoreResult], failed: list[int]) -> None:
         super().__init__(f"{name}: {_failure_summary(results, failed)}")
-        self.results, self.failed = results, failed
+        self.name, self.results, self.failed = name, results, failed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its constructor's arguments (a trainer's workers hand it on), not by str().
+        return type(self), (self.name, self.results, self.failed), self.__dict__
 
 
 class _RMServeRewardBase:
