@@ -98,6 +98,7 @@ class Sampling(_Strict):
 JudgeMode = Literal["pointwise", "pairwise", "listwise"]
 ToolName = Literal["crop", "search", "code_run", "calculator", "instruction_check"]
 SampleAggregate = Literal["mean", "sum", "vote"]
+ListwiseFormat = Literal["scores_block", "boxed_list"]
 _DEFAULT_TEMPLATES = {
     "pointwise": "principles_pointwise",
     "pairwise": "rubric_pairwise",
@@ -110,9 +111,12 @@ class GenerativeOptions(_Strict):
     # are compared and the judge names the best (any number of them); listwise: one judgement
     # sees all the item's `candidates` and gives each a score in score_range.
     mode: JudgeMode = "pointwise"
-    # A built-in template name (principles_pointwise, rubric_pairwise, listwise) or a .jinja file;
-    # by default the built-in one of the mode.
+    # A built-in template name (principles_pointwise, rubric_pairwise, rm_r1_reasoning, listwise,
+    # deepseek_grm) or a .jinja file; by default the built-in one of the mode (and answer format).
     template: str | None = None
+    # Listwise: how the judge writes its scores: `Scores: A=7, B=3` (scores_block) or, as
+    # DeepSeek-GRM does, `Scores: \boxed{7, 3}` in the order shown (boxed_list).
+    answer_format: ListwiseFormat = "scores_block"
     score_range: tuple[int, int] = (1, 10)
     sampling: Sampling = Sampling()
     # Upper bounds for per-request overrides.
@@ -121,6 +125,11 @@ class GenerativeOptions(_Strict):
     samples: int = Field(default=1, ge=1)
     max_samples: int = Field(default=16, ge=1)
     aggregate: SampleAggregate = "mean"
+    # The judge reasons in a <think>...</think> block before its answer (RM-R1, JudgeLRM,
+    # DeepSeek-R1 distills, Qwen3 thinking). The thinking never counts as an answer (always);
+    # with this, structured_output lets the judge think unconstrained and constrains what
+    # follows its `</think>`.
+    thinking: bool = False
     # Constrain the final answer with vLLM structured outputs, so that it always parses.
     structured_output: bool = False
     # With structured_output: the longest critique before the final answer, in characters.
@@ -151,10 +160,14 @@ class GenerativeOptions(_Strict):
             raise ValueError(f"samples ({self.samples}) exceeds max_samples ({self.max_samples})")
         if self.sampling.max_tokens > self.max_tokens_limit:
             raise ValueError("sampling.max_tokens exceeds max_tokens_limit")
+        if self.answer_format != "scores_block" and self.mode != "listwise":
+            raise ValueError(f"answer_format {self.answer_format} applies to mode listwise only")
         return self
 
     @property
     def template_name(self) -> str:
+        if self.template is None and self.answer_format == "boxed_list":
+            return "deepseek_grm"
         return self.template or _DEFAULT_TEMPLATES[self.mode]
 
 

@@ -30,32 +30,64 @@ def judge_prompt(tokenizer: Any, item: dict[str, Any], low: int = 1, high: int =
 def train_judge(base: Path, out: Path, answers: list[tuple[dict[str, Any], str]]) -> Path:
     """Fine-tune the causal LM in `base` until it answers each item's prompt with its text
     (greedy decoding), and save it to `out`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return train_answers(base, out, [(judge_prompt(tokenizer, i), a) for i, a in answers])
+
+
+def train_answers(
+    base: Path, out: Path, answers: list[tuple[str, str]], lr: float = 2e-3, margin: float = 4.0
+) -> Path:
+    """Fine-tune the causal LM in `base` until greedy decoding continues each rendered prompt
+    (chat template applied) with its answer and the EOS, every token ahead of the runner-up by
+    `margin` logits (so that engines whose float rounding differs still agree); save to `out`.
+    All answers train together, one padded batch per step."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    batches = []
-    for item, answer in answers:
-        prompt = tokenizer(judge_prompt(tokenizer, item), add_special_tokens=False)["input_ids"]
+    rows = []
+    for text, answer in answers:
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt + target])
-        labels = torch.tensor([[-100] * len(prompt) + target])
-        batches.append((ids, labels))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(400):
-        worst = 0.0
-        for ids, labels in batches:
-            loss = model(input_ids=ids, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            worst = max(worst, loss.item())
-        if worst < 0.002:  # every answer memorized with a wide margin
+        rows.append((prompt, target))
+    width = max(len(prompt) + len(target) for prompt, target in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt, target) in enumerate(rows):
+        end = len(prompt) + len(target)
+        ids[row, :end] = torch.tensor(prompt + target)
+        labels[row, len(prompt) : end] = torch.tensor(target)
+        mask[row, :end] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(1, 1201):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 5 == 0 and _memorized(model, ids, mask, labels, margin):
             break
+    else:
+        raise AssertionError(f"the answers were not memorized in {step} steps")
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _memorized(model: Any, ids: Any, mask: Any, labels: Any, margin: float) -> bool:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    scored = target != -100
+    top2 = logits[scored].topk(2, dim=-1)
+    right = bool((top2.indices[:, 0] == target[scored]).all())
+    return right and float((top2.values[:, 0] - top2.values[:, 1]).min()) >= margin

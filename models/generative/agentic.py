@@ -28,6 +28,7 @@ from typing import Any
 from rmserve.models.base import Evidence
 from rmserve.models.engine import SamplingRequest
 from rmserve.models.generative.backends import Chat, JudgeBackend, first_turn
+from rmserve.models.generative.parsing import thinking_regex
 from rmserve.wire.images import JudgeImage, decode_image
 from rmserve.wire.tools import Toolbox, ToolCall, ToolContext, ToolErrorBody, ToolResult, ToolSpec
 from rmserve.wire.trajectory import Document
@@ -96,6 +97,8 @@ class ToolLoop:
     required: bool
     max_observation_chars: int
     max_image_pixels: int
+    # A reasoning judge: each turn may think before its answer or call (see thinking_regex).
+    thinking: bool = False
 
     async def run(
         self,
@@ -116,13 +119,18 @@ class ToolLoop:
             if last and turn > 0:
                 chat.append({"role": "user", "content": ANSWER_NOW})
             regex = answer_regex if last else self._turn_regex(answer_regex)
+            if regex is not None and self.thinking:
+                regex = thinking_regex(regex)
             judged = await self.backend.chat(
                 chat, replace(sampling, n=1, regex=regex), seen, None if last else offered
             )
             completion = judged.completions[0]
             completion_tokens += completion.tokens
             prompt_tokens += judged.prompt_tokens
-            content, calls = parse_tool_calls(completion.text)
+            # Calls written while thinking are not made: only what follows the thinking counts.
+            thought, end, answer = completion.text.rpartition("</think>")
+            content, calls = parse_tool_calls(answer)
+            content = thought + end + content
             if last or not calls:
                 return LoopResult(completion.text, completion_tokens, prompt_tokens, evidence)
             ids = [f"call_{sample}_{turn}_{i}" for i in range(len(calls))]

@@ -4,8 +4,9 @@ the item's images (vision-language judges), which the prompt refers to as [image
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from rmserve.models.engine import Completion, GenerateEngine, SamplingRequest
@@ -33,6 +34,21 @@ def first_turn(prompt: str, images: int) -> Chat:
         return [{"role": "user", "content": prompt}]
     parts = [{"type": "image"} for _ in range(images)]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+
+
+# The end of a rendered prompt whose chat template opened the judge's thinking (DeepSeek-R1
+# distills end every generation prompt with "<think>\n").
+_OPENED_THINKING = re.compile(r"<think>[ \t\r\n]*\Z")
+
+
+def _with_opening(prompt: str, completions: list[Completion]) -> list[Completion]:
+    """The completions as whole assistant turns: when the chat template opened a <think> block,
+    each judgement starts inside it, so the opening is part of its text. The parser then reads a
+    judgement that never closes the block as truncated thinking, never as an answer."""
+    opened = _OPENED_THINKING.search(prompt)
+    if opened is None:
+        return completions
+    return [replace(c, text=opened.group(0) + c.text) for c in completions]
 
 
 class JudgeBackend(Protocol):
@@ -85,7 +101,7 @@ class LocalBackend:
                 f"it exceeds the model's max_model_len of {self.max_model_len}",
             )
         generation = await self._engine.generate(ids, sampling, [image.image for image in images])
-        return Judged(generation.completions, generation.prompt_tokens)
+        return Judged(_with_opening(text, generation.completions), generation.prompt_tokens)
 
     def shutdown(self) -> None:
         self._engine.shutdown()

@@ -3,7 +3,8 @@
 Pointwise: the response (the turns after the last user message, or each of the item's
 `candidates`) gets a score in the model's `score_range`. Pairwise: the judge names the best of
 the item's `candidates`; each candidate's score is its share of the verdicts. Listwise: one
-judgement sees all the `candidates` (the conversation once) and scores each in `score_range`;
+judgement sees all the `candidates` (the conversation once) and scores each in `score_range`
+(`Scores: A=7, B=3`, or with answer_format boxed_list DeepSeek-GRM's `\\boxed{7, 3}`);
 a candidate the judge gave no usable score has the score None, never a default.
 
 Inference-time scaling: `samples=k` judgements per item. Pointwise draws them in one engine
@@ -39,13 +40,16 @@ from rmserve.models.generative.parsing import (
     JudgementParseError,
     ListwiseVerdict,
     PointwiseVerdict,
+    boxed_list_answer_regex,
     candidate_label,
     choice_answer_regex,
     listwise_answer_regex,
+    parse_boxed_list,
     parse_choice,
     parse_listwise,
     parse_pointwise,
     pointwise_answer_regex,
+    thinking_regex,
 )
 from rmserve.models.generative.prompts import JudgePrompt, split_response, transcript
 from rmserve.models.spec import GenerativeSpec
@@ -264,8 +268,11 @@ class GenerativeModel:
         texts = [transcript(candidate.messages) for candidate in candidates]
         context = transcript(item.messages)
         orders = self._orders(count, options)
+        boxed = self._options.answer_format == "boxed_list"
+        answer_regex = boxed_list_answer_regex if boxed else listwise_answer_regex
+        parse = parse_boxed_list if boxed else parse_listwise
         regex = (
-            listwise_answer_regex(count, low, high, self._options.max_critique_chars)
+            answer_regex(count, low, high, self._options.max_critique_chars)
             if self._options.structured_output
             else None
         )
@@ -280,7 +287,7 @@ class GenerativeModel:
         for i, (order, judged) in enumerate(zip(orders, results, strict=True)):
             completion = judged.completions[0]
             try:
-                verdicts[i] = parse_listwise(completion.text, count, low, high)
+                verdicts[i] = parse(completion.text, count, low, high)
             except JudgementParseError as exc:
                 samples.append(
                     Sample(completion.text, completion.tokens, order=order, error=exc.reason)
@@ -352,6 +359,8 @@ class GenerativeModel:
         agentic loop each."""
         loop = await self._tool_loop(options, vision=bool(images))
         if loop is None:
+            if sampling.regex is not None and self._options.thinking:
+                sampling = replace(sampling, regex=thinking_regex(sampling.regex))
             chat = first_turn(prompt, len(images))
             return await self._backend.chat(chat, sampling, images), None
         runs = await asyncio.gather(
@@ -381,6 +390,7 @@ class GenerativeModel:
             required=self._options.tool_choice == "required",
             max_observation_chars=self._options.max_observation_chars,
             max_image_pixels=self._options.max_image_pixels,
+            thinking=self._options.thinking,
         )
 
     async def _tool_specs(self) -> list[ToolSpec]:

@@ -6,7 +6,8 @@ A judge writes a free-form critique and then its final answer:
 - pairwise (RM-R1 style): rubric and evaluation, then the chosen candidate as `[[A]]`,
   `[[B]]`, ... often inside `<answer>[[B]]</answer>`;
 - listwise: a critique of all candidates, then one score per candidate in a final block
-  `Scores: A=7, B=3, C=9`.
+  `Scores: A=7, B=3, C=9`, or in DeepSeek-GRM's format one box of scores in the order shown,
+  `Scores: \\boxed{7, 3, 9}` (`parse_boxed_list`).
 
 Rules shared by both formats:
 
@@ -20,9 +21,11 @@ Rules shared by both formats:
 - There is never a default verdict: a missing, malformed, truncated or out-of-range answer
   raises JudgementParseError whose `reason` says what was found and `raw` is the whole text.
   Listwise, a candidate whose score is missing, out of range or conflicting gets None (with
-  the reason in `problems`); only a block without any usable score is an error.
+  the reason in `problems`); only a block without any usable score is an error. A box of
+  scores has no labels: one with the wrong number of scores is an error.
 
-`pointwise_answer_regex`, `choice_answer_regex` and `listwise_answer_regex` build plain regexes
+`pointwise_answer_regex`, `choice_answer_regex`, `listwise_answer_regex` and
+`boxed_list_answer_regex` build plain regexes
 (character classes, bounded repetition, alternation only) for structured generation; every text
 they fully match parses to the answer in its marker.
 """
@@ -102,24 +105,14 @@ def parse_pointwise(text: str, low: float, high: float) -> PointwiseVerdict:
     """
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
         raise ValueError(f"invalid score range {low}-{high}")
-    thinking, answer = _split_thinking(text)
-    start, close = _last_box(answer)
-    if start < 0:
-        if _BOX in thinking:
-            raise JudgementParseError(
-                "no final answer after </think>: the \\boxed{score} is only in the thinking", text
-            )
-        raise JudgementParseError("no \\boxed{score} in the judgement", text)
-    if close is None:
-        raise JudgementParseError("the final \\boxed{ is unclosed (truncated generation?)", text)
-    content = answer[start + len(_BOX) : close]
+    content, before = _final_box(text, "\\boxed{score}")
     number = _number(content, high, text)
     score = float(number)
     if not math.isfinite(score):
         raise JudgementParseError(f"score {_shorten(number)} is not finite", text)
     if not low <= score <= high:
         raise JudgementParseError(f"score {_shorten(number)} is outside {low:g}-{high:g}", text)
-    return PointwiseVerdict(score=score, critique=_critique(answer[:start]))
+    return PointwiseVerdict(score=score, critique=_critique(before))
 
 
 def parse_choice(text: str, candidates: int) -> ChoiceVerdict:
@@ -216,6 +209,59 @@ def parse_listwise(text: str, candidates: int, low: float, high: float) -> Listw
     )
 
 
+def parse_boxed_list(text: str, candidates: int, low: float, high: float) -> ListwiseVerdict:
+    """Scores of a listwise judgement in DeepSeek-GRM's format: its last `\\boxed{s1, s2, ...}`,
+    one score per candidate in the order shown (`Scores: \\boxed{6, 3}`).
+
+    The box is found as in `parse_pointwise` (last one, balanced braces, an unclosed final box
+    is an error; an optional `\\text{...}` wrapper around the content is removed). Its content is
+    split at commas; each entry is a number as in `parse_pointwise`. Entries carry no labels,
+    so a box with more or fewer entries than candidates is an error: which score belongs to
+    which candidate is unknown. A malformed or out-of-range entry gives its candidate no score
+    (None, the reason in `problems`); error when no candidate has a usable score.
+    """
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"invalid score range {low}-{high}")
+    count = _check_candidates(candidates)
+    content, before = _final_box(text, "\\boxed{s1, s2, ...}")
+    inner = content.strip()
+    if inner.startswith(_TEXT) and _closing_brace(inner, len(_TEXT) - 1) == len(inner) - 1:
+        inner = inner[len(_TEXT) : -1]
+    entries = inner.split(",")
+    if len(entries) != count:
+        raise JudgementParseError(
+            f"the final \\boxed{{{_shorten(content)}}} has {len(entries)} "
+            f"score{'s' if len(entries) != 1 else ''} for {count} candidates",
+            text,
+        )
+    scores: list[float | None] = []
+    problems: list[str] = []
+    for index, entry in enumerate(entries):
+        label = candidate_label(index)
+        match = _NUMBER.fullmatch(entry)
+        if match is None:
+            problems.append(f"{label}: {_shorten(entry.strip())!r} is not a number")
+            scores.append(None)
+            continue
+        number, denominator = match.groups()
+        value = float(number)
+        if denominator is not None and float(denominator) != high:
+            problems.append(f"{label}: {_shorten(entry.strip())} is not a fraction of {high:g}")
+            scores.append(None)
+        elif not (math.isfinite(value) and low <= value <= high):
+            problems.append(f"{label}: {_shorten(number)} is outside {low:g}-{high:g}")
+            scores.append(None)
+        else:
+            scores.append(value)
+    if all(score is None for score in scores):
+        raise JudgementParseError(
+            f"the final \\boxed{{}} gives no usable score ({'; '.join(problems)})", text
+        )
+    return ListwiseVerdict(
+        scores=tuple(scores), critique=_critique(before), problems=tuple(problems)
+    )
+
+
 def candidate_label(index: int) -> str:
     """Label of the candidate at a 0-based index: 0 -> "A", 1 -> "B", ... 25 -> "Z"."""
     if not 0 <= index < 26:
@@ -263,6 +309,32 @@ def listwise_answer_regex(candidates: int, low: int, high: int, max_critique_cha
     return _critique_regex("", max_critique_chars) + "Scores: " + block
 
 
+def boxed_list_answer_regex(candidates: int, low: int, high: int, max_critique_chars: int) -> str:
+    """Regex of a listwise judgement in DeepSeek-GRM's format: a critique, then
+    `\\boxed{N, N, ...}` with an integer N in [low, high] for every candidate, in order.
+
+    The critique has at most `max_critique_chars` characters, no backslash (so no second box;
+    it may end in `Scores: `) and does not start with whitespace or `<t`. Nothing may follow
+    the box. Only plain regex features are used, for structured generation.
+    """
+    if low > high:
+        raise ValueError(f"invalid score range {low}-{high}")
+    score = "(" + "|".join(str(n) for n in range(low, high + 1)) + ")"
+    scores = ", ".join(score for _ in range(_check_candidates(candidates)))
+    return _critique_regex(r"\\", max_critique_chars) + r"\\boxed\{" + scores + r"\}"
+
+
+def thinking_regex(answer_regex: str) -> str:
+    """Regex of a reasoning judge's judgement: free thinking up to a `</think>` (opened by the
+    judge or by its chat template), then whitespace, then a text `answer_regex` matches.
+
+    Every fully matching text parses to the answer's verdict: the parser reads what follows the
+    last `</think>`, which ends with the answer (a `</think>` written inside the critique only
+    moves the split to a later point of the same answer).
+    """
+    return r"[\s\S]*</think>[ \t\r\n]*(?:" + answer_regex + ")"
+
+
 def _check_candidates(candidates: int) -> int:
     if not 2 <= candidates <= 26:
         raise ValueError(f"a choice needs 2-26 candidates, not {candidates}")
@@ -294,6 +366,22 @@ def _split_thinking(text: str) -> tuple[str, str]:
             "the judgement ends inside an unclosed <think> block (truncated generation?)", text
         )
     return thinking, answer
+
+
+def _final_box(text: str, shown: str) -> tuple[str, str]:
+    """(content, text before it) of the last closed `\\boxed{...}` after the thinking; raise
+    saying what is missing (`shown`: the expected box, as the error names it)."""
+    thinking, answer = _split_thinking(text)
+    start, close = _last_box(answer)
+    if start < 0:
+        if _BOX in thinking:
+            raise JudgementParseError(
+                f"no final answer after </think>: the {shown} is only in the thinking", text
+            )
+        raise JudgementParseError(f"no {shown} in the judgement", text)
+    if close is None:
+        raise JudgementParseError("the final \\boxed{ is unclosed (truncated generation?)", text)
+    return answer[start + len(_BOX) : close], answer[:start]
 
 
 def _last_box(text: str) -> tuple[int, int | None]:

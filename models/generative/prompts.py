@@ -1,9 +1,10 @@
 """Judge prompts: the conversation and the response(s) to judge, rendered by a Jinja template
 into the user message the judge model reads (the judge's own chat template wraps it).
 
-Templates are files: a built-in name (`principles_pointwise`, `rubric_pairwise`, `listwise`,
-shipped in `models/generative/templates/`) or the path of the user's own `.jinja` file. They run in
-Jinja's sandbox with undefined variables as errors, so a typo fails at load time, not silently.
+Templates are files: a built-in name (`principles_pointwise`, `rubric_pairwise`,
+`rm_r1_reasoning`, `listwise`, `deepseek_grm`, shipped in `models/generative/templates/`) or the
+path of the user's own `.jinja` file. They run in Jinja's sandbox with undefined variables as
+errors, so a typo fails at load time, not silently.
 
 Variables: `conversation` (the transcript up to the response), `reference` (text or None),
 pointwise: `response`, `low`, `high`; pairwise: `candidates` (list of `label` and `text`) and

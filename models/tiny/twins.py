@@ -278,13 +278,98 @@ GEMMA2_RM = Twin(
     real_weights="Skywork/Skywork-Reward-Gemma-2-27B-v0.2",
 )
 
-TWINS: dict[str, Twin] = {twin.name: twin for twin in (QWEN3_RM, LLAMA31_RM, GEMMA2_RM)}
+
+def _r1(name: str) -> str:
+    """A DeepSeek special token: <NAME> between two U+FF5C bars, spaces written as U+2581."""
+    return "<\uff5c" + name.replace(" ", "\u2581") + "\uff5c>"
+
+
+RM_R1_JUDGE = Twin(
+    name="twin-rm-r1-deepseek-qwen-judge",
+    family="deepseek_r1_distill",
+    architecture="Qwen2ForCausalLM",
+    # RM-R1-DeepSeek-Distilled-Qwen-7B is DeepSeek-R1-Distill-Qwen-7B fine-tuned (distillation,
+    # then RL) into a pairwise judge: Qwen2.5-Math-7B's architecture (28 layers, hidden 3584 =
+    # 28 heads x 128, 4 KV heads: 7 queries per KV head, intermediate 18944 = 5.3 x hidden, rope
+    # theta 10000, q/k/v biases), untied embeddings. The config's bos_token_id is the EOS id
+    # (151643) as published; the tokenizer's BOS is begin-of-sentence. Scaled: 4 heads x 64,
+    # 1 KV head.
+    config={
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "attention_dropout": 0.0,
+        "bos_token_id": Tok(_r1("end of sentence")),
+        "eos_token_id": Tok(_r1("end of sentence")),
+        "hidden_act": "silu",
+        "hidden_size": 256,
+        "intermediate_size": 1344,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 2,  # 28: every layer
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000,
+        "sliding_window": 4096,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    chat_template=_template("deepseek_r1_distill"),
+    special_tokens=(
+        _r1("end of sentence"),
+        _r1("User"),
+        _r1("Assistant"),
+        _r1("begin of sentence"),
+        *(
+            _r1(f"tool {part}")
+            for part in (
+                "calls begin",
+                "calls end",
+                "call begin",
+                "call end",
+                "outputs begin",
+                "outputs end",
+                "output begin",
+                "output end",
+                "sep",
+            )
+        ),
+    ),
+    # Written in text and kept in decoded judgements (not special), as in DeepSeek's vocabulary.
+    added_tokens=("<think>", "</think>"),
+    bos_token=_r1("begin of sentence"),
+    eos_token=_r1("end of sentence"),
+    pad_token=_r1("end of sentence"),
+    vocab_multiple=128,  # 152,064 embedding rows for 151,665 tokens
+    sources=(
+        "https://github.com/RM-R1-UIUC/RM-R1 (README; eval/reward-bench/rewardbench/generative.py)",
+        "https://huggingface.co/gaotang/RM-R1-DeepSeek-Distilled-Qwen-7B",
+        "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B/blob/main/config.json",
+        "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B/blob/main/"
+        "tokenizer_config.json (the chat template, as of its <think>\\n update)",
+    ),
+    real_weights="gaotang/RM-R1-DeepSeek-Distilled-Qwen-7B",
+    kind="generative",
+    options={
+        "mode": "pairwise",
+        "template": "rm_r1_reasoning",
+        "thinking": True,
+    },
+)
+
+# Discriminative twins (a sequence-classification head) and judge twins (causal LMs).
+RM_TWINS: dict[str, Twin] = {twin.name: twin for twin in (QWEN3_RM, LLAMA31_RM, GEMMA2_RM)}
+JUDGE_TWINS: dict[str, Twin] = {RM_R1_JUDGE.name: RM_R1_JUDGE}
+TWINS: dict[str, Twin] = {**RM_TWINS, **JUDGE_TWINS}
 
 # Large enough that scores spread over a few units, so comparisons mean something.
 _INITIALIZER_RANGE = 0.2
 
 
-def build_tokenizer(twin: Twin) -> Any:
+def build_tokenizer(twin: Twin, corpus: tuple[str, ...] = ()) -> Any:
+    """The twin's tokenizer; its BPE also learns the words of `corpus` (e.g. a judge template,
+    so that a judge prompt is few tokens, as in the real vocabulary)."""
     from rmserve.models.tiny.llama import bpe_tokenizer
 
     tokenizer = bpe_tokenizer(
@@ -296,7 +381,7 @@ def build_tokenizer(twin: Twin) -> Any:
         added_tokens=twin.added_tokens,
         prepend_bos=twin.prepend_bos,
         # The template's own words (roles, headers) become few tokens, as in the real vocabulary.
-        corpus=[twin.chat_template],
+        corpus=[twin.chat_template, *corpus],
     )
     tokenizer.chat_template = twin.chat_template
     return tokenizer
@@ -328,22 +413,28 @@ def build_twin(name: str, out: Path, seed: int = 0) -> Path:
     """Write the twin `name` (config.json, float32 safetensors, tokenizer with the family's chat
     template) into out/<name>; return that directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GenerationConfig,
+    )
 
     twin = TWINS[name]
-    if twin.kind != "discriminative":
-        raise ValueError(f"{name}: only discriminative twins can be built so far")
     path = out / name
     tokenizer = build_tokenizer(twin)
     config_dict = twin_config(twin, tokenizer)
     settings = {k: v for k, v in config_dict.items() if k not in ("model_type", "torch_dtype")}
     config = AutoConfig.for_model(config_dict["model_type"], **settings)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(  # type: ignore[no-untyped-call]
-        config, dtype=torch.float32
-    )
+    auto = AutoModelForCausalLM if twin.kind == "generative" else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     if type(model).__name__ != twin.architecture:
         raise AssertionError(f"{name}: built {type(model).__name__}, not {twin.architecture}")
+    if twin.kind == "generative":  # where generation stops: the tokenizer's EOS
+        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     # config.json in the real model's own layout (transformers reads it back into the same

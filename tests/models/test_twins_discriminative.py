@@ -35,7 +35,7 @@ from rmserve.models.discriminative import DiscriminativeModel
 from rmserve.models.loader import load_model
 from rmserve.models.rendering import ChatRenderer
 from rmserve.models.spec import DiscriminativeOptions, DiscriminativeSpec, Registry, load_registry
-from rmserve.models.tiny.twins import GEMMA2_RM, LLAMA31_RM, QWEN3_RM, TWINS
+from rmserve.models.tiny.twins import GEMMA2_RM, LLAMA31_RM, QWEN3_RM, RM_TWINS
 from rmserve.wire.errors import ItemError
 from rmserve.wire.trajectory import Trajectory
 from tests.conftest import TwinModels, close_engine_loop
@@ -249,7 +249,7 @@ class RecordingEngine:
 def spec(name: str, path: Path) -> DiscriminativeSpec:
     """The twin's registry entry (the real model's options, the twin's weights)."""
     entry = {
-        "kind": TWINS[name].kind,
+        "kind": RM_TWINS[name].kind,
         "weights": str(path),
         "engine": {
             "max_model_len": MAX_MODEL_LEN,
@@ -258,7 +258,7 @@ def spec(name: str, path: Path) -> DiscriminativeSpec:
             "enforce_eager": True,
             "max_num_seqs": BATCH,
         },
-        "options": TWINS[name].options,
+        "options": RM_TWINS[name].options,
     }
     model = Registry.model_validate({"models": {name: entry}}).models[name]
     assert isinstance(model, DiscriminativeSpec)
@@ -388,7 +388,7 @@ class Served:
         return reward.score
 
 
-@pytest.fixture(scope="module", params=list(TWINS))
+@pytest.fixture(scope="module", params=list(RM_TWINS))
 def served(request: pytest.FixtureRequest, twin_models: TwinModels) -> Iterator[Served]:
     name = request.param
     path = twin_models[name]
@@ -480,7 +480,7 @@ def test_each_twin_verifies_an_entry_of_the_catalogue() -> None:
     """examples/registry.catalogue.yaml serves each real model as its twin is served here."""
     path = EXAMPLES / "registry.catalogue.yaml"
     entries = {spec.weights: spec for spec in load_registry(path).models.values()}
-    for twin in TWINS.values():
+    for twin in RM_TWINS.values():
         entry = entries[twin.real_weights]
         assert isinstance(entry, DiscriminativeSpec) and entry.kind == twin.kind
         assert entry.options == DiscriminativeOptions.model_validate(twin.options)
