@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ class ChatRenderer:
         self.too_long = too_long
         # A mapping of named templates (e.g. default and tool_use) counts if any reads them.
         self.renders_tool_calls = "tool_calls" in str(template)
+        self.renders_tools = re.search(r"\btools\b", str(template)) is not None
 
     def render(
         self,

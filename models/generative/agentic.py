@@ -1,7 +1,8 @@
 """Agentic judging: the judge checks its claims with tools before it answers.
 
-The judge sees the tools' JSON schemas through its chat template's tools support and may answer
-with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen format; a missing
+The judge sees the tools' JSON schemas through its chat template's tools support (or, for a
+template without it, in Qwen's own text format: backends.tools_in_text) and may answer with
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen format; a missing
 closing tag is tolerated). Each call goes to the sandbox; its result comes back as a tool message
 (long text truncated; a crop becomes a new image for a vision judge, shown in a user message).
 The loop goes on for up to `max_tool_turns` turns; then the judge is told to answer, without

@@ -4,6 +4,7 @@ the item's images (vision-language judges), which the prompt refers to as [image
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -51,6 +52,62 @@ def _with_opening(prompt: str, completions: list[Completion]) -> list[Completion
     return [replace(c, text=opened.group(0) + c.text) for c in completions]
 
 
+# The tool signatures and call format Qwen's chat templates write (Hermes style), for templates
+# that render no tools themselves (Qwen2.5-VL-Instruct's).
+_TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def _has_tool_turns(chat: Chat) -> bool:
+    return any(m.get("tool_calls") or m["role"] == "tool" for m in chat)
+
+
+def tools_in_text(chat: Chat, tools: Sequence[dict[str, Any]]) -> Chat:
+    """The chat for a template that renders no tools, written as Qwen's own templates write
+    them: the tools' signatures in the system message, the judge's calls as
+    `<tool_call>{...}</tool_call>` text, and each run of tool results as one user turn of
+    `<tool_response>` blocks. (The agentic loop reads calls back from that text.)"""
+    out: Chat = []
+    if tools:
+        listed = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        block = _TOOLS_HEADER + listed + _TOOLS_FOOTER
+        if chat and chat[0]["role"] == "system" and isinstance(chat[0]["content"], str):
+            out.append({"role": "system", "content": chat[0]["content"] + "\n\n" + block})
+            chat = chat[1:]
+        else:
+            out.append({"role": "system", "content": block})
+    for message in chat:
+        if message["role"] == "tool":
+            response = f"<tool_response>\n{message['content']}\n</tool_response>"
+            previous = out[-1] if out else None
+            if previous is not None and previous.get("tool_results"):
+                previous["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "tool_results": True})
+        elif message.get("tool_calls"):
+            calls = [
+                "<tool_call>\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                    ensure_ascii=False,
+                )
+                + "\n</tool_call>"
+                for c in message["tool_calls"]
+            ]
+            text = "\n".join([message["content"], *calls] if message["content"] else calls)
+            out.append({"role": "assistant", "content": text})
+        else:
+            out.append(message)
+    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+
+
 class JudgeBackend(Protocol):
     max_model_len: int
     # The judge model reads images.
@@ -86,6 +143,8 @@ class LocalBackend:
         images: Sequence[JudgeImage] = (),
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> Judged:
+        if not self._renderer.renders_tools and (tools or _has_tool_turns(chat)):
+            chat, tools = tools_in_text(chat, tools or ()), None
         text = self._renderer.render(chat, generation_prompt=True, tools=tools)
         ids = self._renderer.encode(text)
         placeholder = self._engine.image_token_id

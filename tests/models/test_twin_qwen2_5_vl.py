@@ -28,7 +28,6 @@ from rmserve.models.tiny.qwen2_5_vl import IMAGE_TOKEN, QWEN2_5_VL_JUDGE, make_q
 from rmserve.sandbox.config import SandboxSettings
 from rmserve.sandbox.crop import image_to_data_url
 from rmserve.sandbox.tools import LocalToolbox
-from rmserve.wire.errors import ItemError
 from rmserve.wire.images import JudgeImage
 
 PROMPT = "Rate the answer from 1 to 10 and put the score in \\boxed{}."
@@ -156,25 +155,54 @@ async def test_a_judge_chat_with_images_renders_as_the_family_does(
     assert sent.count(image_id) == sent_images == 2
 
 
-async def test_an_agentic_turn_with_a_crop_is_refused_by_the_template(
-    twin: Path, tokenizer: Any
-) -> None:
-    """The loop's second turn (the judge's crop call, the tool message, the crop as a new
-    image) needs a template that renders `tool_calls`; Qwen2.5-VL-Instruct's never reads them,
-    so rmserve refuses the turn rather than show the judge a crop without its call."""
+async def test_the_crop_loop_writes_tools_as_qwens_templates_do(twin: Path, tokenizer: Any) -> None:
+    """Qwen2.5-VL-Instruct's template reads neither `tools` nor `tool_calls`. The agentic loop
+    then writes them in Qwen's own (Hermes) format: the tools' signatures in the system turn,
+    the judge's call as <tool_call> text, the result as a user turn of <tool_response>, and the
+    crop as a new image, rendered by the family's template token for token."""
     renderer = ChatRenderer(tokenizer, 4096, "error")
-    engine = ScriptedEngine(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), [CROP, "\\boxed{7}"])
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    engine = ScriptedEngine(image_id, [CROP, "Sharp enough. \\boxed{7}"])
     toolbox = LocalToolbox(SandboxSettings(tools=["crop"]))
-    loop = ToolLoop(
-        LocalBackend(renderer, engine), toolbox, await toolbox.specs(), 2, False, 4000, 10**6
+    specs = await toolbox.specs()
+    loop = ToolLoop(LocalBackend(renderer, engine), toolbox, specs, 2, False, 4000, 10**6)
+    result = await loop.run(PROMPT, [judge_image(picture(168, 112, 1))], [], GREEDY, None, 0)
+    assert result.text == "Sharp enough. \\boxed{7}"
+    (evidence,) = result.evidence
+    assert evidence.result.error is None and len(evidence.result.output.images) == 1
+
+    (first, first_images), (second, second_images) = engine.sent
+    assert (first_images, second_images) == (1, 2)
+    tools = "".join("\n" + json.dumps(spec.openai(), ensure_ascii=False) for spec in specs)
+    system = (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n"
+        f"<tools>{tools}\n</tools>\n\nFor each function call, return a json object with "
+        "function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
     )
-    image = judge_image(picture(168, 112, 1))
-    with pytest.raises(ItemError) as refused:
-        await loop.run(PROMPT, [image], [], GREEDY, None, 0)
-    assert refused.value.code == "unsupported_content"
-    # The first turn went out (tools offered to a template that ignores them, one image).
-    ((first, images),) = engine.sent
-    assert images == 1 and "crop" not in tokenizer.decode(first)
+    image = {"type": "image"}
+    opening = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [image, {"type": "text", "text": PROMPT}]},
+    ]
+    call = '{"name": "crop", "arguments": {"image": 0, "bbox_2d": [0, 0, 500, 500]}}'
+    observation = evidence.result.output.text + "\n[image 2]"
+    following = [
+        {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
+        {"role": "user", "content": f"<tool_response>\n{observation}\n</tool_response>"},
+        {"role": "user", "content": [image, {"type": "text", "text": "[image 2]"}]},
+    ]
+
+    def reference(chat: list[dict[str, Any]]) -> list[int]:
+        ids = tokenizer.apply_chat_template(
+            chat, tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        return list(ids)
+
+    assert first == reference(opening)
+    assert second == reference([*opening, *following])
+    assert second.count(image_id) == 2
 
 
 @pytest.mark.xfail(strict=True, raises=ImportError, reason=PROCESSOR_BLOCKER)
