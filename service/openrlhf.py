@@ -2,7 +2,8 @@
 (`--remote_rm_url` before OpenRLHF 0.10.2) works unchanged.
 
     POST /get_reward?model=&query_format=&on_error=
-         {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [label, ...]}
+         {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [label, ...],
+          "on_error": "report" (optional: a client that reads `errors`)}
       -> {"rewards": [...], "scores": [...], "extra_logs": {name: [...]}, "errors": [...]}
 
 OpenRLHF sends one sample per request; rewards come back in query order. A query is the actor's
@@ -18,11 +19,18 @@ becomes an item (`query_format`, default RMSERVE_OPENRLHF_QUERY_FORMAT):
 A label is any JSON value: "" or null (no reference), a string or number (the reference), a list
 (the code tests), an object (item fields). A training run must not learn from made-up rewards,
 so an item that cannot be scored never becomes a number silently (`on_error`): `fail` (default)
-fails the request (422 naming `query[i]`, or 503 when the service cannot serve); `report`
-answers null rewards and an `errors` entry for it; a number is its reward, flagged in
-`extra_logs["rmserve_error"]`. A request that cannot be served at all (unknown model, a model
-still loading, overload, a malformed label: service/openrlhf_labels.py) is an HTTP error
+fails the request (422 naming `query[i]`, or 503 when the service cannot serve); a number is its
+reward, flagged in `extra_logs["rmserve_error"]`; `report` answers null rewards and an `errors`
+entry for it, for clients that read `errors` (rmserve.client.openrlhf), so only in the body:
+OpenRLHF, which controls only the URL, turns each reward into a tensor and crashes on a null one,
+so `?on_error=report` is a 422 saying so. A request that cannot be served at all (unknown model, a
+model still loading, overload, a malformed label: service/openrlhf_labels.py) is an HTTP error
 whatever `on_error` says.
+
+OpenRLHF logs a failed request's status line only, never its body, so every failure of this route
+(the error body: status, type, param, message) and every item answered with `on_error` instead of
+a score is logged here at WARNING. Messages name fields and causes, never keys; quoted sample text
+is at most a short excerpt, and a line at most MAX_LOGGED_CHARS.
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from rmserve.service.auth import Admit, ApiKey, Caller
@@ -43,8 +53,8 @@ from rmserve.service.config import Settings
 from rmserve.service.openrlhf_labels import first_error, label_fields
 from rmserve.service.protocol import ItemErrorBody, ItemResult, ScoreOptions, ScoreRequest
 from rmserve.service.scoring import ScoringService
-from rmserve.web.errors import Unavailable, UnprocessableEntity
-from rmserve.wire.errors import ErrorBody
+from rmserve.web.errors import ApiError, Unavailable, UnprocessableEntity, validation_error
+from rmserve.wire.errors import ErrorBody, ErrorDetail
 from rmserve.wire.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,14 @@ QueryFormat = Literal["auto", "plain", "raw"]
 OnError = Literal["fail", "report"] | float
 
 _SERVER_SIDE = {"timeout", "unavailable", "dead_lettered", "internal_error", "peer_unavailable"}
+MAX_LOGGED_CHARS = 500  # of a logged error message
+NO_NULL_REWARDS = (
+    "on_error=report answers null rewards, which OpenRLHF cannot take (it turns each reward into "
+    "a tensor: 'Could not infer dtype of NoneType'); on the URL use fail (the default: the "
+    "request fails with the cause) or a number (the reward of a query that cannot be scored, "
+    'flagged in extra_logs["rmserve_error"]). A client that reads `errors` asks for report in '
+    'the body: {"on_error": "report"}'
+)
 
 
 class RewardRequest(BaseModel):
@@ -66,6 +84,12 @@ class RewardRequest(BaseModel):
         default=None,
         description='per query: "" or null (no reference), a string or number (the '
         "reference), a list (code tests), an object (reference, tests, documents, metadata)",
+    )
+    # Not from OpenRLHF (it sends only the fields above): a client that reads `errors`.
+    on_error: Literal["report"] | None = Field(
+        default=None,
+        description="report: null rewards and an `errors` entry for queries not scored (for "
+        "clients that read `errors`; OpenRLHF cannot take a null reward)",
     )
 
     @model_validator(mode="after")
@@ -101,8 +125,9 @@ def add_openrlhf_route(
         code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)
     }
     warned: set[str] = set()
+    router = APIRouter(route_class=LoggedFailuresRoute)
 
-    @app.post(
+    @router.post(
         "/get_reward", response_model=RewardResponse, responses=errors, tags=["compatibility"]
     )
     async def get_reward(
@@ -110,16 +135,17 @@ def add_openrlhf_route(
         key: Caller,
         model: str | None = None,
         query_format: QueryFormat | None = None,
-        on_error: str = "fail",
+        on_error: str | None = None,
     ) -> RewardResponse:
         """OpenRLHF remote reward model (`--reward.remote_url`, `--remote_rm_url` before
-        0.10.2). `query_format`: auto, plain or raw; `on_error`: fail, report or a number."""
+        0.10.2). `query_format`: auto, plain or raw; `on_error`: fail or a number (`report`
+        only in the body: OpenRLHF cannot take a null reward)."""
+        policy = request_policy(on_error, request.on_error)
         name = model or settings.openrlhf_model
         if not name:
             raise UnprocessableEntity(
                 "no model: set RMSERVE_OPENRLHF_MODEL or add ?model=NAME to the URL", param="model"
             )
-        policy = parse_on_error(on_error)
         if not request.query:  # nothing to score, and no reason to fail the trainer's request
             return respond(_Outcome(results=[], errors=[]), policy)
         how = query_format or settings.openrlhf_query_format
@@ -129,20 +155,90 @@ def add_openrlhf_route(
         outcome = await _score(scoring, admit, key, name, how, items, parse_errors)
         if policy == "fail":
             fail_on_errors(outcome.errors)
+        log_unscored(outcome.errors, policy)
         return respond(outcome, policy)
+
+    app.include_router(router)
+
+
+class LoggedFailuresRoute(APIRoute):
+    """A route whose failures (its typed errors, its requests that fail validation or
+    authentication) are logged at WARNING with the error body the client gets."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def logged(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except ApiError as exc:
+                log_failure(
+                    exc.status, ErrorDetail(type=exc.type, message=exc.message, param=exc.param)
+                )
+                raise
+            except RequestValidationError as exc:
+                log_failure(*validation_error(exc.errors()))
+                raise
+
+        return logged
+
+
+def log_failure(status: int, error: ErrorDetail) -> None:
+    param = f" (param {error.param})" if error.param else ""
+    log.warning(
+        "/get_reward answered %d %s%s: %s",
+        status,
+        error.type,
+        param,
+        excerpt(error.message),
+        extra={"status": status, "error_type": error.type, "param": error.param},
+    )
+
+
+def log_unscored(errors: Sequence[ItemErrorBody | None], policy: OnError) -> None:
+    """Each query answered with `policy` instead of a score, at WARNING."""
+    reward = "null" if policy == "report" else str(policy)
+    for index, error in enumerate(errors):
+        if error is not None:
+            log.warning(
+                "/get_reward query[%d] not scored, answered with reward %s (on_error): %s: %s",
+                index,
+                reward,
+                error.type,
+                excerpt(error.message),
+                extra={"status": 200, "error_type": error.type, "param": f"query[{index}]"},
+            )
+
+
+def excerpt(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def request_policy(url: str | None, body: Literal["report"] | None) -> OnError:
+    """`on_error` from the URL (OpenRLHF's: fail or a number) or the body (report)."""
+    if body is None:
+        return parse_on_error(url or "fail")
+    if url is not None:
+        raise UnprocessableEntity(
+            "on_error is given both in the URL and in the body; give it once", param="on_error"
+        )
+    return body
 
 
 def parse_on_error(value: str) -> OnError:
-    if value in ("fail", "report"):
-        return "fail" if value == "fail" else "report"
+    """The URL's `on_error`: fail or a finite number; report is refused (NO_NULL_REWARDS)."""
+    if value == "fail":
+        return "fail"
+    if value == "report":
+        raise UnprocessableEntity(NO_NULL_REWARDS, param="on_error")
     try:
         number = float(value)
     except ValueError:
         number = math.nan
     if not math.isfinite(number):
         raise UnprocessableEntity(
-            f"on_error must be fail, report or a finite number (the reward of a query that "
-            f"cannot be scored), not {value!r}",
+            f"on_error must be fail or a finite number (the reward of a query that cannot be "
+            f"scored), not {excerpt(value, 40)!r}",
             param="on_error",
         )
     return number

@@ -119,13 +119,17 @@ def field_path(loc: Sequence[int | str]) -> str:
 
 
 def validation_response(errors: Sequence[Any]) -> JSONResponse:
+    status, detail = validation_error(errors)
+    return error_response(status, detail.type, detail.message, detail.param)
+
+
+def validation_error(errors: Sequence[Any]) -> tuple[int, ErrorDetail]:
+    """The status and error body of a request that failed validation: 400 for a body that is
+    not JSON, else 422 naming the (deepest) field that is wrong."""
     if errors and errors[0].get("type") == "json_invalid":
         ctx = errors[0].get("ctx") or {}
-        return error_response(
-            400,
-            "invalid_json",
-            f"request body is not valid JSON: {ctx.get('error', 'parse error')}",
-        )
+        message = f"request body is not valid JSON: {ctx.get('error', 'parse error')}"
+        return 400, ErrorDetail(type="invalid_json", message=message)
     by_field: dict[str, list[str]] = {}
     for err in errors:
         path = field_path(err["loc"])
@@ -139,7 +143,7 @@ def validation_response(errors: Sequence[Any]) -> JSONResponse:
     # A union (str | list of parts) fails once per member; the deepest path is the precise one.
     fields = sorted(by_field, key=lambda field: -field.count("."))
     message = "; ".join(f"{field}: {' or '.join(by_field[field])}" for field in fields[:5])
-    return error_response(422, "invalid_request", message, param=fields[0])
+    return 422, ErrorDetail(type="invalid_request", message=message, param=fields[0])
 
 
 def _got(value: Any) -> str:

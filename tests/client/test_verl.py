@@ -10,9 +10,11 @@ import inspect
 import json
 import logging
 import os
+import pprint
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -116,13 +118,14 @@ async def test_loaded_by_path_like_verl_it_is_the_same_coroutine_function(
 
 
 async def test_the_reward_loop_call_scores_the_chat_and_returns_the_fixed_keys(
-    via_proxy: RecordingProxy, loop_client: None
+    via_proxy: RecordingProxy, loop_client: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chat = [
         {"role": "system", "content": "Answer in a box."},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    fn = custom_reward_fn(api_key="secret")
+    monkeypatch.setenv("TRAINING_RMSERVE_KEY", "secret")
+    fn = custom_reward_fn(api_key_env="TRAINING_RMSERVE_KEY")
     good = await naive_call(fn, "gsm8k", "So \\boxed{4}.", "4", agent_loop_extra_info(0, chat))
     wrong = await naive_call(fn, "gsm8k", "So \\boxed{5}.", "4", agent_loop_extra_info(1, chat))
     assert list(good) == list(verl.EXTRA_INFO_KEYS) == list(wrong)
@@ -165,6 +168,74 @@ async def test_no_prompt_warns_once_and_scores_the_answer_alone(
     assert len(warnings) == 1
     assert "raw_prompt, prompt, question" in warnings[0].getMessage()
     assert [len(item["messages"]) for item in items_sent(via_proxy)] == [1, 1, 1]
+
+
+async def test_items_without_a_prompt_are_in_no_group(
+    via_proxy: RecordingProxy, loop_client: None
+) -> None:
+    # examples/data_preprocess/math_dataset.py (verl 0.9.1): extra_info has no question; verl
+    # gives a reward function no uid either (naive.py:66-73), so nothing says which items
+    # answer one problem: none may share a group (it was one group for all).
+    fn = custom_reward_fn()
+    infos = [{"split": "train", "index": index // 2} for index in range(8)]  # 4 problems, n=2
+    await asyncio.gather(*(naive_call(fn, "math", "\\boxed{1}", "1", i) for i in infos))
+    assert [item.get("group") for item in items_sent(via_proxy)] == [None] * 8
+    verl.compute_score_batch(["math"] * 8, ["\\boxed{1}"] * 8, ["1"] * 8, infos)
+    assert all("group" not in item for item in items_sent(via_proxy)[8:])
+
+
+async def test_the_api_key_comes_from_a_named_variable_or_a_file_and_is_never_shown(
+    via_proxy: RecordingProxy,
+    loop_client: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("TRAINING_RMSERVE_KEY", "key-from-env")
+    key_file = tmp_path / "rmserve-key"
+    key_file.write_text("key-from-file\n")
+    by_env = {"api_key_env": "TRAINING_RMSERVE_KEY"}
+    by_file = {"api_key_file": str(key_file)}
+    for kwargs in (by_env, by_file):
+        assert (await naive_call(custom_reward_fn(**kwargs), "d", "\\boxed{1}", "1", None))[
+            "score"
+        ] == 1.0
+    authorizations = [r.authorization for r in via_proxy.recorded]
+    assert authorizations == ["Bearer key-from-env", "Bearer key-from-file"]
+    # What verl prints (main_ppo.py:144, verl 0.9.1) and every repr on the way to the request.
+    config = {"reward": {"custom_reward_function": {"reward_kwargs": by_env}}}
+    for kwargs in (by_env, by_file):
+        settings = verl_scoring.Settings.from_kwargs(kwargs)
+        shown = [pprint.pformat(config), repr(settings), repr(verl_scoring.loop_scorer(settings))]
+        shown.append(repr(verl_scoring.loop_scorer(settings).client.settings))
+        assert settings.api_key is not None
+        assert not any(settings.api_key in text for text in shown)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"api_key": "sk-literal"}, TypeError, "verl prints its config"),
+        ({"api_key_env": "NO_SUCH_RMSERVE_KEY"}, RuntimeError, "NO_SUCH_RMSERVE_KEY.*not set"),
+        ({"api_key_file": "/nonexistent/rmserve-key"}, FileNotFoundError, "rmserve-key"),
+        ({"api_key_env": "A", "api_key_file": "/b"}, TypeError, "not both"),
+    ],
+)
+async def test_a_literal_key_or_a_key_source_without_a_key_is_refused(
+    via_proxy: RecordingProxy,
+    loop_client: None,
+    kwargs: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        await naive_call(custom_reward_fn(**kwargs), "d", "\\boxed{1}", "1", None)
+    assert via_proxy.recorded == []
+
+
+async def test_an_empty_key_file_is_refused(service: str, tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(RuntimeError, match="is empty"):
+        verl_scoring.Settings.from_kwargs({"api_key_file": str(tmp_path / "key")})
 
 
 async def test_64_concurrent_calls_are_one_request_and_each_caller_gets_its_result(

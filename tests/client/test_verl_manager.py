@@ -188,11 +188,18 @@ def objects(*values: Any) -> Any:
 
 
 def sample(
-    tokenizer: Any, chat: list[dict[str, str]], response: str, ground_truth: Any, index: int = 0
+    tokenizer: Any,
+    chat: list[dict[str, str]],
+    response: str,
+    ground_truth: Any,
+    index: int = 0,
+    uid: str | None = None,
 ) -> DataProto:
     """One sample as the agent loop hands it to the reward loop (agent_loop.py:1000-1019 and
     730, verl 0.9.1): prompts left-padded, responses right-padded, the attention mask over
-    both; past the response's mask the tokens are text that must not be scored."""
+    both; past the response's mask the tokens are text that must not be scored. `uid`: the
+    trainer's id of the prompt (ray_trainer.py:1481-1484), among the fields the agent loop
+    passes on (agent_loop.py:645 and 1013-1014)."""
     prompt_ids = tokenizer.encode("<|user|>" + chat[-1]["content"], add_special_tokens=False)
     response_ids = [*tokenizer.encode(response, add_special_tokens=False), tokenizer.eos_token_id]
     beyond = tokenizer.encode(" \\boxed{999}", add_special_tokens=False)
@@ -201,21 +208,33 @@ def sample(
     mask = [0] * 3 + [1] * len(prompt_ids) + [1] * len(response_ids) + [0] * len(beyond)
     reward_model = {"ground_truth": ground_truth, "style": "rule"}
     extra_info = {"split": "train", "index": index, "question": chat[-1]["content"]}
+    non_tensor_batch = {
+        "data_source": objects("openai/gsm8k"),
+        "reward_model": objects(reward_model),
+        "extra_info": objects(extra_info),
+        "raw_prompt": objects(np.array(chat, dtype=object)),
+        "tool_extra_fields": objects({"raw_prompt": chat}),
+        "__num_turns__": np.array([2]),
+    }
+    if uid is not None:
+        non_tensor_batch["uid"] = objects(uid)
     return DataProto(
         batch={
             "prompts": torch.tensor([prompts]),
             "responses": torch.tensor([responses]),
             "attention_mask": torch.tensor([mask]),
         },
-        non_tensor_batch={
-            "data_source": objects("openai/gsm8k"),
-            "reward_model": objects(reward_model),
-            "extra_info": objects(extra_info),
-            "raw_prompt": objects(np.array(chat, dtype=object)),
-            "tool_extra_fields": objects({"raw_prompt": chat}),
-            "__num_turns__": np.array([2]),
-        },
+        non_tensor_batch=non_tensor_batch,
     )
+
+
+def without_prompt(data: DataProto) -> DataProto:
+    """The sample with no prompt anywhere but the token ids (extra_info as verl's MATH
+    preprocessing writes it: no question)."""
+    fields = dict(data.non_tensor_batch)
+    del fields["raw_prompt"], fields["tool_extra_fields"]
+    fields["extra_info"] = objects({"split": "train", "index": 0})
+    return DataProto(data.batch, fields)
 
 
 CHAT = [
@@ -278,6 +297,51 @@ async def test_run_single_scores_the_chat_and_the_decoded_response(
         "reference": "7",
         "metadata": {"data_source": "openai/gsm8k"},
     }
+
+
+async def test_the_group_is_verls_uid(
+    verl_09: ModuleType, tokenizer: Any, proxy: RecordingProxy
+) -> None:
+    module = load_like_verl(verl_manager.__file__)
+    manager = build_09(module, reward_config(proxy.url), tokenizer)
+    uids = [f"uid-{problem}" for problem in range(4) for _ in range(2)]  # 4 prompts, n=2
+    unprompted = [
+        without_prompt(sample(tokenizer, CHAT, "\\boxed{7}", "7", uid=uid)) for uid in uids
+    ]
+    # The same prompt drawn twice in one batch: two uids, two groups.
+    prompted = [sample(tokenizer, CHAT, "\\boxed{7}", "7", uid=uid) for uid in ("a", "a", "b")]
+    try:
+        await asyncio.gather(*(manager.run_single(item) for item in [*unprompted, *prompted]))
+    finally:
+        await verl.aclose()
+    items = [item for body in proxy.bodies("/v1/score") for item in body["items"]]
+    assert [item["group"] for item in items] == [*uids, "a", "a", "b"]
+    assert [len(item["messages"]) for item in items] == [1] * 8 + [3] * 3
+
+
+def test_a_sample_without_uid_or_prompt_is_in_no_group(tokenizer: Any) -> None:
+    data = without_prompt(sample(tokenizer, CHAT, "x", "7"))
+    assert "group" not in verl_manager.sample_item(data[0].non_tensor_batch, "x")
+    long_uid = sample(tokenizer, CHAT, "x", "7", uid="u" * 300)
+    group = verl_manager.sample_item(long_uid[0].non_tensor_batch, "x")["group"]
+    assert group == group_of("u" * 300)  # the service takes groups of up to 256 characters
+
+
+async def test_the_key_comes_from_the_file_named_in_the_config(
+    verl_09: ModuleType, tokenizer: Any, proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    module = load_like_verl(verl_manager.__file__)
+    (tmp_path / "key").write_text("key-from-file\n")
+    config = reward_config(proxy.url, api_key_file=str(tmp_path / "key"))
+    manager = build_09(module, config, tokenizer)
+    try:
+        await manager.run_single(sample(tokenizer, CHAT, "\\boxed{7}", "7", uid="u"))
+    finally:
+        await verl.aclose()
+    assert [r.authorization for r in proxy.recorded] == ["Bearer key-from-file"]
+    assert "key-from-file" not in repr(config) + repr(manager.settings)
+    with pytest.raises(TypeError, match="verl prints its config"):
+        build_09(module, reward_config(proxy.url, api_key="sk-literal"), tokenizer)
 
 
 async def test_64_concurrent_samples_share_a_few_requests(

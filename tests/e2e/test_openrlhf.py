@@ -66,8 +66,11 @@ def get_reward(
     labels: list[Any] | None = None,
     **params: Any,
 ) -> httpx.Response:
-    """The body OpenRLHF sends (agent.py:322-356), one list entry per sample."""
+    """The body OpenRLHF sends (agent.py:322-356), one list entry per sample; on_error=report
+    goes in the body (a client that reads `errors`: the URL refuses it)."""
     body: dict[str, Any] = {"query": queries}
+    if params.get("on_error") == "report":
+        body["on_error"] = params.pop("on_error")
     if prompts is not None:
         body["prompts"] = prompts
     if labels is not None:

@@ -253,14 +253,19 @@ if __name__ == "__main__":
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`rmserve-client score ...`: the client distribution's own command (the server's `rmserve
-    score` is the same command)."""
+    """`rmserve-client score ...` (the server's `rmserve score` is the same command) and
+    `rmserve-client doctor URL` (rmserve.client.doctor): the client distribution's commands."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["score"]:
-        print(
-            "usage: rmserve-client score INPUT --model NAME -o OUTPUT [options]\n"
-            "(rmserve-client score --help lists the options)",
-            file=sys.stderr,
-        )
-        return 0 if args[:1] in (["-h"], ["--help"]) else 2
-    return score_main(args[1:])
+    if args[:1] == ["score"]:
+        return score_main(args[1:])
+    if args[:1] == ["doctor"]:
+        from rmserve.client.doctor import doctor_main
+
+        return doctor_main(args[1:])
+    print(
+        "usage: rmserve-client score INPUT --model NAME -o OUTPUT [options]\n"
+        "       rmserve-client doctor URL [--prompt P --response R --label L]\n"
+        "(rmserve-client score --help, rmserve-client doctor --help list the options)",
+        file=sys.stderr,
+    )
+    return 0 if args[:1] in (["-h"], ["--help"]) else 2

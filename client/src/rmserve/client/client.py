@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -138,7 +138,7 @@ class _Batch:
 @dataclass(frozen=True)
 class _Settings:
     base_url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     timeout_s: float
     max_concurrency: int
     batch_size: int

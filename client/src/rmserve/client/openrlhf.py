@@ -5,8 +5,9 @@
 OpenRLHF (v0.11.0, openrlhf/utils/agent.py:193-200, 303-320) loads this file and calls
 `reward_func(queries, prompts, labels)` once per sample (lists of one), from threads
 (`asyncio.to_thread`) of every vLLM engine actor. Here the calls of one process are coalesced, on
-a background event loop, into one POST /get_reward?on_error=report, so the service parses the
-chat-templated queries and the labels (its `/get_reward` rules) and reports each sample's error.
+a background event loop, into one POST /get_reward with `"on_error": "report"` in the body, so the
+service parses the chat-templated queries and the labels (its `/get_reward` rules) and reports
+each sample's error.
 Requests are retried on 429/5xx and timeouts, honouring Retry-After.
 
 Environment: RMSERVE_URL (default http://127.0.0.1:8000), RMSERVE_MODEL (default: the service's

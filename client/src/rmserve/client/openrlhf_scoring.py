@@ -98,11 +98,12 @@ def rewards(answers: Sequence[Answer], policy: ErrorPolicy) -> dict[str, Any]:
 
 
 class Endpoint:
-    """POST /get_reward?on_error=report of one service and model, samples coalesced."""
+    """POST /get_reward of one service and model, samples coalesced; `"on_error": "report"` in
+    the body (the service answers a null reward and the error of a sample it cannot score)."""
 
     def __init__(self, settings: Settings) -> None:
-        query = {"on_error": "report", **({"model": settings.model} if settings.model else {})}
-        self.path = f"/get_reward?{urlencode(query)}"
+        query = urlencode({"model": settings.model}) if settings.model else ""
+        self.path = f"/get_reward?{query}" if query else "/get_reward"
         self.client = AsyncRewardClient(settings.url, api_key=settings.api_key)
         self._batcher: MicroBatcher[None, Sample, Answer] = MicroBatcher(
             lambda _, samples: self.post(samples), max_batch=self.client.settings.batch_size
@@ -141,6 +142,7 @@ class Endpoint:
             "query": [s.query for s in samples],
             "prompts": [s.prompt for s in samples],
             "labels": [s.label for s in samples],
+            "on_error": "report",
         }
         response = await self.client.post(self.path, body)
         try:

@@ -2,18 +2,32 @@
 
 Unlike a custom reward function, which sees the decoded response and `extra_info`, the manager
 reads the sample itself: the prompt's chat messages (`raw_prompt`: system, user and tool turns as
-given) and the response decoded like verl's naive manager (valid length from the attention mask,
-`skip_special_tokens=True`). Concurrent samples are coalesced into one POST /v1/score, and each
-returns `{"reward_score", "reward_extra_info"}` with the fixed keys of `rmserve.client.verl`.
+given), the response decoded like verl's naive manager (valid length from the attention mask,
+`skip_special_tokens=True`) and verl's `uid`, the id the trainer gives the n rollouts of one
+prompt (verl/trainer/ppo/ray_trainer.py:1481-1484, kept for the reward at 572-586, verl 0.9.1),
+which becomes the item's GRPO `group` (the prompt's hash only where a sample has no uid).
+Concurrent samples are coalesced into one POST /v1/score, and each returns
+`{"reward_score", "reward_extra_info"}` with the fixed keys of `rmserve.client.verl`.
 
-    reward:
-      reward_manager: {source: importlib, name: RMServeRewardManager,
-                       module: {path: "pkg://rmserve.client.verl_manager"}}
-      reward_kwargs: {model: skywork-rm, url: "http://rmserve:8000"}   # or the RMSERVE_* env
+On verl 0.9.1, as command-line overrides (verl/trainer/config/reward/reward.yaml:16-23, loaded
+by verl/trainer/ppo/reward.py:89-106; `reward_kwargs` is no key of verl's schema, hence the `+`;
+verl/experimental/reward_loop/reward_manager/dapo.py:33-35 reads it the same way):
 
-Settings are `reward.reward_kwargs` (verl 0.7: `reward_model.reward_kwargs`) over the
-environment, as for `rmserve.client.verl`. Where verl is importable the class is also registered
-as "rmserve"; this module imports without verl, and the class then refuses to be built.
+    reward.reward_manager.source=importlib
+    reward.reward_manager.name=RMServeRewardManager
+    reward.reward_manager.module.path=pkg://rmserve.client.verl_manager
+    '+reward.reward_kwargs={model: skywork-rm, url: "http://rmserve:8000",
+                            api_key_file: /run/secrets/rmserve-key}'
+
+Settings are `reward.reward_kwargs` over the environment, as for `rmserve.client.verl` (a literal
+`api_key` is refused: verl prints its config). verl 0.7 reads `reward_model.reward_loop_source`,
+`reward_loop_module_path`, `reward_loop_class_name` and `reward_model.reward_kwargs`; 0.9.1's
+main_ppo ignores those (only the fully async trainer migrates them,
+verl/experimental/reward_loop/reward_loop.py:39-90). The class registers itself as "rmserve"
+when this module is imported, but nothing imports it in verl's fresh worker processes, so
+`reward.reward_manager.name=rmserve` with the default `source=register` fails there
+(verl/workers/config/reward.py:53-58): load it with `source=importlib`. This module imports
+without verl; the class then refuses to be built.
 """
 
 from __future__ import annotations
@@ -81,20 +95,26 @@ class RMServeRewardManager(_Base):  # type: ignore[misc]
         response = await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.tokenizer.decode(valid_ids, skip_special_tokens=True)
         )
-        prompt, ground_truth, data_source = sample_info(item.non_tensor_batch)
-        extra = await score_item(
-            self.settings, trajectory(prompt, response, ground_truth, data_source)
-        )
+        extra = await score_item(self.settings, sample_item(item.non_tensor_batch, response))
         return {"reward_score": extra["score"], "reward_extra_info": extra}
 
 
-def sample_info(fields: Mapping[str, Any]) -> tuple[list[Any], Any, Any]:
-    """The prompt's messages, the ground truth and the data source of one sample's
-    non_tensor_batch (`tool_extra_fields` merged into `extra_info`, as the naive manager does)."""
+def sample_item(fields: Mapping[str, Any], response: str) -> dict[str, Any]:
+    """The item of one sample's non_tensor_batch and decoded response: the prompt's messages
+    (`tool_extra_fields` merged into `extra_info`, as the naive manager does), the ground truth,
+    the data source, and `uid` as the group. The agent loop passes the batch's fields, `uid`
+    included, with every sample (verl/experimental/agent_loop/agent_loop.py:645 and 1013-1014,
+    verl 0.9.1)."""
     extra_info = {**(fields.get("extra_info") or {}), **(fields.get("tool_extra_fields") or {})}
     messages = prompt_messages(extra_info, fields.get("raw_prompt"))
     reward_model = fields.get("reward_model") or {}
-    return messages, reward_model.get("ground_truth"), fields.get("data_source")
+    return trajectory(
+        messages,
+        response,
+        reward_model.get("ground_truth"),
+        fields.get("data_source"),
+        uid=fields.get("uid"),
+    )
 
 
 def reward_kwargs(config: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rmserve.client.batching import LoopLocal, LoopThread, ProcessLocal, ScoreBatcher
@@ -21,10 +22,13 @@ log = logging.getLogger(__name__)
 
 EXTRA_INFO_KEYS = ("score", "rmserve_ok", "rmserve_error", "critique", "verdict", "step_scores")
 PROMPT_KEYS = ("raw_prompt", "prompt", "question")
-SETTINGS = frozenset({"model", "url", "api_key", "options", "on_error", "error_score"})
+SETTINGS = frozenset(
+    {"model", "url", "api_key_env", "api_key_file", "options", "on_error", "error_score"}
+)
 # verl's naive reward-loop manager adds these when verl runs its own reward model
 # (verl/experimental/reward_loop/reward_manager/naive.py:58-65, verl 0.9.1); rmserve ignores them.
 VERL_EXTRAS = frozenset({"reward_router_address", "reward_model_tokenizer"})
+MAX_GROUP = 256  # the longest `group` the service takes (wire/trajectory.py)
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,20 @@ class Settings:
     """Where and how to score, from verl's reward_kwargs over the environment."""
 
     url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     model: str
     options: dict[str, Any] | None
     policy: ErrorPolicy
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Settings:
+        if "api_key" in kwargs:
+            raise TypeError(
+                "rmserve reward: reward_kwargs.api_key is refused: verl prints its config, key "
+                "included (main_ppo.py:144, verl 0.9.1). Give api_key_env (the name of an "
+                "environment variable holding the key) or api_key_file (a file holding it), or "
+                f"set {API_KEY_ENV}"
+            )
         unknown = sorted(set(kwargs) - SETTINGS - VERL_EXTRAS)
         if unknown:
             raise TypeError(
@@ -59,11 +70,32 @@ class Settings:
             raise TypeError("rmserve reward: reward_kwargs.options must be a mapping")
         return cls(
             url=str(kwargs.get("url") or os.environ.get("RMSERVE_URL") or DEFAULT_URL),
-            api_key=kwargs.get("api_key") or os.environ.get(API_KEY_ENV) or None,
+            api_key=api_key(kwargs.get("api_key_env"), kwargs.get("api_key_file")),
             model=str(model),
             options=options or None,
             policy=policy,
         )
+
+
+def api_key(env: str | None, file: str | None) -> str | None:
+    """The key from the file `file`, or the environment variable `env`, or else RMSERVE_API_KEY
+    (None when that is unset). A named source that holds no key is an error, not "no key"."""
+    if env and file:
+        raise TypeError("rmserve reward: give reward_kwargs.api_key_env or api_key_file, not both")
+    if file:
+        key = Path(file).expanduser().read_text().strip()
+        if not key:
+            raise RuntimeError(f"rmserve reward: the api_key_file {file} is empty")
+        return key
+    if env:
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise RuntimeError(
+                f"rmserve reward: the environment variable {env} (reward_kwargs.api_key_env) is "
+                "not set in this process"
+            )
+        return key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 async def compute_score_async(
@@ -124,22 +156,34 @@ def build_item(
     data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The trajectory: the prompt's turns, then the solution as the assistant turn, the ground
-    truth as `reference`."""
+    truth as `reference`. verl gives a reward function no group id (the reward loop's call,
+    naive.py:66-73, verl 0.9.1), so the group is the prompt's."""
     return trajectory(prompt_messages(extra_info), solution_str, ground_truth, data_source)
 
 
 def trajectory(
-    prompt: list[dict[str, Any]], response: str, ground_truth: Any, data_source: Any
+    prompt: list[Any], response: str, ground_truth: Any, data_source: Any, uid: Any = None
 ) -> dict[str, Any]:
-    messages = [*prompt, {"role": "assistant", "content": response}]
     item: dict[str, Any] = {
-        "messages": messages,
-        "group": group_of(prompt),  # a prompt's n rollouts form one group
+        "messages": [*prompt, {"role": "assistant", "content": response}],
         "metadata": {"data_source": plain(data_source)},
     }
+    group = group_name(uid, prompt)
+    if group is not None:
+        item["group"] = group
     if ground_truth is not None:
         item["reference"] = _text(ground_truth)
     return item
+
+
+def group_name(uid: Any, prompt: list[Any]) -> str | None:
+    """The item's GRPO group: verl's `uid`, the id its trainer gives the n rollouts of one prompt
+    (ray_trainer.py:1481-1484, verl 0.9.1), else a hash of the prompt. None (no group) when
+    neither is known: items of different prompts are never lumped into one group."""
+    if uid is not None:
+        name = str(plain(uid))
+        return name if 0 < len(name) <= MAX_GROUP else group_of(name)
+    return group_of(prompt) if prompt else None
 
 
 def prompt_messages(extra_info: Mapping[str, Any] | None, raw_prompt: Any = None) -> list[Any]:
@@ -154,8 +198,8 @@ def prompt_messages(extra_info: Mapping[str, Any] | None, raw_prompt: Any = None
             return _messages(info[key], key)
     _warn_once(
         "rmserve reward: no prompt in extra_info (looked for %s): the reward model scores the "
-        "answer without the question. Put the chat messages in extra_info['raw_prompt'] or "
-        "the question in extra_info['prompt']. (Shown once.)",
+        "answer without the question, and the item is in no GRPO group. Put the chat messages "
+        "in extra_info['raw_prompt'] or the question in extra_info['prompt']. (Shown once.)",
         ", ".join(PROMPT_KEYS),
     )
     return []
