@@ -153,21 +153,22 @@ def trained(twin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_answers(twin, tmp_path_factory.mktemp("grm-trained"), texts, lr=5e-3, margin=2.0)
 
 
-# A judgement cut by max_tokens before its box.
-CUT = [SCORED[0], len(ANSWER.partition("Scores:")[0])]
+@pytest.fixture(scope="module")
+def cut(trained: Path) -> int:
+    """max_tokens that cut the judgement before its box: the tokens of the text before it."""
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    return len(tokenizer(ANSWER.partition("Scores:")[0], add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture(scope="module")
-def reference_texts(trained: Path) -> list[str]:
+def reference_texts(trained: Path, cut: int) -> list[str]:
     """transformers' greedy judgements, in float32 (eager attention: SDPA ignores Gemma 2's
     logit soft-capping), computed before the engine starts: each SCORED item, THREE, then
-    SCORED[0] cut before its box (CUT: the token count of the answer's text before "Scores:")."""
+    SCORED[0] cut before its box (`cut` tokens)."""
     tokenizer = AutoTokenizer.from_pretrained(trained)
     model = AutoModelForCausalLM.from_pretrained(
         trained, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    cut = len(tokenizer(ANSWER.partition("Scores:")[0], add_special_tokens=False)["input_ids"])
-    CUT[1] = cut
     texts = []
     for entry, budget in [(e, MAX_TOKENS) for e in (*SCORED, THREE)] + [(SCORED[0], cut)]:
         ids = torch.tensor([reference_ids(tokenizer, entry)])
@@ -278,15 +279,15 @@ def test_judgements_and_scores_equal_transformers_and_the_reference_extraction(
 
 @pytest.mark.engine
 def test_a_judgement_without_a_usable_box_is_a_parse_error_never_a_default(
-    served: Served, reference_texts: list[str]
+    served: Served, reference_texts: list[str], cut: int
 ) -> None:
-    three, cut = reference_texts[len(SCORED) :]
-    assert three == ANSWER and cut == ANSWER.partition("Scores:")[0]
+    three, truncated = reference_texts[len(SCORED) :]
+    assert three == ANSWER and truncated == ANSWER.partition("Scores:")[0]
     # The public extraction reads two scores for three responses, and none from the cut text.
-    assert extract_last_floats(three) == [9.0, 2.0] and extract_last_floats(cut) == []
+    assert extract_last_floats(three) == [9.0, 2.0] and extract_last_floats(truncated) == []
     for entry, text, budget, reason in [
         (THREE, three, None, "has 2 scores for 3 candidates"),
-        (CUT[0], cut, CUT[1], "no \\boxed{s1, s2, ...}"),
+        (SCORED[0], truncated, cut, "no \\boxed{s1, s2, ...}"),
     ]:
         with pytest.raises(ItemError) as caught:
             served.score(served.plain, entry, budget)
