@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     # and a worker uses the sidecar at its default address.
     sandbox_url: str | None = None
 
+    # GRPO groups sent in pieces (items with `group` and `group_size`, fewer in a request than
+    # the size): how long the first item of a group waits for the rest before a listwise judge
+    # gives up on it (options.group_wait_s overrides it per request); what then happens to the
+    # items: `error` (each gets group_incomplete) or `judge` (the partial group is judged, its
+    # results flagged `partial_group`). See service/cohorts.py.
+    group_wait_s: float = Field(default=300.0, gt=0)
+    partial_groups: Literal["error", "judge"] = "error"
+
     # OpenRLHF compatibility (POST /get_reward): the model that scores its queries, and how a
     # query (the actor's decoded prompt + response) becomes an item (`?query_format=` overrides
     # it): auto parses a known chat template's turns back into messages (plain text when there
@@ -94,6 +102,9 @@ class Settings(BaseSettings):
     # models; see service/openrlhf.py).
     openrlhf_model: str | None = None
     openrlhf_query_format: Literal["auto", "plain", "raw"] = "auto"
+    # OpenRLHF's n_samples_per_prompt (`?group_size=` overrides it): a listwise judge then gets
+    # each prompt's samples, sent one per request, as one group (service.cohorts).
+    openrlhf_group_size: int | None = Field(default=None, ge=2, le=4096)
 
     log_level: str = "INFO"
     log_json: bool = False

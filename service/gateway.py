@@ -79,9 +79,9 @@ def create_app(
         lease = await admit(key, [request.model], len(request.items))
         if not request.options.stream:
             async with lease:
-                return await scoring.score(request)
+                return await scoring.score(request, scope=key.name)
         # Errors are still proper 4xx/5xx here; the lease ends with the streamed response.
-        submission = await lease.released_on_error(scoring.submit(request))
+        submission = await lease.released_on_error(scoring.submit(request, scope=key.name))
 
         async def lines() -> AsyncIterator[bytes]:
             async for result in scoring.stream(submission):

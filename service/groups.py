@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from rmserve.service.jobs import GroupMember
 from rmserve.service.protocol import ItemErrorBody, ItemResult, Usage
@@ -55,10 +57,23 @@ def prefix_key(item: Trajectory) -> str | None:
 Unit = tuple[int, Trajectory, list[GroupMember] | None]
 
 
-def fold(items: Sequence[Trajectory]) -> list[Unit]:
+@dataclass(frozen=True)
+class Piece:
+    """The items of one group that one request carries (fewer than the group's size)."""
+
+    group: str
+    size: int
+    members: list[tuple[int, Trajectory]]  # (index in the request, item)
+    prompt: list[Any]  # the conversation before the response, as JSON
+    responses: list[list[Any]]  # each member's response turns, as JSON
+
+
+def fold(items: Sequence[Trajectory]) -> tuple[list[Unit], list[Piece]]:
     """What a listwise judge scores, as (index in the request, item, members): one item per
     group (its responses as candidates, at the place of the group's first item), and items with
-    `candidates` as they are. 422 naming the field when a group cannot be judged as one."""
+    `candidates` as they are; and the groups this request carries only part of (`group_size`
+    larger than its items here), to be assembled across requests (service.cohorts). 422 naming
+    the field when a group cannot be judged as one."""
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         if item.candidates and item.group is not None:
@@ -79,30 +94,85 @@ def fold(items: Sequence[Trajectory]) -> list[Unit]:
     folded: dict[int, Unit] = {
         index: (index, item, None) for index, item in enumerate(items) if item.candidates
     }
+    pieces: list[Piece] = []
     for name, indices in groups.items():
-        folded[indices[0]] = (indices[0], *_fold_group(name, [(i, items[i]) for i in indices]))
-    return [folded[index] for index in sorted(folded)]
+        members = [(i, items[i]) for i in indices]
+        size = _announced_size(name, members)
+        prompt, responses = _check_group(name, members, size)
+        if len(members) < size:
+            pieces.append(
+                Piece(
+                    group=name,
+                    size=size,
+                    members=members,
+                    prompt=[m.model_dump(mode="json", exclude_none=True) for m in prompt],
+                    responses=[
+                        [m.model_dump(mode="json", exclude_none=True) for m in response]
+                        for response in responses
+                    ],
+                )
+            )
+            continue
+        first_index, first = members[0]
+        judged = Trajectory(
+            id=first.id,
+            messages=prompt,
+            candidates=[
+                Candidate(id=item.id, messages=response)
+                for (_, item), response in zip(members, responses, strict=True)
+            ],
+            reference=first.reference,
+            documents=first.documents,
+            metadata=first.metadata,
+        )
+        group_members = [GroupMember(index=index, id=item.id) for index, item in members]
+        folded[first_index] = (first_index, judged, group_members)
+    return [folded[index] for index in sorted(folded)], pieces
 
 
-def _fold_group(
-    name: str, members: list[tuple[int, Trajectory]]
-) -> tuple[Trajectory, list[GroupMember]]:
+def _announced_size(name: str, members: list[tuple[int, Trajectory]]) -> int:
+    """The group's size: its `group_size`, the same on each of its items (else the items in
+    this request)."""
+    sizes = {item.group_size for _, item in members}
+    if len(sizes) > 1:
+        index = next(i for i, item in members if item.group_size != members[0][1].group_size)
+        raise UnprocessableEntity(
+            f"items.{index}.group_size differs from that of items.{members[0][0]}, in the same "
+            f"group {name!r}",
+            param=f"items.{index}.group_size",
+        )
+    size = sizes.pop()
+    if size is not None and len(members) > size:
+        index = members[size][0]
+        raise UnprocessableEntity(
+            f"items.{index}.group: group {name!r} has {len(members)} items in this request, "
+            f"more than its group_size {size}",
+            param=f"items.{index}.group",
+        )
+    return size if size is not None else len(members)
+
+
+def _check_group(
+    name: str, members: list[tuple[int, Trajectory]], size: int
+) -> tuple[list[Message], list[list[Message]]]:
+    """The group's prompt and each item's response; 422 when the group cannot be judged as one
+    (too small or large, or items that do not share a prompt, reference, documents, metadata)."""
     first_index, first = members[0]
-    where = f"items.{members[-1][0]}.group"
-    if len(members) < 2:
+    if size < 2:
         raise UnprocessableEntity(
             f"items.{first_index}.group: group {name!r} has one response; a listwise judge "
             "needs 2 or more to compare",
             param=f"items.{first_index}.group",
         )
-    if len(members) > MAX_GROUP:
+    if size > MAX_GROUP:
+        where = f"items.{members[-1][0]}.group" + ("_size" if size > len(members) else "")
         raise UnprocessableEntity(
-            f"{where}: group {name!r} has {len(members)} responses; a listwise judge compares "
+            f"{where}: group {name!r} has {size} responses; a listwise judge compares "
             f"at most {MAX_GROUP} in one call (split the group, or use a pointwise judge)",
             param=where,
         )
     prompt, _ = _prompt_and_response(first_index, first)
-    responses: list[Candidate] = []
+    responses: list[list[Message]] = []
     for index, item in members:
         own_prompt, response = _prompt_and_response(index, item)
         if own_prompt != prompt:
@@ -118,16 +188,8 @@ def _fold_group(
                     f"same group {name!r}: a group is judged against one {field}",
                     param=f"items.{index}.{field}",
                 )
-        responses.append(Candidate(id=item.id, messages=response))
-    judged = Trajectory(
-        id=first.id,
-        messages=prompt,
-        candidates=responses,
-        reference=first.reference,
-        documents=first.documents,
-        metadata=first.metadata,
-    )
-    return judged, [GroupMember(index=index, id=item.id) for index, item in members]
+        responses.append(response)
+    return prompt, responses
 
 
 def _prompt_and_response(index: int, item: Trajectory) -> tuple[list[Message], list[Message]]:

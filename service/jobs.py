@@ -34,6 +34,9 @@ class Job(BaseModel):
     prefix_key: str | None = None
     # Where the worker announces the result (the enqueuing gateway's channel, Redis queue).
     reply_to: str | None = None
+    # A group assembled across requests (service.cohorts): the result channels of every
+    # gateway with a request waiting for it (Redis queue; [] in the process). None: not one.
+    cohort_channels: list[str] | None = None
     # The async batch (POST /v1/jobs) the job belongs to. With Redis, the worker appends the
     # result to the batch's record itself, so a batch outlives the gateway that accepted it.
     batch: str | None = None

@@ -70,6 +70,21 @@ class Metrics(HttpMetrics):
             ["limit"],
             registry=self.registry,
         )
+        self.groups = Counter(
+            "rmserve_groups",
+            "GRPO groups sent in pieces and assembled across requests for a listwise judge, by "
+            "event: opened (its first item arrived), completed (all arrived and enqueued), "
+            "timed_out (given up after its wait)",
+            ["model", "event"],
+            registry=self.registry,
+        )
+        self.group_wait = Histogram(
+            "rmserve_group_wait_seconds",
+            "time from a group's first item to its last (groups that completed)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         for reason in ("unauthorized", "forbidden"):
             self.auth_failures.labels(reason)
         for limit in ("rate", "concurrency"):

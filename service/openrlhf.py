@@ -42,7 +42,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
@@ -136,10 +136,12 @@ def add_openrlhf_route(
         model: str | None = None,
         query_format: QueryFormat | None = None,
         on_error: str | None = None,
+        group_size: int | None = Query(default=None, ge=2, le=4096),
     ) -> RewardResponse:
         """OpenRLHF remote reward model (`--reward.remote_url`, `--remote_rm_url` before
         0.10.2). `query_format`: auto, plain or raw; `on_error`: fail or a number (`report`
-        only in the body: OpenRLHF cannot take a null reward)."""
+        only in the body: OpenRLHF cannot take a null reward); `group_size`: OpenRLHF's
+        n_samples_per_prompt, so that a listwise judge sees each prompt's samples together."""
         policy = request_policy(on_error, request.on_error)
         name = model or settings.openrlhf_model
         if not name:
@@ -149,7 +151,8 @@ def add_openrlhf_route(
         if not request.query:  # nothing to score, and no reason to fail the trainer's request
             return respond(_Outcome(results=[], errors=[]), policy)
         how = query_format or settings.openrlhf_query_format
-        items, parse_errors = request_items(request, how, warned)
+        size = group_size or settings.openrlhf_group_size
+        items, parse_errors = request_items(request, how, warned, size)
         if policy == "fail":
             fail_on_errors(parse_errors)  # before any work is done
         outcome = await _score(scoring, admit, key, name, how, items, parse_errors)
@@ -245,25 +248,33 @@ def parse_on_error(value: str) -> OnError:
 
 
 def request_items(
-    request: RewardRequest, how: QueryFormat, warned: set[str]
+    request: RewardRequest, how: QueryFormat, warned: set[str], group_size: int | None = None
 ) -> tuple[list[Trajectory | None], list[ItemErrorBody | None]]:
     """Per query: its item, or why it cannot become one (a malformed label: 422 at once)."""
     n = len(request.query)
     prompts = request.prompts or [""] * n
     fields = [label_fields(label, i) for i, label in enumerate(request.labels or [None] * n)]
     built = [
-        query_item(query, prompt, item_fields, how, warned)
+        query_item(query, prompt, item_fields, how, warned, group_size)
         for query, prompt, item_fields in zip(request.query, prompts, fields, strict=True)
     ]
     return [item for item, _ in built], [error for _, error in built]
 
 
 def query_item(
-    query: str, prompt: str, fields: dict[str, Any], how: QueryFormat, warned: set[str]
+    query: str,
+    prompt: str,
+    fields: dict[str, Any],
+    how: QueryFormat,
+    warned: set[str],
+    group_size: int | None = None,
 ) -> tuple[Trajectory | None, ItemErrorBody | None]:
-    """The item a query becomes, or why it cannot become one."""
-    if prompt and "group" not in fields:  # the samples of one prompt form a group
+    """The item a query becomes, or why it cannot become one. The samples of one prompt form
+    a group, of `group_size` (n_samples_per_prompt) when given."""
+    if prompt and "group" not in fields:
         fields = {**fields, "group": hashlib.sha256(prompt.encode()).hexdigest()[:32]}
+        if group_size is not None and "group_size" not in fields:
+            fields["group_size"] = group_size
     if how == "raw":
         messages = [{"role": "user", "content": query}]
     else:
@@ -307,7 +318,7 @@ async def _score(
     )
     async with await admit(key, [name], len(indices)):
         try:
-            scored = await scoring.score(request)
+            scored = await scoring.score(request, scope=key.name)
         except UnprocessableEntity as exc:
             if exc.param != "options.render":
                 raise

@@ -59,6 +59,13 @@ class ScoreOptions(_Request):
     judge: JudgeOptions | None = Field(
         default=None, description="generative judges: sampling and inference-time scaling"
     )
+    group_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="listwise judges, groups sent in pieces (`group_size` larger than the "
+        "group's items in this request): how long a group waits for its other items, from "
+        "its first item's arrival (default: the server's group_wait_s)",
+    )
     render: Render = Field(
         default="chat_template",
         description="discriminative models: `chat_template` renders the messages with the "
@@ -133,6 +140,9 @@ class ItemResult(BaseModel):
     samples: list[SampleResult] | None = None
     # Agentic judges: every tool call, in order (images as data: URLs).
     evidence: list[EvidenceResult] | None = None
+    # Listwise judging of a group that did not complete within its wait, judged as it was
+    # (the server's partial_groups: judge): how many of the announced responses it had.
+    partial_group: int | None = None
     # Composite rewards: each input's reward, by formula variable.
     components: dict[str, float] | None = None
     error: ItemErrorBody | None = None

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rmserve.models.spec import GenerativeSpec, ModelSpec
 from rmserve.service.cache import ResultCache, cache_key
+from rmserve.service.cohorts import Cohorts, Waiting, cohort_store_for
 from rmserve.service.config import Settings
 from rmserve.service.directory import ModelDirectory
-from rmserve.service.groups import Unit, fold, prefix_key, unfold
-from rmserve.service.jobs import Job, error_result
+from rmserve.service.groups import Piece, Unit, fold, prefix_key, unfold
+from rmserve.service.jobs import GroupMember, Job, error_result
 from rmserve.service.limits import ItemLimits, check_items, inline_images
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult, ScoreRequest, ScoreResponse
@@ -25,6 +27,7 @@ from rmserve.web.errors import (
     Unavailable,
     UnprocessableEntity,
 )
+from rmserve.wire.trajectory import Trajectory
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Submission:
 
     jobs: list[Job]
     cached: list[ItemResult]
+    # Groups this request carries part of (listwise judges): assembled with other requests'.
+    groups: list[Waiting] = field(default_factory=list)
 
 
 class ScoringService:
@@ -49,6 +54,13 @@ class ScoringService:
         self._directory = directory
         self._metrics = metrics
         self._cache = cache
+        self._cohorts = Cohorts(
+            cohort_store_for(queue),
+            queue,
+            metrics,
+            settings.partial_groups,
+            keep_s=settings.batch_result_ttl_s,
+        )
         self._item_limits = ItemLimits(
             max_messages=settings.max_messages_per_item,
             max_chars=settings.max_chars_per_item,
@@ -126,14 +138,41 @@ class ScoringService:
                 param="options.judge.max_tokens",
             )
 
-    async def submit(self, request: ScoreRequest) -> Submission:
-        """Check the request and enqueue one job per item; raise ApiError before any work."""
-        return await self.enqueue(self.prepare(request))
+    async def submit(self, request: ScoreRequest, scope: str = "") -> Submission:
+        """Check the request and enqueue one job per item; raise ApiError before any work.
+        Groups the request carries part of join their groups (`scope`: the caller's API key,
+        so that different callers' groups never mix)."""
+        jobs, pieces = self._prepare(request)
+        submission = await self.enqueue(jobs) if jobs else Submission([], [])
+        if pieces:
+            wait_s = request.options.group_wait_s or self._settings.group_wait_s
+            template = self._job(request, 0, pieces[0].members[0][1], None, None)
+            try:
+                for piece in pieces:
+                    submission.groups.append(
+                        await self._cohorts.join(piece, template, scope, wait_s)
+                    )
+            except QueueUnavailableError as exc:
+                raise Unavailable(f"the job queue is unreachable: {exc}") from None
+        return submission
 
     def prepare(
         self, request: ScoreRequest, limit: int | None = None, batch: str | None = None
     ) -> list[Job]:
-        """Check the request (ApiError if it cannot be served) and make one job per item."""
+        """Check the request (ApiError if it cannot be served) and make one job per item (an
+        async batch: every group whole)."""
+        jobs, pieces = self._prepare(request, limit, batch)
+        if pieces:
+            raise UnprocessableEntity(
+                f"items.{pieces[0].members[0][0]}.group_size: groups sent in pieces are "
+                "assembled on POST /v1/score; an async batch must carry each group whole",
+                param=f"items.{pieces[0].members[0][0]}.group_size",
+            )
+        return jobs
+
+    def _prepare(
+        self, request: ScoreRequest, limit: int | None = None, batch: str | None = None
+    ) -> tuple[list[Job], list[Piece]]:
         self.check_model(request)
         limit = limit or self._settings.max_items_per_request
         if len(request.items) > limit:
@@ -141,49 +180,63 @@ class ScoringService:
                 f"{len(request.items)} items in one request; the limit is {limit}", param="items"
             )
         check_items(request.items, self._item_limits)
-        now = time.time()
-        timeout = min(
-            request.options.timeout_s or self._settings.default_timeout_s,
-            self._settings.max_timeout_s,
-        )
         request_id = batch or uuid.uuid4().hex
         spec = self._directory.spec(request.model)
-        units = self._units(request, spec, batch)
+        units, pieces = self._units(request, spec, batch)
         jobs = [
-            Job(
-                id=f"{request_id}:{index}",
-                model=request.model,
-                index=index,
-                item=item,
-                enqueued_at=now,
-                deadline=now + timeout,
-                aggregate=request.options.aggregate,
-                judge=request.options.judge,
-                render=request.options.render,
-                batch=batch,
-                prefix_key=prefix_key(item),
-                members=members,
-            )
+            self._job(request, index, item, members, batch, f"{request_id}:{index}")
             for index, item, members in units
         ]
         if self._cache is not None:  # the worker caches what it scores under this key
             for job in jobs:
                 job.cache_key = cache_key(spec, job)
-        return jobs
+        return jobs, pieces
+
+    def _job(
+        self,
+        request: ScoreRequest,
+        index: int,
+        item: Trajectory,
+        members: list[GroupMember] | None,
+        batch: str | None,
+        job_id: str = "",
+    ) -> Job:
+        now = time.time()
+        timeout = min(
+            request.options.timeout_s or self._settings.default_timeout_s,
+            self._settings.max_timeout_s,
+        )
+        return Job(
+            id=job_id,
+            model=request.model,
+            index=index,
+            item=item,
+            enqueued_at=now,
+            deadline=now + timeout,
+            aggregate=request.options.aggregate,
+            judge=request.options.judge,
+            render=request.options.render,
+            batch=batch,
+            prefix_key=prefix_key(item),
+            members=members,
+        )
 
     @staticmethod
-    def _units(request: ScoreRequest, spec: ModelSpec, batch: str | None) -> list[Unit]:
-        """What the model scores, job by job: each item, or for a listwise judge each group."""
+    def _units(
+        request: ScoreRequest, spec: ModelSpec, batch: str | None
+    ) -> tuple[list[Unit], list[Piece]]:
+        """What the model scores, job by job: each item, or for a listwise judge each group
+        (and the groups that are here in part)."""
         if not (isinstance(spec, GenerativeSpec) and spec.options.mode == "listwise"):
-            return [(index, item, None) for index, item in enumerate(request.items)]
-        units = fold(request.items)
+            return [(index, item, None) for index, item in enumerate(request.items)], []
+        units, pieces = fold(request.items)
         if batch is not None and any(members for _, _, members in units):
             raise UnprocessableEntity(
                 "items.0.group: listwise judging of groups is available on POST /v1/score; in "
                 "an async batch, give each group as one item with `candidates`",
                 param="items.0.group",
             )
-        return units
+        return units, pieces
 
     async def enqueue(self, jobs: list[Job]) -> Submission:
         """Answer what the cache knows, enqueue the rest (all or none)."""
@@ -224,6 +277,21 @@ class ScoringService:
         deadline end as timeouts."""
         for result in submission.cached:
             yield result
+        # Groups sent in pieces are awaited alongside the request's own jobs.
+        groups = [
+            asyncio.ensure_future(self._cohorts.wait(waiting)) for waiting in submission.groups
+        ]
+        try:
+            async for result in self._own(submission):
+                yield result
+            for group in groups:
+                for result in await group:
+                    yield result
+        finally:
+            for group in groups:
+                group.cancel()
+
+    async def _own(self, submission: Submission) -> AsyncIterator[ItemResult]:
         pending = {job.id: job for job in submission.jobs}
         if not pending:
             return
@@ -238,8 +306,8 @@ class ScoringService:
             for item_result in _results(job, _timed_out(job)):
                 yield item_result
 
-    async def score(self, request: ScoreRequest) -> ScoreResponse:
-        results = [result async for result in self.stream(await self.submit(request))]
+    async def score(self, request: ScoreRequest, scope: str = "") -> ScoreResponse:
+        results = [result async for result in self.stream(await self.submit(request, scope))]
         return ScoreResponse(model=request.model, results=sorted(results, key=lambda r: r.index))
 
 

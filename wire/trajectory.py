@@ -273,6 +273,11 @@ class Trajectory(BaseModel):
     # prompt. Listwise judges compare a group's responses in one call; every model routes a
     # group to one worker, so its engine computes the shared prompt once.
     group: str | None = Field(default=None, min_length=1, max_length=256)
+    # How many responses the group has in all. When a request carries fewer (a trainer that
+    # sends one sample per request), the service assembles the group across requests before a
+    # listwise judge sees it (service.cohorts). Give grouped items an `id` so that a resent
+    # item is recognised.
+    group_size: int | None = Field(default=None, ge=1, le=4096)
     candidates: list[Candidate] | None = Field(default=None, min_length=2, max_length=26)
     reference: str | None = None
     # Agentic judges: documents their `search` tool ranks.
@@ -280,6 +285,12 @@ class Trajectory(BaseModel):
     # code_tests verifiers: the tests the response's code must pass.
     tests: list[CodeTest] | None = Field(default=None, max_length=100)
     metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _group_size_needs_group(self) -> Trajectory:
+        if self.group_size is not None and self.group is None:
+            raise ValueError("group_size is the size of the item's `group`; give `group` too")
+        return self
 
     @field_validator("messages")
     @classmethod

@@ -77,6 +77,22 @@ class JobQueue(Protocol):
         (time.time()) passes. Results of jobs still unfinished then are not yielded."""
         ...
 
+    @property
+    def reply_channel(self) -> str | None:
+        """Where workers announce results for this gateway (None: in the process)."""
+        ...
+
+    def watch(self, job_ids: Sequence[str]) -> None:
+        """Wait for jobs another gateway (or request) enqueues, as if this one had: results()
+        then yields them. Jobs with `cohort_channels` are enqueued without this (their
+        waiters watch them)."""
+        ...
+
+    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
+        """Answer a job that will not be enqueued (a group given up) with `result`: stored and
+        announced as a worker's result would be."""
+        ...
+
     # Worker side.
     async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
         """Up to `max_jobs` jobs for `model`, waiting at most `wait_s` for the first one."""

@@ -31,7 +31,7 @@ class InProcessQueue:
         # The backlog is what is not finished: waiting, and held by a worker (as in Redis).
         if queue.qsize() + len(self._held.get(model, ())) + len(jobs) > self._capacity:
             raise QueueFullError(jobs[0].model, retry_after_s=1)
-        self._inboxes.open([job.id for job in jobs])
+        self._inboxes.open([job.id for job in jobs if job.cohort_channels is None])
         for job in jobs:
             queue.put_nowait(job)
 
@@ -39,6 +39,16 @@ class InProcessQueue:
         self, job_ids: Sequence[str], deadline: float
     ) -> AsyncGenerator[tuple[str, ItemResult], None]:
         return self._inboxes.wait(job_ids, deadline)
+
+    @property
+    def reply_channel(self) -> str | None:
+        return None
+
+    def watch(self, job_ids: Sequence[str]) -> None:
+        self._inboxes.open(job_ids)
+
+    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
+        self._inboxes.deliver(job_id, result)
 
     async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:
         queue = self._queue(model)

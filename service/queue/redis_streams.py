@@ -374,7 +374,7 @@ class StreamQueue:
             return
         model = jobs[0].model
         # Jobs of an async batch are recorded in the batch by the worker; nobody waits here.
-        waited = [job.id for job in jobs if job.batch is None]
+        waited = [job.id for job in jobs if job.batch is None and job.cohort_channels is None]
         if waited:
             self._ensure_listener()
             self._inboxes.open(waited)  # before the jobs exist: no result can be missed
@@ -383,7 +383,7 @@ class StreamQueue:
             keyed.append(job.prefix_key or "")
             keyed.append(
                 job.model_copy(
-                    update={"reply_to": self._channel if job.batch is None else None}
+                    update={"reply_to": self._channel if job.id in waited else None}
                 ).model_dump_json()
             )
         settings = self._settings
@@ -422,6 +422,22 @@ class StreamQueue:
         self, job_ids: Sequence[str], deadline: float
     ) -> AsyncGenerator[tuple[str, ItemResult], None]:
         return self._inboxes.wait(job_ids, deadline, self._stored, self._settings.sweep_s)
+
+    @property
+    def reply_channel(self) -> str | None:
+        return self._channel
+
+    def watch(self, job_ids: Sequence[str]) -> None:
+        self._ensure_listener()
+        self._inboxes.open(job_ids)
+
+    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
+        body = json.dumps(result.model_dump(mode="json"))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(result_key(job_id), body, ex=int(self._settings.result_ttl_s), nx=True)
+        for channel in channels:
+            pipe.publish(channel, f'{{"job_id":{json.dumps(job_id)},"result":{body}}}')
+        await available(pipe.execute())
 
     async def _stored(self, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
         with contextlib.suppress(QueueUnavailableError):
@@ -574,11 +590,22 @@ class StreamQueue:
         """Remove consumers that hold nothing and have been silent for long (crashed workers
         leave their names behind), so the group does not grow without bound."""
         idle_ms = int(max(3600.0, 10 * self._settings.reclaim_idle_s) * 1000)
-        consumers: Any = await available(self._redis.xinfo_consumers(stream, GROUP))
-        for consumer in consumers:
+        for consumer in await self._consumers(stream):
             name = as_text(consumer["name"])
             if name != self.name and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
                 await available(self._redis.xgroup_delconsumer(stream, GROUP, name))
+
+    async def _consumers(self, stream: str) -> list[Any]:
+        """The consumers of the group on `stream`; none when the stream is gone (another
+        worker removed it as an empty orphan while this one was slow to report, or Redis lost
+        it): the next read meets NOGROUP and recreates it."""
+        try:
+            consumers: Any = await available(self._redis.xinfo_consumers(stream, GROUP))
+        except ResponseError as exc:
+            if "no such key" not in str(exc) and "NOGROUP" not in str(exc):
+                raise
+            return []
+        return list(consumers)
 
     async def _accept_redelivered(self, model: str, entries: list[Entry]) -> list[Job]:
         """Jobs to score again; entries past max_deliveries go to the dead-letter stream,
@@ -647,8 +674,8 @@ class StreamQueue:
         if record and job.batch is not None:  # NOMKSTREAM: an expired batch stays gone
             pipe.xadd(batch_key(job.batch), {"result": body}, nomkstream=True)
         pipe.xack(stream, GROUP, entry_id)
-        if job.reply_to:
-            pipe.publish(job.reply_to, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')
+        for channel in [job.reply_to] if job.reply_to else job.cohort_channels or []:
+            pipe.publish(channel, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')
         try:
             await available(pipe.execute())
         finally:  # stored, or (Redis gone) left to be reclaimed once idle: no more renewals
@@ -739,8 +766,7 @@ class StreamQueue:
     async def _leave_group(self, model: str) -> None:
         own = self.own_stream(model)
         for stream in [jobs_key(model), *([own] if own else [])]:
-            consumers: Any = await available(self._redis.xinfo_consumers(stream, GROUP))
-            for consumer in consumers:
+            for consumer in await self._consumers(stream):
                 if as_text(consumer["name"]) == self.name and consumer["pending"] == 0:
                     await available(self._redis.xgroup_delconsumer(stream, GROUP, self.name))
 

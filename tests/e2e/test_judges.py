@@ -394,3 +394,40 @@ def test_a_listwise_group_streams_per_item_and_bad_groups_are_422s(judges: httpx
         assert response.json()["error"]["param"] == param
     batch = judges.post("/v1/jobs", json={"model": "tiny-listwise", "items": grpo_group("b", 2)})
     assert batch.status_code == 422 and batch.json()["error"]["param"] == "items.0.group"
+
+
+def test_a_group_sent_one_item_per_request_is_judged_as_one_group(judges: httpx.Client) -> None:
+    """verl's agent loop and OpenRLHF send one sample per request: with `group_size` the
+    gateway holds a group's items until all are in and the judge compares them in one call;
+    /get_reward does the same with ?group_size= (OpenRLHF's n_samples_per_prompt)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    group = [{**i, "group_size": 3} for i in grpo_group("pieces", 3)]
+    before = jobs_ok(judges, "tiny-listwise")
+
+    def one(item: dict[str, Any]) -> httpx.Response:
+        return judges.post("/v1/score", json={"model": "tiny-listwise", "items": [item]})
+
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(one, group))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    results = [r.json()["results"][0] for r in responses]
+    assert [r["id"] for r in results] == ["pieces-0", "pieces-1", "pieces-2"]
+    assert all(r["error"] is None and 1 <= r["score"] <= 10 for r in results), results
+    assert jobs_ok(judges, "tiny-listwise") - before == 1  # the three judged together
+
+    prompt = "<|user|>Which is best?<|assistant|>"
+    queries = [f"{prompt}Answer {k}" for k in range(2)]
+
+    def reward(query: str) -> httpx.Response:
+        return judges.post(
+            "/get_reward",
+            params={"model": "tiny-listwise", "group_size": 2, "query_format": "plain"},
+            json={"query": [query], "prompts": [prompt]},
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        rewarded = list(pool.map(reward, queries))
+    assert all(r.status_code == 200 for r in rewarded), [r.text for r in rewarded]
+    assert all(1 <= r.json()["rewards"][0] <= 10 for r in rewarded)
+    assert jobs_ok(judges, "tiny-listwise") - before == 2

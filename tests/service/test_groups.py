@@ -45,7 +45,7 @@ def test_a_group_folds_into_one_item_with_its_responses_as_candidates_in_order()
         item("four", id="c"),
         item("5", group="h"),
     ]
-    (i, first, members_g), (j, second, members_h) = fold(items)
+    (i, first, members_g), (j, second, members_h) = fold(items)[0]
     assert (i, j) == (0, 1)
     assert first.candidates is not None and second.candidates is not None
     assert [c.id for c in first.candidates] == ["a", "c"]
@@ -54,7 +54,7 @@ def test_a_group_folds_into_one_item_with_its_responses_as_candidates_in_order()
     assert list(first.messages) == list(items[0].messages[:2])
     # An item that already holds candidates is judged as it is, at its own index.
     pair = Trajectory.model_validate({"messages": PROMPT, "candidates": ["4", "5"]})
-    _, (k, whole, members) = fold([items[0], items[2], pair])
+    _, (k, whole, members) = fold([items[0], items[2], pair])[0]
     assert k == 2 and members is None and whole is pair
 
 

@@ -478,6 +478,9 @@ async def test_a_deleted_own_stream_is_recreated(redis_url: str) -> None:
     assert await worker.fetch("m", 1, wait_s=0.01) == []
     await gateway.client.delete(worker_stream_key("m", "w0"))  # e.g. Redis lost its data
     assert await worker.fetch("m", 1, wait_s=0.01) == []  # NOGROUP: recreated
+    await gateway.client.delete(worker_stream_key("m", "w0"))  # an orphan to a slower peer
+    await asyncio.sleep(FAST.reclaim_every_s + 0.05)  # this fetch reclaims and tidies consumers
+    assert await worker.fetch("m", 1, wait_s=0.01) == []
     await announce(gateway.client, "w0", concurrency=10)
     await gateway.enqueue(keyed("a", prompts=1, per_prompt=2))
     fetched = await worker.fetch("m", 10, wait_s=0.1)
