@@ -16,7 +16,14 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,"
@@ -286,11 +293,12 @@ class Trajectory(BaseModel):
     tests: list[CodeTest] | None = Field(default=None, max_length=100)
     metadata: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _group_size_needs_group(self) -> Trajectory:
-        if self.group_size is not None and self.group is None:
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_needs_group(cls, size: int | None, info: ValidationInfo) -> int | None:
+        if size is not None and info.data.get("group") is None:
             raise ValueError("group_size is the size of the item's `group`; give `group` too")
-        return self
+        return size
 
     @field_validator("messages")
     @classmethod

@@ -82,6 +82,16 @@ def image(url: str) -> dict[str, Any]:
             "does not match any earlier assistant tool_calls",
         ),
         (
+            {"model": "tiny-rm", "items": [{**OK_ITEM, "group_size": 4}]},
+            "items.0.group_size",
+            "give `group` too",
+        ),
+        (
+            {"model": "tiny-rm", "items": [OK_ITEM], "options": {"group_wait_s": 0}},
+            "options.group_wait_s",
+            "greater than 0",
+        ),
+        (
             {"model": "tiny-rm", "items": [OK_ITEM], "options": {"timeout_s": -1}},
             "options.timeout_s",
             "greater than 0",

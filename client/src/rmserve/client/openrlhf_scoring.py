@@ -33,14 +33,21 @@ class Settings:
     api_key: str | None
     model: str | None
     policy: ErrorPolicy
+    # RMSERVE_GROUP_SIZE: n_samples_per_prompt, so that the service assembles each prompt's
+    # samples, sent in pieces, before a listwise judge compares them (`?group_size=`).
+    group_size: int | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
+        size = os.environ.get("RMSERVE_GROUP_SIZE") or None
+        if size is not None and not (size.isdigit() and int(size) >= 2):
+            raise ValueError(f"RMSERVE_GROUP_SIZE must be an integer of 2 or more, not {size!r}")
         return cls(
             url=os.environ.get("RMSERVE_URL") or DEFAULT_URL,
             api_key=os.environ.get(API_KEY_ENV) or None,
             model=os.environ.get("RMSERVE_MODEL") or None,
             policy=ErrorPolicy.from_env(os.environ.get(ON_ERROR_ENV)),
+            group_size=int(size) if size is not None else None,
         )
 
 
@@ -102,7 +109,8 @@ class Endpoint:
     the body (the service answers a null reward and the error of a sample it cannot score)."""
 
     def __init__(self, settings: Settings) -> None:
-        query = urlencode({"model": settings.model}) if settings.model else ""
+        params = {"model": settings.model, "group_size": settings.group_size}
+        query = urlencode({k: v for k, v in params.items() if v is not None})
         self.path = f"/get_reward?{query}" if query else "/get_reward"
         self.client = AsyncRewardClient(settings.url, api_key=settings.api_key)
         self._batcher: MicroBatcher[None, Sample, Answer] = MicroBatcher(

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -86,11 +87,15 @@ class _RMServeRewardBase:
         timeout_s: float = 600,
         max_retries: int = 5,
         max_items_per_request: int | None = None,
+        group_size: int | None = None,
     ) -> None:
         if on_error not in ("none", "raise"):
             raise ValueError(f"on_error must be 'none' or 'raise', not {on_error!r}")
         if max_items_per_request is not None and max_items_per_request < 1:
             raise ValueError("max_items_per_request must be at least 1")
+        if group_size is not None and group_size < 2:
+            raise ValueError("group_size is GRPOConfig.num_generations: 2 or more")
+        self.group_size = group_size
         self.model = model
         self.url = url or os.environ.get(URL_ENV) or DEFAULT_URL
         self.api_key = api_key  # None: the client reads RMSERVE_API_KEY
@@ -132,12 +137,13 @@ class _RMServeRewardBase:
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         references = self._column(columns, self.reference_column, len(prompts))
         tests = self._column(columns, self.tests_column, len(prompts))
-        return [
+        items = [
             build_item(prompt, completion, reference=ref, tests=test)
             for prompt, completion, ref, test in zip(
                 prompts, completions, references, tests, strict=True
             )
         ]
+        return sized(items, self.group_size) if self.group_size else items
 
     @staticmethod
     def _column(columns: Mapping[str, Any], name: str | None, count: int) -> list[Any]:
@@ -277,6 +283,22 @@ class AsyncRMServeReward(_RMServeRewardBase):
         self._client = None
         if old_loop.is_running() and not old_loop.is_closed():
             asyncio.run_coroutine_threadsafe(old_client.aclose(), old_loop)
+
+
+def sized(items: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Items that say their group's size (num_generations) and carry an id (so that the service
+    recognises a resent item): with several processes, each scores its part of a group and the
+    service assembles the group for a listwise judge. A prompt met more than `size` times in one
+    call (the same prompt sampled twice) is split into groups of `size`, in order."""
+    seen: Counter[str] = Counter()
+    out = []
+    for item in items:
+        group = item["group"]
+        count = seen[group]
+        seen[group] += 1
+        name = group if count < size else f"{group}:{count // size}"
+        out.append({"id": uuid.uuid4().hex, **item, "group": name, "group_size": size})
+    return out
 
 
 def build_item(

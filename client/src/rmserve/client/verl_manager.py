@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,7 @@ from rmserve.client.verl_scoring import (
 )
 
 NAME = "rmserve"
+log = logging.getLogger(__name__)
 
 _Base: Any
 try:
@@ -84,7 +86,7 @@ class RMServeRewardManager(_Base):  # type: ignore[misc]
         else:
             super().__init__(config, tokenizer)  # verl 0.7
         self.tokenizer = tokenizer
-        self.settings = Settings.from_kwargs(reward_kwargs(config))
+        self.settings = Settings.from_kwargs(with_group_size(reward_kwargs(config), config))
 
     async def run_single(self, data: Any) -> dict[str, Any]:
         """One sample's reward (several sequences of one trajectory: the last one, as naive)."""
@@ -130,7 +132,34 @@ def reward_kwargs(config: Any) -> dict[str, Any]:
     return {}
 
 
+def with_group_size(kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+    """reward_kwargs with `group_size` (the n rollouts of a prompt, sent one per request by the
+    agent loop, which the service assembles for a listwise judge) from the trainer's config
+    when not given: actor_rollout_ref.rollout.n, if validation samples as many per prompt
+    (rollout.val_kwargs.n). The reward manager cannot tell a validation sample from a training
+    one (verl/experimental/agent_loop/agent_loop.py:1013-1024, verl 0.9.1), so when the two
+    differ no size is sent and a warning says to set reward_kwargs.group_size."""
+    if "group_size" in kwargs:
+        return kwargs
+    rollout = _get(_get(config, "actor_rollout_ref"), "rollout")
+    n, val_n = _get(rollout, "n"), _get(_get(rollout, "val_kwargs"), "n")
+    if not isinstance(n, int) or n < 2:
+        return kwargs
+    if val_n is not None and val_n != n:
+        log.warning(
+            "rmserve reward: rollout.n (%s) and rollout.val_kwargs.n (%s) differ, so items are "
+            "sent without group_size; a listwise judge then needs each group in one request. "
+            "Set reward_kwargs.group_size to the size your judge should wait for",
+            n,
+            val_n,
+        )
+        return kwargs
+    return {**kwargs, "group_size": n}
+
+
 def _get(container: Any, key: str) -> Any:
+    if container is None:
+        return None
     if isinstance(container, Mapping):  # dicts and OmegaConf's DictConfig
         return container.get(key)
     return getattr(container, key, None)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,16 @@ log = logging.getLogger(__name__)
 EXTRA_INFO_KEYS = ("score", "rmserve_ok", "rmserve_error", "critique", "verdict", "step_scores")
 PROMPT_KEYS = ("raw_prompt", "prompt", "question")
 SETTINGS = frozenset(
-    {"model", "url", "api_key_env", "api_key_file", "options", "on_error", "error_score"}
+    {
+        "model",
+        "url",
+        "api_key_env",
+        "api_key_file",
+        "options",
+        "on_error",
+        "error_score",
+        "group_size",
+    }
 )
 # verl's naive reward-loop manager adds these when verl runs its own reward model
 # (verl/experimental/reward_loop/reward_manager/naive.py:58-65, verl 0.9.1); rmserve ignores them.
@@ -40,6 +50,16 @@ class Settings:
     model: str
     options: dict[str, Any] | None
     policy: ErrorPolicy
+    # rollout.n: a grouped item says its group's size, so that the service assembles groups
+    # that arrive in pieces (one sample per request) before a listwise judge compares them.
+    group_size: int | None = None
+
+    def sized(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The item with its group's size and an id (so that the service recognises it when
+        the client resends it), when it is in a group and the size is known."""
+        if self.group_size is None or "group" not in item:
+            return item
+        return {"id": uuid.uuid4().hex, **item, "group_size": self.group_size}
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Settings:
@@ -74,7 +94,19 @@ class Settings:
             model=str(model),
             options=options or None,
             policy=policy,
+            group_size=_group_size(kwargs.get("group_size")),
         )
+
+
+def _group_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TypeError(
+            f"rmserve reward: reward_kwargs.group_size must be a positive integer (rollout.n), "
+            f"not {value!r}"
+        )
+    return value if value > 1 else None
 
 
 def api_key(env: str | None, file: str | None) -> str | None:
@@ -141,13 +173,17 @@ def compute_score_batch(
         raise ValueError(
             "data_sources, solution_strs, ground_truths and extra_infos differ in length"
         )
-    items = [build_item(*fields) for fields in zip(sources, solutions, truths, infos, strict=True)]
+    items = [
+        settings.sized(build_item(*fields))
+        for fields in zip(sources, solutions, truths, infos, strict=True)
+    ]
     results = _background.get().run(_score_all(settings, items))
     return reward_infos(results, settings.policy)
 
 
 async def score_item(settings: Settings, item: dict[str, Any]) -> dict[str, Any]:
     """Score one item through this event loop's batcher; its reward info."""
+    item = settings.sized(item)
     result = await loop_scorer(settings).score_one(settings.model, item, settings.options)
     return reward_info(result, settings.policy)
 
