@@ -508,3 +508,33 @@ def test_a_rate_limited_call_waits_for_retry_after(tmp_path: Path) -> None:
         reward.close()
     finally:
         server.stop()
+
+
+def test_a_server_killed_mid_training_stops_training_loudly(policy: Path, tmp_path: Path) -> None:
+    """trl 1.16.0: the service is killed (SIGKILL) after the first step's rewards; the second
+    step's call fails after the client's retries and GRPOTrainer.train raises, instead of
+    training on rewards nobody computed."""
+    import trl
+
+    assert trl.__version__ == "1.16.0"
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(REGISTRY)
+    server = start_server(registry, tmp_path, {})
+
+    class KilledAfterFirstCall(Recorded):
+        def __call__(self, *args: Any, **kwargs: Any) -> list[float | None]:
+            rewards = super().__call__(*args, **kwargs)
+            if len(self.calls) == 1:
+                server.process.kill()
+                server.process.wait(timeout=30)
+            return rewards
+
+    fuzzy = KilledAfterFirstCall("fuzzy", server.base_url, max_retries=1)
+    try:
+        with pytest.raises(RewardServiceError) as raised:
+            train(policy, [fuzzy], FAILING_ROWS, tmp_path / "out", max_steps=3)
+    finally:
+        server.stop()
+    assert raised.value.status is None and raised.value.type == "connection_error"
+    (first,) = fuzzy.calls
+    assert len(first.rewards) == 8 and sum(r is not None for r in first.rewards) == 6
