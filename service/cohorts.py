@@ -269,12 +269,15 @@ class Waiting:
     group_deadline: float  # the latest of the group's requests
     slots: list[tuple[int, str | None, int]]  # (index in the request, item id, place in group)
     refused: list[ItemResult] = field(default_factory=list)
+    follower: Follower | None = None
 
 
 @dataclass
-class _Follower:
+class Follower:
+    """This gateway's receiver of a group job's result, shared by its waiting requests."""
+
     result: asyncio.Future[ItemResult]
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None  # None: the result was known already
     waiters: int = 0
 
 
@@ -294,7 +297,7 @@ class Cohorts:
         self._metrics = metrics
         self._partial = partial
         self._keep_s = keep_s  # how long a finished group's state answers resent items
-        self._followers: dict[str, _Follower] = {}
+        self._followers: dict[str, Follower] = {}
         self._recent: OrderedDict[str, ItemResult] = OrderedDict()
 
     async def join(self, piece: Piece, job: Job, scope: str, wait_s: float) -> Waiting:
@@ -329,7 +332,7 @@ class Cohorts:
             else:
                 waiting.refused.append(ItemResult(id=item.id, index=index, error=outcome))
         if waiting.slots:
-            self._follow(waiting)
+            waiting.follower = self._follow(waiting)
         if completed:
             self._metrics.groups.labels(job.model, "completed").inc()
             self._metrics.group_wait.labels(job.model).observe(now - cohort.opened_at)
@@ -374,18 +377,22 @@ class Cohorts:
             with contextlib.suppress(QueueUnavailableError):
                 await self._queue.post(cohort.job, result, cohort.channels)
 
-    def _follow(self, waiting: Waiting) -> None:
-        """One receiver per group job on this gateway, shared by its waiting requests."""
+    def _follow(self, waiting: Waiting) -> Follower:
+        """The group job's receiver on this gateway (one per job, shared by its requests)."""
         follower = self._followers.get(waiting.job)
         if follower is None:
-            loop = asyncio.get_running_loop()
-            result: asyncio.Future[ItemResult] = loop.create_future()
-            if (known := self._recent.get(waiting.job)) is not None:
+            result: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
+            if (known := self._recent.get(waiting.job)) is not None:  # a resent item
                 result.set_result(known)
-            self._queue.watch([waiting.job])
-            task = asyncio.create_task(self._receive(waiting.job, waiting.group_deadline, result))
-            follower = self._followers[waiting.job] = _Follower(result, task)
+                follower = Follower(result, None)
+            else:
+                self._queue.watch([waiting.job])
+                task = asyncio.create_task(
+                    self._receive(waiting.job, waiting.group_deadline, result)
+                )
+                follower = self._followers[waiting.job] = Follower(result, task)
         follower.waiters += 1
+        return follower
 
     async def _receive(self, job_id: str, deadline: float, result: asyncio.Future[Any]) -> None:
         try:
@@ -402,14 +409,14 @@ class Cohorts:
 
     async def wait(self, waiting: Waiting) -> list[ItemResult]:
         """The results of a request's items in a group: scored with the group, or errors."""
-        if not waiting.slots:
+        follower = waiting.follower
+        if follower is None:
             return list(waiting.refused)
-        follower = self._followers[waiting.job]
         try:
             result = await self._await(waiting, follower.result)
         finally:
             follower.waiters -= 1
-            if follower.waiters == 0 and not follower.result.done():
+            if follower.waiters == 0 and follower.task is not None and not follower.result.done():
                 follower.task.cancel()
         return waiting.refused + self._mine(waiting, result)
 
@@ -417,9 +424,17 @@ class Cohorts:
         self, waiting: Waiting, result: asyncio.Future[ItemResult]
     ) -> ItemResult | None:
         while True:
-            until = waiting.expires_at if time.time() < waiting.expires_at else waiting.deadline
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                return await asyncio.wait_for(asyncio.shield(result), max(0.0, until - time.time()))
+            now = time.time()
+            until = min(waiting.expires_at, waiting.deadline)
+            if now >= waiting.expires_at:
+                until = waiting.deadline
+            try:
+                return await asyncio.wait_for(asyncio.shield(result), max(0.0, until - now))
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                if not result.cancelled():  # this request was cancelled
+                    raise
             if result.cancelled() or time.time() >= waiting.deadline:
                 return None
             await self._give_up(waiting)

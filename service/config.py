@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     # gives up on it (options.group_wait_s overrides it per request); what then happens to the
     # items: `error` (each gets group_incomplete) or `judge` (the partial group is judged, its
     # results flagged `partial_group`). See service/cohorts.py.
-    group_wait_s: float = Field(default=300.0, gt=0)
+    # Keep it below the trainer's HTTP timeout (OpenRLHF: 180 s), so that a request is answered
+    # before its client gives up and resends it.
+    group_wait_s: float = Field(default=120.0, gt=0)
     partial_groups: Literal["error", "judge"] = "error"
 
     # OpenRLHF compatibility (POST /get_reward): the model that scores its queries, and how a

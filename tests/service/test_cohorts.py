@@ -349,3 +349,27 @@ async def test_a_group_the_queue_refuses_is_an_error_of_each_item() -> None:
     results = await score_each(scoring, [sample("g", k, 2) for k in range(2)])
     for result in results:
         assert result.error is not None and result.error.type == "queue_full", result
+
+
+async def test_a_result_that_arrives_before_the_request_reads_it_is_kept(
+    queues: tuple[JobQueue, JobQueue],
+) -> None:
+    scoring, _ = gateway(queues[0])
+    async with judging(queues[0]) as judge:
+        first = await scoring.submit(request(sample("g", 0, 2)), scope="s")
+        last = await scoring.submit(request(sample("g", 1, 2)), scope="s")
+        await asyncio.sleep(0.5)  # judged, delivered and received before anyone reads it
+        assert len(judge.judged) == 1
+        results = [r for s in (first, last) async for r in scoring.stream(s)]
+    assert [(r.id, r.score) for r in results] == [("g-0", 1.0), ("g-1", 2.0)]
+
+
+async def test_a_request_timeout_shorter_than_the_group_wait_ends_the_request_only(
+    queues: tuple[JobQueue, JobQueue],
+) -> None:
+    scoring, _ = gateway(queues[0])
+    async with judging(queues[0]):
+        (early,) = (await scoring.score(request(sample("g", 0, 2), timeout_s=0.2))).results
+        (late,) = (await scoring.score(request(sample("g", 1, 2)))).results
+    assert early.error is not None and early.error.type == "timeout"
+    assert late.score == 2.0  # the group still completed, and was judged whole
