@@ -47,6 +47,10 @@ class WorkerAnnouncer:
         # Where jobs routed to this worker go, and how many it takes (prefix routing).
         self.routing: dict[str, Any] = {}
         self._changed = asyncio.Event()
+        # Withdrawn (draining, stopping): never announced again. The lock keeps a publish that
+        # is under way from landing after the withdrawal.
+        self._withdrawn = False
+        self._lock = asyncio.Lock()
 
     def take_routed_jobs(self, stream: str, concurrency: int) -> None:
         """Announce the worker's own stream: gateways route jobs to it while it is ready."""
@@ -58,7 +62,7 @@ class WorkerAnnouncer:
         self._changed.set()
 
     async def run(self) -> None:
-        while True:
+        while not self._withdrawn:
             self._changed.clear()
             try:
                 await self._publish()
@@ -68,13 +72,22 @@ class WorkerAnnouncer:
                 await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
 
     async def _publish(self) -> None:
-        at = await _redis_time(self._redis)
-        state = {"status": self.status, "reason": self.reason, "at": at, **self.routing}
-        await available(self._redis.hset(workers_key(self.model), self.worker, json.dumps(state)))
+        async with self._lock:
+            if self._withdrawn:
+                return
+            at = await _redis_time(self._redis)
+            state = {"status": self.status, "reason": self.reason, "at": at, **self.routing}
+            await available(
+                self._redis.hset(workers_key(self.model), self.worker, json.dumps(state))
+            )
 
     async def withdraw(self) -> None:
-        with contextlib.suppress(QueueUnavailableError):
-            await available(self._redis.hdel(workers_key(self.model), self.worker))
+        """Leave the fleet for good: gateways stop routing to this worker at once."""
+        self._withdrawn = True
+        self._changed.set()
+        async with self._lock:
+            with contextlib.suppress(QueueUnavailableError):
+                await available(self._redis.hdel(workers_key(self.model), self.worker))
 
 
 def model_state(workers: dict[str, dict[str, Any]], model: str) -> tuple[ModelStatus, str | None]:

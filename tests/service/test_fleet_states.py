@@ -101,3 +101,26 @@ async def test_a_worker_announces_the_stream_it_takes_routed_jobs_from(redis_url
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
+
+
+async def test_a_withdrawn_worker_is_never_announced_again(redis_url: str) -> None:
+    """A draining worker withdraws while its announcer still runs (issue: it re-announced
+    itself ready every HEARTBEAT_S until the drain ended)."""
+    client = aioredis.Redis.from_url(redis_url)
+    announcer = WorkerAnnouncer(client, "a", "a@host:1")
+    announcer.set("ready")
+    task = asyncio.create_task(announcer.run())
+    try:
+        for _ in range(100):
+            if await client.hget(workers_key("a"), "a@host:1"):
+                break
+            await asyncio.sleep(0.05)
+        await announcer.withdraw()
+        announcer.set("ready")  # a change after the withdrawal publishes nothing either
+        await asyncio.sleep(fleet.HEARTBEAT_S * 1.5)
+        assert await client.hkeys(workers_key("a")) == []
+        await asyncio.wait_for(task, 1)  # the announcer has stopped
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
