@@ -199,24 +199,58 @@ return {total, routed[1], routed[2], routed[3], routed[4]}
 """
 )
 
-# A worker's look for orphan streams. KEYS: the workers hash, the set of worker streams.
-# ARGV: group, stale_s, the caller's own stream (never an orphan to itself). Returns the orphans
-# that hold entries; deletes those that are empty (no admission adds to an orphan: its worker is
-# not routable, by the same test).
+# A worker's look for orphan streams. KEYS: the workers hash, the set of worker streams, the
+# hash of suspected orphans. ARGV: group, stale_s, the caller's own stream (never an orphan to
+# itself). Returns the orphans that hold entries (read and reclaimed by all). A stream whose
+# worker is not routable is only suspected at first: it is deleted, if empty, once its worker's
+# announcement has stayed the same for stale_s more (by Redis time) since the suspicion began.
+# After a Redis stall every announcement is stale, but live workers announce again within a
+# heartbeat, so their streams are never deleted under them (no admission adds to a suspect: its
+# worker is not routable, by the same test).
 _ORPHANS = (
     _BACKLOG
     + """
-local hash, set, group, stale = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+local hash, set, suspects = KEYS[1], KEYS[2], KEYS[3]
+local group, stale = ARGV[1], tonumber(ARGV[2])
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
 local owned = {[ARGV[3]] = true}
 for _, w in ipairs(routable(hash, stale)) do owned[w.stream] = true end
+local announced = {}
+local raw = redis.call('HGETALL', hash)
+for i = 1, #raw, 2 do
+  local ok, state = pcall(cjson.decode, raw[i + 1])
+  if ok and type(state) == 'table' and type(state['stream']) == 'string' then
+    announced[state['stream']] = tostring(state['at']) .. '/' .. tostring(state['status'])
+  end
+end
 local orphans = {}
 for _, stream in ipairs(redis.call('SMEMBERS', set)) do
-  if not owned[stream] then
-    if redis.call('EXISTS', stream) == 0 then
-      redis.call('SREM', set, stream)
-    elseif ensure_group(stream, group) == 0 then
-      redis.call('DEL', stream)
-      redis.call('SREM', set, stream)
+  if owned[stream] then
+    redis.call('HDEL', suspects, stream)
+  elseif redis.call('EXISTS', stream) == 0 then
+    redis.call('SREM', set, stream)
+    redis.call('HDEL', suspects, stream)
+  else
+    local seen = announced[stream] or 'none'
+    local suspect = redis.call('HGET', suspects, stream)
+    local since = nil
+    if suspect then
+      local sep = string.find(suspect, ' ', 1, true)
+      if string.sub(suspect, sep + 1) == seen then
+        since = tonumber(string.sub(suspect, 1, sep - 1))
+      end
+    end
+    if since == nil then
+      redis.call('HSET', suspects, stream, tostring(now) .. ' ' .. seen)
+      since = now
+    end
+    if ensure_group(stream, group) == 0 then
+      if now - since >= stale then
+        redis.call('DEL', stream)
+        redis.call('SREM', set, stream)
+        redis.call('HDEL', suspects, stream)
+      end
     else
       orphans[#orphans + 1] = stream
     end
@@ -304,6 +338,10 @@ def streams_key(model: str) -> str:
 
 def workers_key(model: str) -> str:
     return f"rmserve:workers:{model}"
+
+
+def suspects_key(model: str) -> str:
+    return f"rmserve:suspects:{model}"
 
 
 def dead_key(model: str) -> str:
@@ -526,9 +564,14 @@ class StreamQueue:
                 )
                 fresh = _entries(response)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _gone(exc):
                 raise
-            log.warning("a consumer group of %s vanished (Redis lost data?); recreating", model)
+            log.warning(
+                "a stream or consumer group of %s is gone (%s: another worker took this one "
+                "for stopped, or Redis lost data); recreating it",
+                model,
+                exc,
+            )
             self._groups.discard(model)  # recreated by the next fetch
         # A first delivery has no stored result and a delivery count of 1: nothing to check.
         jobs = await self._accept_redelivered(model, reclaimed) + self._take(fresh)
@@ -550,7 +593,7 @@ class StreamQueue:
         """The streams of workers that are gone (or not ready): read and reclaimed by all."""
         orphans: list[Any] = await available(
             self._find_orphans(
-                keys=[workers_key(model), streams_key(model)],
+                keys=[workers_key(model), streams_key(model), suspects_key(model)],
                 args=[GROUP, self._settings.stale_s, self.own_stream(model) or ""],
             )
         )
@@ -769,6 +812,12 @@ class StreamQueue:
             for consumer in await self._consumers(stream):
                 if as_text(consumer["name"]) == self.name and consumer["pending"] == 0:
                     await available(self._redis.xgroup_delconsumer(stream, GROUP, self.name))
+
+
+def _gone(exc: ResponseError) -> bool:
+    """A stream or its group was deleted: NOGROUP, or a blocked read on a deleted stream."""
+    text = str(exc)
+    return "NOGROUP" in text or "UNBLOCKED" in text or "no such key" in text
 
 
 async def available(call: Awaitable[T]) -> T:

@@ -423,7 +423,8 @@ async def test_shared_routing_and_unready_or_stale_workers_use_the_shared_stream
 
 
 async def test_the_stream_of_a_killed_worker_is_taken_over_and_removed(redis_url: str) -> None:
-    gateway = StreamQueue.from_url(redis_url, FAST)
+    quick = replace(FAST, stale_s=1.0)
+    gateway = StreamQueue.from_url(redis_url, quick)
     await announce(gateway.client, "dead", concurrency=1000)
     batch = keyed("a", prompts=5, per_prompt=4)
     await gateway.enqueue(batch)
@@ -432,15 +433,16 @@ async def test_the_stream_of_a_killed_worker_is_taken_over_and_removed(redis_url
     dead = StreamQueue.from_url(redis_url, FAST, name="dead")
     assert len(await dead.fetch("m", 6, wait_s=0.1)) == 6
     await dead.close()  # like kill -9: 6 pending, 14 undelivered in its own stream
-    await announce(gateway.client, "dead", concurrency=1000, age=FAST.stale_s + 1)  # silent
+    await announce(gateway.client, "dead", concurrency=1000, age=quick.stale_s + 1)  # silent
     await announce(gateway.client, "survivor", concurrency=1000)
     started = time.monotonic()
-    async with recording(StreamQueue.from_url(redis_url, FAST, name="survivor")) as took:
+    async with recording(StreamQueue.from_url(redis_url, quick, name="survivor")) as took:
         got = await gather(gateway, batch)
         assert got == Counter({job.id: 1 for job in batch})
         assert set(took.values()) == {"survivor"}
-        assert time.monotonic() - started < FAST.reclaim_idle_s + 3
-        for _ in range(40):  # the empty orphan is deleted at the next look
+        assert time.monotonic() - started < quick.reclaim_idle_s + 3
+        # The empty orphan is deleted once its worker stayed silent stale_s more.
+        for _ in range(int((quick.stale_s + 3) / 0.1)):
             if not await gateway.client.exists(own):
                 break
             await asyncio.sleep(0.1)
@@ -488,5 +490,46 @@ async def test_a_deleted_own_stream_is_recreated(redis_url: str) -> None:
     for job in fetched:
         await worker.complete(job, ItemResult(index=job.index, score=1.0))
     assert await gateway.depth("m") == Depth(pending=0, lag=0)
+    await worker.close()
+    await gateway.close()
+
+
+async def test_a_live_workers_stream_is_not_deleted_after_a_stall(redis_url: str) -> None:
+    """After a Redis stall every announcement is stale; a peer only suspects the streams then,
+    and the worker's next announcement clears the suspicion: its stream is never deleted."""
+    quick = replace(FAST, stale_s=1.0)
+    peer = StreamQueue.from_url(redis_url, quick, name="peer")
+    live = StreamQueue.from_url(redis_url, quick, name="live")
+    assert await live.fetch("m", 1, wait_s=0.01) == []  # its stream and group exist
+    own = worker_stream_key("m", "live")
+    deadline = time.monotonic() + 4 * quick.stale_s
+    while time.monotonic() < deadline:  # stale by the time a peer looks, fresh again after
+        await announce(peer.client, "live", concurrency=10, age=quick.stale_s + 5)
+        await asyncio.sleep(quick.reclaim_every_s + 0.05)
+        await peer.fetch("m", 1, wait_s=0.01)  # looks for orphans
+        assert await peer.client.exists(own), "a live worker's stream was deleted"
+        await announce(peer.client, "live", concurrency=10)
+        await asyncio.sleep(quick.reclaim_every_s + 0.05)
+        await peer.fetch("m", 1, wait_s=0.01)
+    await live.close()
+    await peer.close()
+
+
+async def test_a_worker_reading_its_stream_when_it_is_deleted_recovers(redis_url: str) -> None:
+    """Redis answers a read blocked on a deleted stream with UNBLOCKED; the worker recreates its
+    stream and goes on (it used to raise, ending the worker loop)."""
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    worker = StreamQueue.from_url(redis_url, FAST, name="w0")
+    assert await worker.fetch("m", 1, wait_s=0.01) == []
+    reading = asyncio.create_task(worker.fetch("m", 1, wait_s=2.0))
+    await asyncio.sleep(0.3)  # blocked in XREADGROUP on its own stream and the shared one
+    await gateway.client.delete(worker_stream_key("m", "w0"))
+    assert await reading == []
+    await announce(gateway.client, "w0", concurrency=10)
+    await gateway.enqueue(keyed("a", prompts=1, per_prompt=2))
+    fetched = await worker.fetch("m", 10, wait_s=0.5)
+    assert len(fetched) == 2
+    for job in fetched:
+        await worker.complete(job, ItemResult(index=job.index, score=1.0))
     await worker.close()
     await gateway.close()
