@@ -1,10 +1,11 @@
 """RMServeRewardManager, verl's reward-loop manager for rmserve, against a real `rmserve serve`.
 
-verl cannot be installed here (it pins transformers<5.11), so the two verl modules the manager
-imports are stood in for by files with the same interface (base.py and registry.py of verl 0.9.1,
-and base.py of 0.7.0), the manager is loaded the way verl loads an importlib manager, built the
-way verl builds it, and its `run_single` gets a DataProto-like object with exactly what verl's
-naive manager reads (real torch tensors, numpy object arrays, a real Hugging Face tokenizer)."""
+verl cannot be installed into rmserve's own environment (it pins other versions), so here the two
+verl modules the manager imports are stood in for by files with the same interface (base.py and
+registry.py of verl 0.9.1, and base.py of 0.7.0), which also covers verl 0.7's constructor; the
+manager is loaded the way verl loads an importlib manager, built the way verl builds it, and its
+`run_single` gets a DataProto-like object with exactly what verl's naive manager reads. verl
+0.9.1 itself, in a virtualenv of its own, drives the manager in tests/trainers/test_verl_real.py."""
 
 from __future__ import annotations
 
