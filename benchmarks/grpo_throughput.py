@@ -3,6 +3,8 @@
     python benchmarks/grpo_throughput.py [--groups 4] [--n 8 16] [--prompt-tokens 1000]
         [--response-tokens 100 400] [--systems a,b,c,d,prm] [--hidden-size 256] [--layers 4]
         [--seed 0] [--compile] [--block-size B] [--traffic group|sample] [--quick] [--json PATH]
+    python benchmarks/grpo_throughput.py --shapes group,verl,openrlhf [--models rm,listwise]
+        [--systems c,d] [--judge-max-tokens T] [--group-wait-s S] [--timeout-s S] [sizes]
 
 A random Llama reward model (rmserve.models.tiny, sizes from the flags) is generated into a temp
 directory. Each group is one prompt of about --prompt-tokens tokens (a system turn and a long
@@ -34,12 +36,30 @@ For (c), (d) and prm, prefix-cache queries and hits are read from GET /metrics o
 of each worker (rmserve_engine_prefix_cache_{queries,hits}_total); where a server does not export
 them the computed tokens are "n/a". Targets are printed as met / not met; the exit code is 0 when
 every system ran without failed items, 1 otherwise. On a shared machine figures are indicative.
+
+--shapes: the trainers' per-sample traffic against the same groups sent whole. (c) and (d, prefix
+routing only) score each round once per shape (benchmarks/traffic_shapes.py): `group` (one
+request per group), `verl` (one request per item from 8 clients, each item to a client chosen at
+random, each client one request at a time) and `openrlhf` (one request per item, all at once);
+every item carries `id`, `group` and `group_size`. Each shape gets its own groups: the same
+responses under a relabelled prompt head, so no shape finds another's prompts cached. The models
+(--models): the tiny-rm above (discriminative: items scored one by one) and `tiny-listwise`, a
+listwise judge on the random tiny-lm with structured outputs (every judgement parses) whose
+max_tokens leaves room for a short critique and every score: a group sent in pieces is held by
+the gateway until complete, then judged as one job. Per shape: items/s and computed prompt
+tokens per item, and per-sample / group in the same run against targets (>= 0.9 items/s,
+<= 1.1 computed tokens: never more than 10% worse). For the listwise judge, from the round's
+/metrics deltas and results: per-sample groups completed == groups and none timed out
+(rmserve_groups_total), judge jobs ok == groups (rmserve_jobs_total), every item scored and none
+flagged partial_group. A listwise judgement must fit max_model_len (2048): keep n x responses
+short (e.g. --groups 4 --n 8 --prompt-tokens 200 --response-tokens 30 80).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -48,7 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +80,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks`, `service`, ... importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.distributed_throughput import _wait_listed_ready  # noqa: E402
+from benchmarks import traffic_shapes  # noqa: E402
 from benchmarks.score_throughput import (  # noqa: E402
     _SENTENCES,
     _TOPICS,
@@ -74,7 +94,8 @@ from rmserve.models.tiny import STEP_TAG  # noqa: E402
 from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess, free_port  # noqa: E402
 from rmserve.wire.trajectory import Trajectory  # noqa: E402
 
-RM, PRM = "tiny-rm", "tiny-prm"
+RM, PRM, LISTWISE = "tiny-rm", "tiny-prm", "tiny-listwise"
+MODELS = {"rm": RM, "listwise": LISTWISE}  # --models: names -> registry names
 MAX_MODEL_LEN = 2048
 WORKERS = 2
 PRM_N = 8
@@ -88,6 +109,10 @@ TARGETS = {  # name: (threshold, higher is better)
     "(d prefix)/(c) computed prompt tokens": (1.1, False),
     "prm reuse on/off items/s": (1.5, True),
 }
+# --shapes: per-sample traffic / whole groups, each per-sample shape (higher is better for
+# items/s, lower for computed tokens: per-sample may be faster or compute less, never >10% worse)
+SHAPE_TARGETS = {"items/s": (0.9, True), "computed prompt tokens": (1.1, False)}
+JUDGE_CRITIQUE_CHARS = 16  # the listwise judge's critique, before its `Scores:` line
 DIFFED = ("b", "c", "d-prefix", "d-shared", "d-round_robin")
 ROUTINGS = ("prefix", "round_robin", "shared")  # systems scoring (a)'s items with (a)'s model
 HITS, QUERIES = "rmserve_engine_prefix_cache_hits", "rmserve_engine_prefix_cache_queries"
@@ -143,29 +168,60 @@ def make_groups(
             {"role": "system", "content": "You are a careful assistant. Reason step by step."},
             {"role": "user", "content": question},
         ]
-        items, texts, ids = [], [], []
-        for i in range(n):
+        answers = []
+        for _ in range(n):
             target = rng.randint(*response_tokens)
             if steps:
                 paragraphs: list[str] = []
                 while count("\n\n".join(paragraphs)) < target:
                     paragraphs.append(_words(rng, rng.randint(20, 50), count))
-                answer = "\n\n".join(paragraphs)
+                answers.append("\n\n".join(paragraphs))
             else:
-                answer = _words(rng, target, count)
-            item = {
-                "id": f"{gid}-r{i}",
-                "group": gid,
-                "messages": [*prompt, {"role": "assistant", "content": answer}],
-            }
-            text = renderer.render(template_messages(Trajectory.model_validate(item).messages))
-            items.append(item)
-            texts.append(text)
-            ids.append(renderer.encode(text))
-        shared = renderer.render(
-            template_messages(Trajectory.model_validate({"messages": prompt}).messages)
-        )
-        out.append(Group(gid, items, texts, ids, count(shared)))
+                answers.append(_words(rng, target, count))
+        out.append(_build(renderer, gid, prompt, answers))
+    return out
+
+
+def _build(
+    renderer: ChatRenderer,
+    gid: str,
+    prompt: list[dict[str, Any]],
+    answers: list[str],
+    group_size: bool = False,
+) -> Group:
+    """A group of one prompt and these responses (each item with `group_size` when asked)."""
+    items, texts, ids = [], [], []
+    for i, answer in enumerate(answers):
+        item: dict[str, Any] = {
+            "id": f"{gid}-r{i}",
+            "group": gid,
+            **({"group_size": len(answers)} if group_size else {}),
+            "messages": [*prompt, {"role": "assistant", "content": answer}],
+        }
+        text = renderer.render(template_messages(Trajectory.model_validate(item).messages))
+        items.append(item)
+        texts.append(text)
+        ids.append(renderer.encode(text))
+    shared = renderer.render(
+        template_messages(Trajectory.model_validate({"messages": prompt}).messages)
+    )
+    return Group(gid, items, texts, ids, len(renderer.encode(shared)))
+
+
+def relabel(renderer: ChatRenderer, groups: list[Group], label: str) -> list[Group]:
+    """The same groups under new ids `{label}-{id}`, with `group_size` on every item: the same
+    responses, the prompt's head naming the new id (so no two labels share a cached block, and
+    labels of one length give prompts of the same token count)."""
+    out = []
+    for group in groups:
+        gid = f"{label}-{group.id}"
+        *prompt, _ = group.items[0]["messages"]
+        head, renamed = f"Problem {group.id} (", f"Problem {gid} ("
+        if not any(head in turn["content"] for turn in prompt):
+            raise ValueError(f"group {group.id}: its prompt does not name it")
+        prompt = [{**turn, "content": turn["content"].replace(head, renamed)} for turn in prompt]
+        answers = [item["messages"][-1]["content"] for item in group.items]
+        out.append(_build(renderer, gid, prompt, answers, group_size=True))
     return out
 
 
@@ -195,6 +251,14 @@ class Row:
     scores: list[float | None] = field(default_factory=list)
     max_diff_vs_a: float | None = None
     note: str = ""
+    # --shapes: the traffic shape and model of the row, the round's cohort and job counters
+    # (traffic_shapes.counters) and, for the listwise judge, its complete-group checks.
+    shape: str = ""
+    model: str = ""
+    groups: int = 0
+    error_types: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def items_per_s(self) -> float:
@@ -507,25 +571,9 @@ def measure_rmserve(
         queries1, hits1 = scrape(metrics_urls)
         queries = None if queries0 is None or queries1 is None else queries1 - queries0
         hits = None if hits0 is None or hits1 is None else hits1 - hits0
-        scores: list[float | None] = []
-        tokens, failed = 0, 0
-        for body, result in zip(sent, results, strict=True):
-            if result is None:
-                scores += [None] * len(body["items"])
-                failed += len(body["items"])
-                continue
-            for item in result["results"]:
-                scores.append(item.get("score"))
-                tokens += item["usage"]["prompt_tokens"]
-                if item.get("error") is not None or item.get("score") is None:
-                    failed += 1
-                    errors.append(str(item.get("error")))
+        tally = _tally(sent, results, errors)
         items = sum(len(g.items) for g in groups)
-        # Computed = the engine's prompt tokens minus cache hits; the engine may see more tokens
-        # than the items have (a PRM with reuse_prefix scores one request per step): queries.
-        computed = _computed(tokens, queries, hits)
-        if queries is not None and hits is not None and queries > tokens:
-            computed = queries - hits
+        computed = _computed_tokens(tally.tokens, queries, hits)
         rows.append(
             Row(
                 system,
@@ -533,25 +581,86 @@ def measure_rmserve(
                 n,
                 items,
                 seconds,
-                failed,
-                tokens / items,
+                tally.failed,
+                tally.tokens / items,
                 None if computed is None else computed / items,
                 queries,
                 hits,
-                scores,
-                note=note + (f"; {errors[0][:200]}" if errors else ""),
+                tally.scores,
+                note=note + (f"; {tally.errors[0][:200]}" if tally.errors else ""),
             )
         )
     return rows
 
 
+@dataclass(frozen=True)
+class _Tally:
+    scores: list[float | None]  # each item's, in the order sent (None: no score)
+    tokens: int  # the items' usage.prompt_tokens
+    failed: int  # items without a score (their request failed, or the item has an error)
+    partial: int  # items flagged partial_group (a listwise judge judged part of their group)
+    errors: list[str]
+    error_types: dict[str, int]  # failed items by error type (`request` when the request failed)
+
+
+def _tally(
+    sent: Sequence[dict[str, Any]], results: Sequence[dict[str, Any] | None], errors: list[str]
+) -> _Tally:
+    """What the responses to these request bodies say, item by item."""
+    scores: list[float | None] = []
+    tokens = failed = partial = 0
+    errors = list(errors)
+    types: dict[str, int] = {}
+    for body, result in zip(sent, results, strict=True):
+        if result is None:
+            scores += [None] * len(body["items"])
+            failed += len(body["items"])
+            types["request"] = types.get("request", 0) + len(body["items"])
+            continue
+        for item in result["results"]:
+            scores.append(item.get("score"))
+            tokens += item["usage"]["prompt_tokens"]
+            partial += item.get("partial_group") is not None
+            if item.get("error") is not None or item.get("score") is None:
+                failed += 1
+                errors.append(str(item.get("error")))
+                kind = (item.get("error") or {}).get("type", "no score")
+                types[kind] = types.get(kind, 0) + 1
+    return _Tally(scores, tokens, failed, partial, errors, types)
+
+
+def _computed_tokens(tokens: int, queries: float | None, hits: float | None) -> float | None:
+    """Prompt tokens the engine computed: the engine's prompt tokens minus cache hits. The
+    engine may see more tokens than the items have (a PRM with reuse_prefix scores one request
+    per step): then its queries."""
+    computed = _computed(tokens, queries, hits)
+    if queries is not None and hits is not None and queries > tokens:
+        computed = queries - hits
+    return computed
+
+
 def write_registry(
     path: Path, model: str, model_dir: Path, engine: EngineOptions, **extra: Any
 ) -> Path:
-    kind = "process" if model == PRM else "discriminative"
+    kind = {PRM: "process", LISTWISE: "generative"}.get(model, "discriminative")
     entry = {"kind": kind, "weights": str(model_dir), "engine": engine.model_dump(), **extra}
     path.write_text(yaml.safe_dump({"models": {model: entry}}))
     return path
+
+
+@contextlib.contextmanager
+def embedded(
+    work: Path, name: str, registry: Path, model: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`rmserve serve` with `model` ready: its base URL (it serves /metrics too)."""
+    server = ServerProcess(registry, work / f"serve-{name}.log", command="serve", env=env)
+    try:
+        models = {m["name"]: m for m in server.wait_settled(READY_TIMEOUT_S)}
+        if models[model]["status"] != "ready":
+            raise ServerFailed(f"{model}: {models[model]['reason']}\n{server.log_tail()}")
+        yield server.base_url
+    finally:
+        server.stop()
 
 
 def run_embedded(
@@ -564,15 +673,8 @@ def run_embedded(
     note: str,
     per_sample: bool = False,
 ) -> list[Row]:
-    server = ServerProcess(registry, work / f"serve-{system}.log", command="serve")
-    try:
-        models = {m["name"]: m for m in server.wait_settled(READY_TIMEOUT_S)}
-        if models[model]["status"] != "ready":
-            raise ServerFailed(f"{model}: {models[model]['reason']}\n{server.log_tail()}")
-        urls = [server.base_url]
-        return measure_rmserve(system, label, server.base_url, urls, model, load, note, per_sample)
-    finally:
-        server.stop()
+    with embedded(work, system, registry, model) as url:
+        return measure_rmserve(system, label, url, [url], model, load, note, per_sample)
 
 
 NOT_ACCEPTED = "NOT ACCEPTED by this checkout"
@@ -590,12 +692,54 @@ def accepted(model: str, name: str) -> bool:
     return completed.stdout.strip() == "True"
 
 
-def run_distributed(
-    work: Path, routing: str, registry: Path, load: Workload, per_sample: bool = False
-) -> list[Row]:
-    folder = work / f"fleet-{routing}"
+@dataclass(frozen=True)
+class Fleet:
+    gateway: str  # base URLs
+    workers: list[str]
+    note: str
+
+
+def _wait_gateway_lists(
+    gateway: ServerProcess, others: Sequence[ServerProcess], model: str
+) -> None:
+    """Wait until the gateway's GET /v1/models lists `model` as ready (it reads the workers'
+    states from Redis every second)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: Any = None
+    with httpx.Client(base_url=gateway.base_url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            for server in (gateway, *others):
+                if server.process.poll() is not None:
+                    raise ServerFailed(
+                        f"{server.log_path.name}: exited with code {server.process.returncode}"
+                        f"\n{server.log_tail()}"
+                    )
+            try:
+                models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+            except httpx.TransportError:
+                time.sleep(0.25)
+                continue
+            last = models.get(model)
+            if last is not None and last["status"] == "ready":
+                return
+            time.sleep(0.25)
+    raise ServerFailed(f"the gateway does not list {model} as ready: {last}")
+
+
+@contextlib.contextmanager
+def fleet(
+    work: Path,
+    name: str,
+    routing: str,
+    registry: Path,
+    model: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[Fleet]:
+    """redis-server + `rmserve gateway` + WORKERS x `rmserve worker --model MODEL`, with
+    RMSERVE_ROUTING=routing (and `env`), all ready; stopped (workers, gateway, Redis) on exit."""
+    folder = work / f"fleet-{name}"
     folder.mkdir()
-    env = {"RMSERVE_ROUTING": routing}
+    env = {**(env or {}), "RMSERVE_ROUTING": routing}
     note = f"RMSERVE_ROUTING={routing}"
     if not accepted("rmserve.service.config.Settings", "routing"):
         note += f" {NOT_ACCEPTED}: the shared queue ran"
@@ -608,7 +752,7 @@ def run_distributed(
                         registry,
                         folder / f"worker{index}.log",
                         command="worker",
-                        args=["--redis-url", redis_server.url, "--model", RM],
+                        args=["--redis-url", redis_server.url, "--model", model],
                         env=env,
                     )
                 )
@@ -622,21 +766,190 @@ def run_distributed(
             servers.append(gateway)
             for server in servers:
                 server.wait_ready(READY_TIMEOUT_S)
-            _wait_listed_ready(gateway, servers[:-1])
-            workers = [server.base_url for server in servers[:-1]]
-            return measure_rmserve(
-                f"d-{routing}",
-                f"rmserve distributed, 2 workers, {routing}",
-                gateway.base_url,
-                workers,
-                RM,
-                load,
-                note,
-                per_sample,
-            )
+            _wait_gateway_lists(gateway, servers[:-1], model)
+            yield Fleet(gateway.base_url, [server.base_url for server in servers[:-1]], note)
         finally:
             for server in servers:
                 server.stop()
+
+
+def run_distributed(
+    work: Path, routing: str, registry: Path, load: Workload, per_sample: bool = False
+) -> list[Row]:
+    with fleet(work, routing, routing, registry, RM) as f:
+        return measure_rmserve(
+            f"d-{routing}",
+            f"rmserve distributed, 2 workers, {routing}",
+            f.gateway,
+            f.workers,
+            RM,
+            load,
+            f.note,
+            per_sample,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# --shapes: the trainers' per-sample traffic against whole groups
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeLoad:
+    warmup: list[Group]  # sent whole, before the timed rounds
+    rounds: dict[int, dict[str, list[Group]]]  # n -> shape -> its G groups (relabelled)
+
+
+def measure_shapes(
+    system: str,
+    label: str,
+    base_url: str,
+    metrics_urls: Sequence[str],
+    model: str,
+    load: ShapeLoad,
+    note: str,
+    seed: int,
+) -> list[Row]:
+    """Warm up, then one timed round per (n, shape), each on its own groups (the same
+    responses, relabelled: no shape finds another's prompts cached)."""
+    path = "/v1/score"
+    warm = traffic_shapes.bodies(model, [g.items for g in load.warmup], "group")
+    sent = asyncio.run(traffic_shapes.send(base_url, path, warm, None, REQUEST_TIMEOUT_S))
+    if sent.errors:
+        raise ServerFailed(f"{label}: warm-up failed: {sent.errors[0]}")
+    rows = []
+    for n, by_shape in load.rounds.items():
+        for shape, groups in by_shape.items():
+            bodies = traffic_shapes.bodies(model, [g.items for g in groups], shape)
+            order = traffic_shapes.lanes(shape, len(bodies), random.Random(f"{seed}-{shape}-{n}"))
+            time.sleep(METRICS_SETTLE_S)
+            before = traffic_shapes.snapshot(metrics_urls)
+            sent = asyncio.run(
+                traffic_shapes.send(base_url, path, bodies, order, REQUEST_TIMEOUT_S)
+            )
+            time.sleep(METRICS_SETTLE_S)
+            found = traffic_shapes.delta(before, traffic_shapes.snapshot(metrics_urls))
+            tally = _tally(bodies, sent.results, sent.errors)
+            queries = traffic_shapes.total(found, traffic_shapes.PREFIX_QUERIES, model=model)
+            hits = traffic_shapes.total(found, traffic_shapes.PREFIX_HITS, model=model)
+            computed = _computed_tokens(tally.tokens, queries, hits)
+            counts = traffic_shapes.counters(found, model)
+            items = sum(len(g.items) for g in groups)
+            scored = sum(score is not None for score in tally.scores)
+            clients = f"{len(order)} clients, one request at a time each" if order else "1 client"
+            what = [
+                f"{shape}: {len(bodies)} requests ({clients}), max {sent.max_in_flight} in flight",
+                f"jobs ok {counts['jobs_ok']:g}"
+                + (f", not ok {counts['jobs_not_ok']:g}" if counts["jobs_not_ok"] else ""),
+            ]
+            if counts["groups_opened"] or counts["groups_completed"] or counts["groups_timed_out"]:
+                wait = (
+                    f"{counts['group_wait_sum'] / counts['group_wait_count']:.2f} s"
+                    if counts["group_wait_count"]
+                    else "n/a (none completed)"
+                )
+                what.append(
+                    f"groups opened/completed/timed out {counts['groups_opened']:g}/"
+                    f"{counts['groups_completed']:g}/{counts['groups_timed_out']:g}, "
+                    f"mean wait {wait}"
+                )
+            rows.append(
+                Row(
+                    system,
+                    label,
+                    n,
+                    items,
+                    sent.seconds,
+                    tally.failed,
+                    tally.tokens / items,
+                    None if computed is None else computed / items,
+                    queries,
+                    hits,
+                    tally.scores,
+                    note="; ".join([note, *what])
+                    + (f"; failed items by error: {tally.error_types}" if tally.error_types else "")
+                    + (f"; first: {tally.errors[0][:200]}" if tally.errors else ""),
+                    shape=shape,
+                    model=model,
+                    groups=len(groups),
+                    error_types=tally.error_types,
+                    counters=counts,
+                    checks=traffic_shapes.listwise_checks(
+                        shape, len(groups), items, scored, tally.partial, counts
+                    )
+                    if model == LISTWISE
+                    else [],
+                )
+            )
+    return rows
+
+
+def run_shapes(
+    work: Path,
+    system: str,
+    registry: Path,
+    model: str,
+    load: ShapeLoad,
+    seed: int,
+    env: dict[str, str],
+) -> list[Row]:
+    """(c) `rmserve serve` or (d) the distributed fleet with prefix routing, every shape."""
+    if system == "c":
+        with embedded(work, f"c-{model}", registry, model, env) as url:
+            note = "embedded"
+            return measure_shapes("c", "rmserve serve", url, [url], model, load, note, seed)
+    with fleet(work, f"shapes-{model}", "prefix", registry, model, env) as f:
+        return measure_shapes(
+            "d-prefix",
+            "rmserve distributed, 2 workers, prefix",
+            f.gateway,
+            [f.gateway, *f.workers],
+            model,
+            load,
+            f.note,
+            seed,
+        )
+
+
+def shape_ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per-sample / whole-group of each (system, model, n), against SHAPE_TARGETS."""
+    by = {(row.system, row.model, row.n, row.shape): row for row in rows if row.shape}
+    out = []
+    for (system, model, n, shape), row in by.items():
+        base = by.get((system, model, n, "group"))
+        if shape == "group" or base is None:
+            continue
+        failed = [
+            f"{r.shape}: {r.errors} of {r.items} items failed" for r in (row, base) if r.errors
+        ]
+        for what, (threshold, higher) in SHAPE_TARGETS.items():
+            why = "; ".join(failed)
+            if what == "items/s":  # the items scored per second: failed items count for none
+                value = row.items_per_s / base.items_per_s if base.items_per_s else None
+            elif failed:  # tokens of items never scored are no measure
+                value = None
+            else:
+                value = (
+                    None
+                    if row.computed_tokens is None or not base.computed_tokens
+                    else row.computed_tokens / base.computed_tokens
+                )
+                why = "" if value is not None else "prefix-cache metrics not exported"
+            met = None if value is None else (value >= threshold if higher else value <= threshold)
+            out.append(
+                {
+                    "ratio": f"{shape}/group {what}",
+                    "system": system,
+                    "model": model,
+                    "n": n,
+                    "value": value,
+                    "target": threshold,
+                    "higher_is_better": higher,
+                    "met": met,
+                    "note": why,
+                }
+            )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,9 +962,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
-    by = {(row.system, row.n): row for row in rows}
+    by = {(row.system, row.n): row for row in rows if not row.shape}
     out = []
-    ns = sorted({row.n for row in rows})
+    ns = sorted({row.n for row in rows if not row.shape})
 
     def add(name: str, n: int, value: float | None, why: str = "") -> None:
         threshold, higher = TARGETS[name]
@@ -730,14 +1043,14 @@ def report(rows: list[Row], found: list[dict[str, Any]], header: list[str]) -> N
         table.add_column(column, justify="left" if column in ("system", "note") else "right")
     for row in rows:
         table.add_row(
-            f"({row.system}) {row.label}",
+            f"({row.system}) {row.label}" + (f" · {row.model} · {row.shape}" if row.shape else ""),
             str(row.n),
             f"{row.items - row.errors}/{row.items}",
             f"{row.seconds:.2f}",
             f"{row.items_per_s:.1f}",
             f"{row.prompt_tokens:.0f}",
             _fmt(row.computed_tokens, 0),
-            _fmt(row.max_diff_vs_a, 6) if row.system in DIFFED else "-",
+            _fmt(row.max_diff_vs_a, 6) if row.system in DIFFED and not row.shape else "-",
             row.note,
         )
     console.print(table)
@@ -747,23 +1060,47 @@ def report(rows: list[Row], found: list[dict[str, Any]], header: list[str]) -> N
     for r in found:
         sign = ">=" if r["higher_is_better"] else "<="
         result = "n/a" if r["met"] is None else ("met" if r["met"] else "NOT met")
+        name = f"({r['system']}, {r['model']}) {r['ratio']}" if "system" in r else r["ratio"]
         summary.add_row(
-            r["ratio"], str(r["n"]), _fmt(r["value"], 3), f"{sign} {r['target']}", result, r["note"]
+            name, str(r["n"]), _fmt(r["value"], 3), f"{sign} {r['target']}", result, r["note"]
         )
     console.print(summary)
+    checked = [row for row in rows if row.checks]
+    if checked:
+        checks = Table(title="listwise judge: every judge job judged a complete group")
+        for column in ("system", "n", "shape", "check", "value", "expected", "result"):
+            checks.add_column(column)
+        for row in checked:
+            for c in row.checks:
+                checks.add_row(
+                    f"({row.system}) {row.model}",
+                    str(row.n),
+                    row.shape,
+                    c["check"],
+                    f"{c['value']:g}",
+                    f"{c['expected']:g}",
+                    "met" if c["met"] else "NOT met",
+                )
+        console.print(checks)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--groups", type=int, default=4, help="G: groups per round")
-    parser.add_argument("--n", type=int, nargs="+", default=[8, 16], help="responses per group")
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--groups", type=int, help="G: groups per round (4; --quick 2)")
+    parser.add_argument("--n", type=int, nargs="+", help="responses per group (8 16; --quick 2 3)")
+    parser.add_argument("--prompt-tokens", type=int, help="1000; --quick 120")
     parser.add_argument(
-        "--response-tokens", type=int, nargs=2, default=[100, 400], metavar=("MIN", "MAX")
+        "--response-tokens",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="100 400; --quick 20 40",
     )
-    parser.add_argument("--systems", default="a,b,c,d,prm", help="comma-separated subset")
-    parser.add_argument("--hidden-size", type=int, default=256, help="multiple of 64")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--systems", help="comma-separated subset of a,b,c,d,prm (a,b,c,d,prm; --shapes: c,d)"
+    )
+    parser.add_argument("--hidden-size", type=int, help="multiple of 64 (256; --quick 64)")
+    parser.add_argument("--layers", type=int, help="4; --quick 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--compile", action="store_true", help="vLLM graph compilation (slow start)"
@@ -777,7 +1114,38 @@ def main(argv: list[str] | None = None) -> int:
         default="group",
         help="(c), (d): one request per group, or one per item (OpenRLHF's shape)",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument(
+        "--shapes",
+        help="comma-separated subset of group,verl,openrlhf: (c) and (d, prefix routing only) "
+        "score the same groups in each trainer's request shape instead of --traffic",
+    )
+    parser.add_argument(
+        "--models",
+        help="with --shapes: comma-separated subset of rm (tiny-rm, discriminative) and "
+        "listwise (a listwise judge on tiny-lm); default both",
+    )
+    parser.add_argument(
+        "--judge-max-tokens",
+        type=int,
+        help="with --shapes: the listwise judge's max_tokens (default: room for its critique "
+        "and every score, whatever the tokens)",
+    )
+    parser.add_argument(
+        "--group-wait-s",
+        type=float,
+        help="with --shapes: the servers' RMSERVE_GROUP_WAIT_S, how long a group sent in pieces "
+        "waits for its rest (default: the server's, 300 s); it bounds how long a round whose "
+        "groups do not complete takes, it never makes them complete",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        help="with --shapes: the servers' RMSERVE_DEFAULT_TIMEOUT_S, how long a request waits "
+        "for its items (default: the server's, 600 s); it bounds a round whose items hang",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (the flags given win): a smoke run"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--vllm-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--hf-server", nargs=2, help=argparse.SUPPRESS)
@@ -792,18 +1160,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_server:
         _hf_server_child(Path(args.hf_server[0]), int(args.hf_server[1]))
         return 0
+    sizes = {"groups": 4, "n": [8, 16], "prompt_tokens": 1000, "response_tokens": [100, 400]}
+    sizes |= {"hidden_size": 256, "layers": 4}
     if args.quick:
-        args.groups, args.n, args.prompt_tokens = 2, [2, 3], 120
-        args.response_tokens, args.hidden_size, args.layers = [20, 40], 64, 1
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"a", "b", "c", "d", "prm"}
+        sizes = {"groups": 2, "n": [2, 3], "prompt_tokens": 120, "response_tokens": [20, 40]}
+        sizes |= {"hidden_size": 64, "layers": 1}
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+    def listed(value: str | None, default: str, known: Sequence[str], flag: str) -> list[str]:
+        names = [s.strip() for s in (value or default).split(",") if s.strip()]
+        if not names or set(names) - set(known):
+            parser.error(f"{flag}: comma-separated names among {','.join(known)}")
+        return names
+
+    shapes = listed(args.shapes, "", traffic_shapes.SHAPES, "--shapes") if args.shapes else []
+    everything = ["a", "b", "c", "d", "prm"]
+    systems = listed(
+        args.systems, "c,d" if shapes else ",".join(everything), everything, "--systems"
+    )
+    models = [MODELS[m] for m in listed(args.models, "rm,listwise", list(MODELS), "--models")]
+    if not shapes and (args.models or args.judge_max_tokens or args.group_wait_s or args.timeout_s):
+        parser.error(
+            "--models, --judge-max-tokens, --group-wait-s and --timeout-s go with --shapes"
+        )
+    if shapes and args.traffic != "group":
+        parser.error("--shapes replaces --traffic: give one of them")
     low, high = args.response_tokens
-    if unknown or args.groups < 1 or min(args.n) < 1 or not 1 <= low <= high:
-        parser.error(f"bad --systems {unknown or ''}, --groups, --n or --response-tokens")
+    if args.groups < 1 or min(args.n) < 1 or not 1 <= low <= high:
+        parser.error("bad --groups, --n or --response-tokens")
     if args.prompt_tokens + high + 100 > MAX_MODEL_LEN:
         parser.error(f"prompt + response tokens must fit max_model_len {MAX_MODEL_LEN}")
     if args.hidden_size % 64 or args.layers < 1:
         parser.error("--hidden-size must be a multiple of 64, --layers >= 1")
+    # The listwise judge: room for a critique of JUDGE_CRITIQUE_CHARS characters (up to 4
+    # tokens each), `Scores: ` and `X=10, ` per response, one token each at worst.
+    judge_max_tokens = args.judge_max_tokens or 4 * JUDGE_CRITIQUE_CHARS + 16 + 6 * max(args.n)
+    listwise = bool(shapes) and LISTWISE in models
+    if listwise and not 2 <= min(args.n) <= max(args.n) <= 26:
+        parser.error("the listwise judge compares 2 to 26 responses: --n")
+    # Its prompt: its instructions (~150 tokens), the prompt, every response (~10 tokens of
+    # labels each); then its judgement.
+    judge_tokens = 150 + args.prompt_tokens + max(args.n) * (high + 10) + judge_max_tokens
+    if listwise and judge_tokens > MAX_MODEL_LEN:
+        parser.error(
+            f"the listwise judge's prompt (~{judge_tokens} tokens with its judgement) must fit "
+            f"max_model_len {MAX_MODEL_LEN}: fewer --n, --prompt-tokens or --response-tokens"
+        )
 
     from transformers import AutoTokenizer
 
@@ -862,7 +1266,62 @@ def main(argv: list[str] | None = None) -> int:
             attempt("(a) vLLM direct", lambda: run_vllm(work, paths[RM], options, load))
         if "b" in systems:
             attempt("(b) transformers server", lambda: run_hf(work, paths[RM], load))
-        if "c" in systems:
+        judge: dict[str, Any] = {
+            "mode": "listwise",
+            "structured_output": True,
+            "max_critique_chars": JUDGE_CRITIQUE_CHARS,
+            "sampling": {"temperature": 1.0, "max_tokens": judge_max_tokens},
+        }
+        if shapes:
+            base = {
+                n: make_groups(renderer, args.groups, n, *size, args.seed, f"n{n}") for n in args.n
+            }
+            shape_load = ShapeLoad(
+                warmup=[
+                    group
+                    for n in args.n
+                    for group in relabel(
+                        renderer,
+                        make_groups(renderer, WORKERS * 2, n, *size, args.seed, f"warm{n}"),
+                        "w",
+                    )
+                ],
+                rounds={
+                    n: {shape: relabel(renderer, groups, f"s{k}") for k, shape in enumerate(shapes)}
+                    for n, groups in base.items()
+                },
+            )
+            registries = {RM: rm_registry}
+            server_env = {}
+            if args.group_wait_s is not None:
+                server_env["RMSERVE_GROUP_WAIT_S"] = str(args.group_wait_s)
+            if args.timeout_s is not None:
+                server_env["RMSERVE_DEFAULT_TIMEOUT_S"] = str(args.timeout_s)
+            if LISTWISE in models:
+                registries[LISTWISE] = write_registry(
+                    work / "registry-listwise.yaml",
+                    LISTWISE,
+                    paths["tiny-lm"],
+                    options,
+                    options=judge,
+                )
+            for model in models:
+                for system in ("c", "d"):
+                    if system in systems:
+                        attempt(
+                            f"({system}) {model}, shapes {','.join(shapes)}",
+                            functools.partial(
+                                run_shapes,
+                                work,
+                                system,
+                                registries[model],
+                                model,
+                                shape_load,
+                                args.seed,
+                                server_env,
+                            ),
+                        )
+        if "c" in systems and not shapes:
             attempt(
                 "(c) rmserve serve",
                 lambda: run_embedded(
@@ -876,7 +1335,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_sample,
                 ),
             )
-        if "d" in systems:
+        if "d" in systems and not shapes:
             for routing in ROUTINGS:
                 attempt(
                     f"(d) distributed, {routing}",
@@ -918,7 +1377,7 @@ def main(argv: list[str] | None = None) -> int:
 
         baseline = {row.n: row.scores for row in rows if row.system == "a"}
         for row in rows:
-            if row.system in DIFFED and row.n in baseline:
+            if row.system in DIFFED and row.n in baseline and not row.shape:
                 pairs = [
                     (x, y)
                     for x, y in zip(baseline[row.n], row.scores, strict=True)
@@ -936,7 +1395,24 @@ def main(argv: list[str] | None = None) -> int:
             f"(measured {[g.prompt_tokens for g in next(iter(load.rounds.values()))]}), "
             f"responses {low}-{high} tokens; PRM n={prm_n}",
         ]
-        found = ratios(rows)
+        if shapes:
+            header += [
+                f"shapes {','.join(shapes)} (each on its own groups: the same responses, the "
+                "prompt's head relabelled); items carry id, group, group_size: group = one "
+                f"request per group, all at once; verl = one request per item from "
+                f"{traffic_shapes.VERL_WORKERS} clients (each item to one chosen at random), "
+                "each client one request at a time, in the batch's order; openrlhf = one "
+                "request per item, all at once",
+                f"models {', '.join(models)}"
+                + (f"; {LISTWISE}: tiny-lm, {judge}" if LISTWISE in models else "")
+                + "; (d): 2 workers, RMSERVE_ROUTING=prefix; group wait "
+                + (f"{args.group_wait_s:g} s" if args.group_wait_s else "the server's default")
+                + ", request timeout "
+                + (f"{args.timeout_s:g} s" if args.timeout_s else "the server's default"),
+                "targets: per-sample / group items/s >= 0.9 and computed prompt tokens per item "
+                "<= 1.1 (per-sample never more than 10% worse); listwise: complete groups only",
+            ]
+        found = ratios(rows) + shape_ratios(rows)
         report(rows, found, header)
         for failure in failures:
             print(f"FAILED {failure}", file=sys.stderr)
@@ -947,6 +1423,12 @@ def main(argv: list[str] | None = None) -> int:
                         "header": header,
                         "rows": [{**asdict(row), "items_per_s": row.items_per_s} for row in rows],
                         "ratios": found,
+                        "checks": [
+                            {"system": row.system, "model": row.model, "n": row.n}
+                            | {"shape": row.shape, **check}
+                            for row in rows
+                            for check in row.checks
+                        ],
                         "failures": failures,
                     },
                     indent=2,

@@ -105,7 +105,8 @@ def join(
     deadline: float,
 ) -> tuple[Cohort, list[Outcome], bool]:
     """Add a piece's items to their group: (the group now, each item's outcome, whether this
-    piece completed the group)."""
+    piece completed the group). A group found past its wait is given up first (its status
+    becomes expired: the caller concludes it), so no item joins a group that timed out."""
     agreed = agreed_fields(piece, options)
     if cohort is None:
         first = piece.members[0][1]
@@ -121,6 +122,8 @@ def join(
             | {"prompt": piece.prompt, "id": first.id},
         )
     cohort = cohort.model_copy(deep=True)
+    if cohort.status == "open" and now >= cohort.expires_at:
+        cohort.status = "expired"  # past its wait: the joining request gives it up (Cohorts)
     differs = [name for name, digest in agreed.items() if cohort.agreed.get(name) != digest]
     outcomes: list[Outcome] = []
     for (_, item), response in zip(piece.members, piece.responses, strict=True):
@@ -308,12 +311,19 @@ class Cohorts:
         channel = self._queue.reply_channel
         now = time.time()
 
-        def edit(cohort: Cohort | None) -> tuple[Cohort, tuple[Cohort, list[Outcome], bool]]:
-            joined = join(cohort, piece, options, channel, now, wait_s, job.deadline)
-            return joined[0], joined
+        def edit(
+            cohort: Cohort | None,
+        ) -> tuple[Cohort, tuple[Cohort, list[Outcome], bool, bool]]:
+            was_open = cohort is not None and cohort.status == "open"
+            joined, outcomes, completed = join(
+                cohort, piece, options, channel, now, wait_s, job.deadline
+            )
+            return joined, (joined, outcomes, completed, was_open and joined.status == "expired")
 
         ttl_s = max(wait_s, job.deadline - now) + self._keep_s
-        cohort, outcomes, completed = await self._store.change(key, edit, ttl_s)
+        cohort, outcomes, completed, expired = await self._store.change(key, edit, ttl_s)
+        if expired:  # this request found the group past its wait
+            await self._conclude(cohort, job.model)
         if cohort.opened_at == now and cohort.ids:
             self._metrics.groups.labels(job.model, "opened").inc()
         waiting = Waiting(
@@ -437,19 +447,28 @@ class Cohorts:
                     raise
             if result.cancelled() or time.time() >= waiting.deadline:
                 return None
-            await self._give_up(waiting)
-            waiting.expires_at = waiting.deadline  # given up by this or another request
+            if time.time() < waiting.expires_at:  # a timer may fire a little early (uvloop)
+                continue
+            if await self._give_up(waiting):
+                waiting.expires_at = waiting.deadline  # given up, by this request or another
+            else:  # still open by the store's clock: look again shortly
+                waiting.expires_at = time.time() + 0.05
 
-    async def _give_up(self, waiting: Waiting) -> None:
-        now, model = time.time(), waiting.model
+    async def _give_up(self, waiting: Waiting) -> bool:
+        """End the group if it is past its wait; whether it is no longer open."""
+        now = time.time()
 
         def edit(cohort: Cohort | None) -> tuple[Cohort | None, tuple[Cohort | None, bool]]:
             changed, expired = expire(cohort, now)
             return changed, (changed, expired)
 
         cohort, expired = await self._store.change(waiting.key, edit, self._keep_s)
-        if not expired or cohort is None:
-            return
+        if expired and cohort is not None:
+            await self._conclude(cohort, waiting.model)
+        return cohort is None or cohort.status != "open"
+
+    async def _conclude(self, cohort: Cohort, model: str) -> None:
+        """A group given up after its wait: its items' errors, or its partial judging."""
         self._metrics.groups.labels(model, "timed_out").inc()
         arrived = len(cohort.ids)
         if self._partial == "judge" and arrived >= 2:

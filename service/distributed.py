@@ -49,9 +49,21 @@ log = logging.getLogger(__name__)
 def redis_client(url: str) -> aioredis.Redis:
     # Blocking reads wait at most a few seconds (fetch 0.5 s, batch follow 5 s), so a socket
     # timeout above that only fires when Redis stops answering.
-    return aioredis.Redis.from_url(
-        url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=10
+    # A blocking pool: at a burst of requests (one per sample, as OpenRLHF sends them) a
+    # command waits for a free connection instead of failing with "Too many connections"
+    # (redis-py's default pool is capped and does not wait).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=10,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=10,
     )
+    return aioredis.Redis(connection_pool=pool)
+
+
+MAX_CONNECTIONS = 512  # per process; Redis takes 10000 clients by default
 
 
 def stream_settings(settings: Settings) -> StreamSettings:

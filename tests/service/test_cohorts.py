@@ -373,3 +373,36 @@ async def test_a_request_timeout_shorter_than_the_group_wait_ends_the_request_on
         (late,) = (await scoring.score(request(sample("g", 1, 2)))).results
     assert early.error is not None and early.error.type == "timeout"
     assert late.score == 2.0  # the group still completed, and was judged whole
+
+
+async def test_a_waiter_woken_a_little_early_still_ends_the_group_on_time(
+    queues: tuple[JobQueue, JobQueue],
+) -> None:
+    """uvloop's timers may fire ~1 ms early; the group was then still open by the store's
+    clock and every waiter used to wait for its request's deadline instead."""
+    scoring, _ = gateway(queues[0])
+    submitted = await scoring.submit(request(sample("g", 0, 2), group_wait_s=0.3), scope="s")
+    (waiting,) = submitted.groups
+    waiting.expires_at -= 0.05  # this waiter's timer fires before the group's wait is over
+    started = time.monotonic()
+    (result,) = [r async for r in scoring.stream(submitted)]
+    assert time.monotonic() - started < 5
+    assert result.error is not None and result.error.type == "group_incomplete"
+
+
+async def test_an_item_that_finds_its_group_past_its_wait_ends_it(
+    queues: tuple[JobQueue, JobQueue],
+) -> None:
+    """Nobody waits on the first item (its gateway died): the next item to arrive after the
+    wait gives the group up, and is told so at once."""
+    scoring, metrics = gateway(queues[0])
+    first = await scoring.submit(request(sample("g", 0, 3), group_wait_s=0.2), scope="s")
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    (late,) = (await scoring.score(request(sample("g", 1, 3)), scope="s")).results
+    assert time.monotonic() - started < 2
+    assert late.error is not None and late.error.type == "group_incomplete"
+    (held,) = [r async for r in scoring.stream(first)]
+    assert held.error is not None and held.error.type == "group_incomplete"
+    assert "1 of the group's 3" in held.error.message
+    assert groups_metric(metrics, "timed_out") == 1

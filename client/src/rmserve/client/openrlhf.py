@@ -13,10 +13,11 @@ Requests are retried on 429/5xx and timeouts, honouring Retry-After.
 Environment: RMSERVE_URL (default http://127.0.0.1:8000), RMSERVE_MODEL (default: the service's
 RMSERVE_OPENRLHF_MODEL), RMSERVE_API_KEY (sent as a Bearer token), RMSERVE_ON_ERROR: `raise`
 (default: the sample's call raises ItemFailed; OpenRLHF 0.11.2 catches it, logs it at INFO and
-leaves the sample without a reward, so the step fails later) or a number (the sample gets it, with `extra_logs["rmserve_error"]` 1). A label the
-service refuses (422 naming `labels[i]`) raises RewardServiceError in that sample's call only
-(the other samples are sent again); a request that fails for good (service down, unknown model)
-raises it in every call of the batch, whatever RMSERVE_ON_ERROR says.
+leaves the sample without a reward, so the step fails later) or a number (the sample gets it, with
+`extra_logs["rmserve_error"]` 1). A label the service refuses (422 naming `labels[i]`) raises
+RewardServiceError in that sample's call only (the other samples are sent again); a request that
+fails for good (service down, unknown model) raises it in every call of the batch, whatever
+RMSERVE_ON_ERROR says.
 """
 
 from __future__ import annotations
