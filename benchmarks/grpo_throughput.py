@@ -836,7 +836,7 @@ def measure_shapes(
             counts = traffic_shapes.counters(found, model)
             items = sum(len(g.items) for g in groups)
             scored = sum(score is not None for score in tally.scores)
-            clients = f"{len(order)} clients, one request at a time each" if order else "1 client"
+            clients = f"{len(order)} clients, a client's requests at once" if order else "1 client"
             what = [
                 f"{shape}: {len(bodies)} requests ({clients}), max {sent.max_in_flight} in flight",
                 f"jobs ok {counts['jobs_ok']:g}"
