@@ -70,6 +70,7 @@ from benchmarks.score_throughput import (  # noqa: E402
     parameter_count,
     render,
     run_baseline,
+    wait_listed_ready,
     write_registry,
 )
 from loadtests.score_load import LoadResult, percentile, run_load  # noqa: E402
@@ -273,31 +274,6 @@ def run_embedded(work_dir: Path, registry: Path, work: Workload) -> Phase:
         server.stop()
 
 
-def _wait_listed_ready(gateway: ServerProcess, others: Sequence[ServerProcess]) -> None:
-    """Wait until the gateway's GET /v1/models lists MODEL as ready (it reads the workers'
-    states from Redis every second)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last: Any = None
-    with httpx.Client(base_url=gateway.base_url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            for server in (gateway, *others):
-                if server.process.poll() is not None:
-                    raise ServerFailed(
-                        f"{server.log_path.name}: exited with code {server.process.returncode}"
-                        f"\n{server.log_tail()}"
-                    )
-            try:
-                models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
-            except httpx.TransportError:
-                time.sleep(0.25)
-                continue
-            last = models.get(MODEL)
-            if last is not None and last["status"] == "ready":
-                return
-            time.sleep(0.25)
-    raise ServerFailed(f"the gateway does not list {MODEL} as ready: {last}")
-
-
 def run_distributed(work_dir: Path, registry: Path, work: Workload) -> tuple[Phase, str]:
     """(c) redis-server + `rmserve gateway` + `rmserve worker`: started, measured, stopped
     (worker, gateway, then Redis) before this returns. Also returns redis-server's version."""
@@ -327,7 +303,7 @@ def run_distributed(work_dir: Path, registry: Path, work: Workload) -> tuple[Pha
         gateway.wait_ready(READY_TIMEOUT_S)
         worker.wait_ready(READY_TIMEOUT_S)
         worker_ready_s = time.perf_counter() - started
-        _wait_listed_ready(gateway, [worker])
+        wait_listed_ready(gateway, [worker], MODEL)
         ready_s = time.perf_counter() - started
         assert redis_server.process is not None
         redis_pid = redis_server.process.pid

@@ -38,11 +38,12 @@ them the computed tokens are "n/a". Targets are printed as met / not met; the ex
 every system ran without failed items, 1 otherwise. On a shared machine figures are indicative.
 
 --shapes: the trainers' per-sample traffic against the same groups sent whole. (c) and (d, prefix
-routing only) score each round once per shape (benchmarks/traffic_shapes.py): `group` (one
+routing only) score each n in --repeats rounds per shape (benchmarks/traffic_shapes.py), the
+shapes interleaved (their order rotated each repeat) and each row summing its rounds: `group` (one
 request per group), `verl` (one request per item from 8 clients, each item to a client chosen at
 random, each client one request at a time) and `openrlhf` (one request per item, all at once);
-every item carries `id`, `group` and `group_size`. Each shape gets its own groups: the same
-responses under a relabelled prompt head, so no shape finds another's prompts cached. The models
+every item carries `id`, `group` and `group_size`. Each round gets its own groups: the same
+responses under a relabelled prompt head, so no round finds another's prompts cached. The models
 (--models): the tiny-rm above (discriminative: items scored one by one) and `tiny-listwise`, a
 listwise judge on the random tiny-lm with structured outputs (every judgement parses) whose
 max_tokens leaves room for a short critique and every score: a group sent in pieces is held by
@@ -87,6 +88,7 @@ from benchmarks.score_throughput import (  # noqa: E402
     _fill,
     machine,
     parameter_count,
+    wait_listed_ready,
 )
 from rmserve.models.rendering import ChatRenderer, template_messages  # noqa: E402
 from rmserve.models.spec import EngineOptions  # noqa: E402
@@ -263,12 +265,6 @@ class Row:
     @property
     def items_per_s(self) -> float:
         return (self.items - self.errors) / self.seconds if self.seconds > 0 else 0.0
-
-
-def _computed(tokens: int, queries: float | None, hits: float | None) -> float | None:
-    if queries is None or hits is None:
-        return None
-    return tokens - hits
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,10 +629,9 @@ def _computed_tokens(tokens: int, queries: float | None, hits: float | None) -> 
     """Prompt tokens the engine computed: the engine's prompt tokens minus cache hits. The
     engine may see more tokens than the items have (a PRM with reuse_prefix scores one request
     per step): then its queries."""
-    computed = _computed(tokens, queries, hits)
-    if queries is not None and hits is not None and queries > tokens:
-        computed = queries - hits
-    return computed
+    if queries is None or hits is None:
+        return None
+    return max(tokens, queries) - hits
 
 
 def write_registry(
@@ -699,33 +694,6 @@ class Fleet:
     note: str
 
 
-def _wait_gateway_lists(
-    gateway: ServerProcess, others: Sequence[ServerProcess], model: str
-) -> None:
-    """Wait until the gateway's GET /v1/models lists `model` as ready (it reads the workers'
-    states from Redis every second)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last: Any = None
-    with httpx.Client(base_url=gateway.base_url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            for server in (gateway, *others):
-                if server.process.poll() is not None:
-                    raise ServerFailed(
-                        f"{server.log_path.name}: exited with code {server.process.returncode}"
-                        f"\n{server.log_tail()}"
-                    )
-            try:
-                models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
-            except httpx.TransportError:
-                time.sleep(0.25)
-                continue
-            last = models.get(model)
-            if last is not None and last["status"] == "ready":
-                return
-            time.sleep(0.25)
-    raise ServerFailed(f"the gateway does not list {model} as ready: {last}")
-
-
 @contextlib.contextmanager
 def fleet(
     work: Path,
@@ -766,7 +734,7 @@ def fleet(
             servers.append(gateway)
             for server in servers:
                 server.wait_ready(READY_TIMEOUT_S)
-            _wait_gateway_lists(gateway, servers[:-1], model)
+            wait_listed_ready(gateway, servers[:-1], model)
             yield Fleet(gateway.base_url, [server.base_url for server in servers[:-1]], note)
         finally:
             for server in servers:
@@ -797,7 +765,40 @@ def run_distributed(
 @dataclass(frozen=True)
 class ShapeLoad:
     warmup: list[Group]  # sent whole, before the timed rounds
-    rounds: dict[int, dict[str, list[Group]]]  # n -> shape -> its G groups (relabelled)
+    # n -> shape -> one list of G groups per repeat (each relabelled: never cached before)
+    rounds: dict[int, dict[str, list[list[Group]]]]
+
+
+@dataclass
+class _ShapeRounds:
+    """A shape's rounds at one n, summed: the bodies sent and their answers, in order."""
+
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any] | None] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    per_round: list[float] = field(default_factory=list)  # items/s of each round
+    groups: int = 0
+    peak: int = 0
+    clients: str = ""
+    found: traffic_shapes.Snapshot = field(default_factory=dict)
+
+    def add(
+        self,
+        groups: list[Group],
+        bodies: list[dict[str, Any]],
+        sent: traffic_shapes.Sent,
+        found: traffic_shapes.Snapshot,
+    ) -> None:
+        self.bodies += bodies
+        self.results += sent.results
+        self.errors += sent.errors
+        self.seconds += sent.seconds
+        self.per_round.append(sum(len(g.items) for g in groups) / sent.seconds)
+        self.groups += len(groups)
+        self.peak = max(self.peak, sent.max_in_flight)
+        for key, value in found.items():
+            self.found[key] = self.found.get(key, 0.0) + value
 
 
 def measure_shapes(
@@ -810,8 +811,9 @@ def measure_shapes(
     note: str,
     seed: int,
 ) -> list[Row]:
-    """Warm up, then one timed round per (n, shape), each on its own groups (the same
-    responses, relabelled: no shape finds another's prompts cached)."""
+    """Warm up, then for each n the timed rounds: every shape once per repeat, interleaved (the
+    order rotated each repeat), each round on its own groups (the same responses, relabelled:
+    no round finds another's prompts cached). A row per (n, shape) sums its rounds."""
     path = "/v1/score"
     warm = traffic_shapes.bodies(model, [g.items for g in load.warmup], "group")
     sent = asyncio.run(traffic_shapes.send(base_url, path, warm, None, REQUEST_TIMEOUT_S))
@@ -819,69 +821,81 @@ def measure_shapes(
         raise ServerFailed(f"{label}: warm-up failed: {sent.errors[0]}")
     rows = []
     for n, by_shape in load.rounds.items():
-        for shape, groups in by_shape.items():
-            bodies = traffic_shapes.bodies(model, [g.items for g in groups], shape)
-            order = traffic_shapes.lanes(shape, len(bodies), random.Random(f"{seed}-{shape}-{n}"))
-            time.sleep(METRICS_SETTLE_S)
-            before = traffic_shapes.snapshot(metrics_urls)
-            sent = asyncio.run(
-                traffic_shapes.send(base_url, path, bodies, order, REQUEST_TIMEOUT_S)
-            )
-            time.sleep(METRICS_SETTLE_S)
-            found = traffic_shapes.delta(before, traffic_shapes.snapshot(metrics_urls))
-            tally = _tally(bodies, sent.results, sent.errors)
-            queries = traffic_shapes.total(found, traffic_shapes.PREFIX_QUERIES, model=model)
-            hits = traffic_shapes.total(found, traffic_shapes.PREFIX_HITS, model=model)
-            computed = _computed_tokens(tally.tokens, queries, hits)
-            counts = traffic_shapes.counters(found, model)
-            items = sum(len(g.items) for g in groups)
-            scored = sum(score is not None for score in tally.scores)
-            clients = f"{len(order)} clients, a client's requests at once" if order else "1 client"
-            what = [
-                f"{shape}: {len(bodies)} requests ({clients}), max {sent.max_in_flight} in flight",
-                f"jobs ok {counts['jobs_ok']:g}"
-                + (f", not ok {counts['jobs_not_ok']:g}" if counts["jobs_not_ok"] else ""),
-            ]
-            if counts["groups_opened"] or counts["groups_completed"] or counts["groups_timed_out"]:
-                wait = (
-                    f"{counts['group_wait_sum'] / counts['group_wait_count']:.2f} s"
-                    if counts["group_wait_count"]
-                    else "n/a (none completed)"
+        shapes = list(by_shape)
+        summed = {shape: _ShapeRounds() for shape in shapes}
+        for repeat in range(len(by_shape[shapes[0]])):
+            turn = repeat % len(shapes)
+            for shape in shapes[turn:] + shapes[:turn]:
+                groups = by_shape[shape][repeat]
+                bodies = traffic_shapes.bodies(model, [g.items for g in groups], shape)
+                rng = random.Random(f"{seed}-{shape}-{n}-{repeat}")
+                order = traffic_shapes.lanes(shape, len(bodies), rng)
+                time.sleep(METRICS_SETTLE_S)
+                before = traffic_shapes.snapshot(metrics_urls)
+                sent = asyncio.run(
+                    traffic_shapes.send(base_url, path, bodies, order, REQUEST_TIMEOUT_S)
                 )
-                what.append(
-                    f"groups opened/completed/timed out {counts['groups_opened']:g}/"
-                    f"{counts['groups_completed']:g}/{counts['groups_timed_out']:g}, "
-                    f"mean wait {wait}"
+                time.sleep(METRICS_SETTLE_S)
+                found = traffic_shapes.delta(before, traffic_shapes.snapshot(metrics_urls))
+                summed[shape].add(groups, bodies, sent, found)
+                summed[shape].clients = (
+                    f"{len(order)} clients, a client's requests at once" if order else "1 client"
                 )
-            rows.append(
-                Row(
-                    system,
-                    label,
-                    n,
-                    items,
-                    sent.seconds,
-                    tally.failed,
-                    tally.tokens / items,
-                    None if computed is None else computed / items,
-                    queries,
-                    hits,
-                    tally.scores,
-                    note="; ".join([note, *what])
-                    + (f"; failed items by error: {tally.error_types}" if tally.error_types else "")
-                    + (f"; first: {tally.errors[0][:200]}" if tally.errors else ""),
-                    shape=shape,
-                    model=model,
-                    groups=len(groups),
-                    error_types=tally.error_types,
-                    counters=counts,
-                    checks=traffic_shapes.listwise_checks(
-                        shape, len(groups), items, scored, tally.partial, counts
-                    )
-                    if model == LISTWISE
-                    else [],
-                )
-            )
+        rows += [_shape_row(system, label, model, n, shape, s, note) for shape, s in summed.items()]
     return rows
+
+
+def _shape_row(
+    system: str, label: str, model: str, n: int, shape: str, s: _ShapeRounds, note: str
+) -> Row:
+    tally = _tally(s.bodies, s.results, s.errors)
+    queries = traffic_shapes.total(s.found, traffic_shapes.PREFIX_QUERIES, model=model)
+    hits = traffic_shapes.total(s.found, traffic_shapes.PREFIX_HITS, model=model)
+    computed = _computed_tokens(tally.tokens, queries, hits)
+    counts = traffic_shapes.counters(s.found, model)
+    items = sum(len(body["items"]) for body in s.bodies)
+    scored = sum(score is not None for score in tally.scores)
+    rounds = len(s.per_round)
+    what = [
+        f"{shape}: {rounds} round(s) of {len(s.bodies) // rounds} requests ({s.clients}), "
+        f"max {s.peak} in flight; items/s by round {', '.join(f'{v:.1f}' for v in s.per_round)}",
+        f"jobs ok {counts['jobs_ok']:g}"
+        + (f", not ok {counts['jobs_not_ok']:g}" if counts["jobs_not_ok"] else ""),
+    ]
+    if counts["groups_opened"] or counts["groups_completed"] or counts["groups_timed_out"]:
+        wait = (
+            f"{counts['group_wait_sum'] / counts['group_wait_count']:.2f} s"
+            if counts["group_wait_count"]
+            else "n/a (none completed)"
+        )
+        what.append(
+            f"groups opened/completed/timed out {counts['groups_opened']:g}/"
+            f"{counts['groups_completed']:g}/{counts['groups_timed_out']:g}, mean wait {wait}"
+        )
+    return Row(
+        system,
+        label,
+        n,
+        items,
+        s.seconds,
+        tally.failed,
+        tally.tokens / items,
+        None if computed is None else computed / items,
+        queries,
+        hits,
+        tally.scores,
+        note="; ".join([note, *what])
+        + (f"; failed items by error: {tally.error_types}" if tally.error_types else "")
+        + (f"; first: {tally.errors[0][:200]}" if tally.errors else ""),
+        shape=shape,
+        model=model,
+        groups=s.groups,
+        error_types=tally.error_types,
+        counters=counts,
+        checks=traffic_shapes.listwise_checks(shape, s.groups, items, scored, tally.partial, counts)
+        if model == LISTWISE
+        else [],
+    )
 
 
 def run_shapes(
@@ -1125,6 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
         "listwise (a listwise judge on tiny-lm); default both",
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        help="with --shapes: timed rounds per shape and n, interleaved, summed in its row "
+        "(3; --quick 1)",
+    )
+    parser.add_argument(
         "--judge-max-tokens",
         type=int,
         help="with --shapes: the listwise judge's max_tokens (default: room for its critique "
@@ -1160,11 +1180,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_server:
         _hf_server_child(Path(args.hf_server[0]), int(args.hf_server[1]))
         return 0
+    with_shapes = [args.models, args.repeats, args.judge_max_tokens, args.group_wait_s]
+    with_shapes.append(args.timeout_s)
     sizes = {"groups": 4, "n": [8, 16], "prompt_tokens": 1000, "response_tokens": [100, 400]}
-    sizes |= {"hidden_size": 256, "layers": 4}
+    sizes |= {"hidden_size": 256, "layers": 4, "repeats": 3}
     if args.quick:
         sizes = {"groups": 2, "n": [2, 3], "prompt_tokens": 120, "response_tokens": [20, 40]}
-        sizes |= {"hidden_size": 64, "layers": 1}
+        sizes |= {"hidden_size": 64, "layers": 1, "repeats": 1}
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1181,10 +1203,13 @@ def main(argv: list[str] | None = None) -> int:
         args.systems, "c,d" if shapes else ",".join(everything), everything, "--systems"
     )
     models = [MODELS[m] for m in listed(args.models, "rm,listwise", list(MODELS), "--models")]
-    if not shapes and (args.models or args.judge_max_tokens or args.group_wait_s or args.timeout_s):
+    if not shapes and any(value is not None for value in with_shapes):
         parser.error(
-            "--models, --judge-max-tokens, --group-wait-s and --timeout-s go with --shapes"
+            "--models, --repeats, --judge-max-tokens, --group-wait-s and --timeout-s go with "
+            "--shapes"
         )
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if shapes and args.traffic != "group":
         parser.error("--shapes replaces --traffic: give one of them")
     low, high = args.response_tokens
@@ -1287,7 +1312,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 ],
                 rounds={
-                    n: {shape: relabel(renderer, groups, f"s{k}") for k, shape in enumerate(shapes)}
+                    n: {
+                        shape: [relabel(renderer, groups, f"s{k}r{r}") for r in range(args.repeats)]
+                        for k, shape in enumerate(shapes)
+                    }
                     for n, groups in base.items()
                 },
             )

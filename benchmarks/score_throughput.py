@@ -29,10 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import yaml
 
@@ -467,6 +469,31 @@ async def _drive(
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+
+
+def wait_listed_ready(gateway: ServerProcess, others: Sequence[ServerProcess], model: str) -> None:
+    """Wait until a distributed gateway's GET /v1/models lists `model` as ready (it reads the
+    workers' states from Redis every second); fail as soon as one of the servers exits."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: Any = None
+    with httpx.Client(base_url=gateway.base_url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            for server in (gateway, *others):
+                if server.process.poll() is not None:
+                    raise ServerFailed(
+                        f"{server.log_path.name}: exited with code {server.process.returncode}"
+                        f"\n{server.log_tail()}"
+                    )
+            try:
+                models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+            except httpx.TransportError:
+                time.sleep(0.25)
+                continue
+            last = models.get(model)
+            if last is not None and last["status"] == "ready":
+                return
+            time.sleep(0.25)
+    raise ServerFailed(f"the gateway does not list {model} as ready: {last}")
 
 
 def machine() -> tuple[int, str]:

@@ -225,7 +225,7 @@ class _Record:
 
 class RedisBatchStore:
     # The longest a follower blocks on the batch stream before checking the deadline again.
-    BLOCK_S = 5.0
+    BLOCK_S = 1.0  # below the Redis socket timeout (RMSERVE_REDIS_TIMEOUT_S >= 2)
 
     def __init__(
         self, client: aioredis.Redis, scoring: ScoringService, limit: int, ttl_s: float

@@ -284,16 +284,17 @@ def _dead_letters(settings: Settings, model: str) -> int:
     import asyncio
     import json
 
-    from rmserve.service.distributed import redis_client
     from rmserve.service.queue import QueueUnavailableError
     from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+    from rmserve.service.redis_connect import redis_client
 
-    if not settings.redis_url:
-        print("error: rmserve dead-letters needs --redis-url or RMSERVE_REDIS_URL", file=sys.stderr)
+    if not settings.redis_url and not settings.redis_sentinels:
+        print("error: rmserve dead-letters needs --redis-url or RMSERVE_REDIS_URL (or "
+              "RMSERVE_REDIS_SENTINELS)", file=sys.stderr)  # fmt: skip
         return 2
 
     async def read() -> list[dict[str, str]]:
-        queue = StreamQueue(redis_client(settings.redis_url or ""), StreamSettings())
+        queue = StreamQueue(redis_client(settings), StreamSettings())
         try:
             return await queue.dead_letters(model)
         finally:
@@ -325,9 +326,9 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.command != "serve" and not settings.redis_url:
-        print(f"error: rmserve {args.command} needs --redis-url or RMSERVE_REDIS_URL",
-              file=sys.stderr)  # fmt: skip
+    if args.command != "serve" and not settings.redis_url and not settings.redis_sentinels:
+        print(f"error: rmserve {args.command} needs --redis-url or RMSERVE_REDIS_URL (or "
+              "RMSERVE_REDIS_SENTINELS)", file=sys.stderr)  # fmt: skip
         return 2
     if args.command == "serve":
         app = EmbeddedRuntime(settings, registry).app()

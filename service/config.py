@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, FilePath, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rmserve import examples
@@ -71,6 +71,23 @@ class Settings(BaseSettings):
     # Distributed mode (`rmserve gateway`, `rmserve worker`): the Redis that joins them, e.g.
     # redis://:password@redis:6379/0 (rediss:// for TLS). `rmserve serve` ignores it.
     redis_url: str | None = None
+    # A Redis command unanswered this long (a frozen or partitioned Redis) fails: the request
+    # gets 503, a worker retries. Connecting has its own 2 s limit.
+    redis_timeout_s: float = Field(default=5.0, ge=2, le=60)
+    # High availability: a primary with replicas behind Sentinel. The sentinels (host:port,
+    # comma-separated) name the primary of `redis_sentinel_service`; gateways and workers follow
+    # a failover to the promoted replica without restarts. redis_url then gives only the
+    # credentials, database and TLS (rediss://); its host and port are the sentinels' to say.
+    redis_sentinels: str | None = None
+    redis_sentinel_service: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None  # when the sentinels require one
+    # What "accepted" means across a failover: a request is admitted (202 for /v1/jobs, scoring
+    # begins) and a worker's result announced only once this many replicas have it (WAIT);
+    # when fewer confirm within redis_wait_timeout_s, the request gets 503 (its jobs may still
+    # be scored). 0: off (asynchronous replication: a failover can lose the last writes, which
+    # the client then sees as a timeout or a 503, never a wrong score).
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    redis_wait_timeout_s: float = Field(default=1.0, gt=0, le=30)
     # A job delivered this many times without a result (its workers died) is dead-lettered.
     max_deliveries: int = Field(default=3, ge=1)
     # A job held this long by a worker that stopped renewing it (it died) goes to another.

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Response
 
 from rmserve.models.base import RewardModel
@@ -37,6 +36,7 @@ from rmserve.service.metrics import Metrics, refresh_depths
 from rmserve.service.peers import QueuePeers
 from rmserve.service.queue.base import QueueUnavailableError
 from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
+from rmserve.service.redis_connect import redis_client
 from rmserve.service.toolboxes import gateway_toolbox, needs_tools, sidecar
 from rmserve.service.worker import Worker, worker_concurrency
 from rmserve.web.errors import Unavailable, install_error_handlers
@@ -44,26 +44,6 @@ from rmserve.web.http import LimitsAndMetrics, exposition
 from rmserve.wire.errors import ErrorBody
 
 log = logging.getLogger(__name__)
-
-
-def redis_client(url: str) -> aioredis.Redis:
-    # Blocking reads wait at most a few seconds (fetch 0.5 s, batch follow 5 s), so a socket
-    # timeout above that only fires when Redis stops answering.
-    # A blocking pool: at a burst of requests (one per sample, as OpenRLHF sends them) a
-    # command waits for a free connection instead of failing with "Too many connections"
-    # (redis-py's default pool is capped and does not wait).
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=10,
-        socket_connect_timeout=2,
-        socket_timeout=10,
-        health_check_interval=10,
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
-MAX_CONNECTIONS = 512  # per process; Redis takes 10000 clients by default
 
 
 def stream_settings(settings: Settings) -> StreamSettings:
@@ -74,6 +54,8 @@ def stream_settings(settings: Settings) -> StreamSettings:
         result_ttl_s=max(settings.batch_result_ttl_s, settings.max_timeout_s),
         routing=settings.routing,
         stale_s=STALE_S,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_s=settings.redis_wait_timeout_s,
     )
 
 
@@ -81,16 +63,10 @@ def _process_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _require_redis(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise ValueError("distributed mode needs a Redis URL: --redis-url or RMSERVE_REDIS_URL")
-    return settings.redis_url
-
-
 class GatewayRuntime:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
-        self.client = redis_client(_require_redis(settings))
+        self.client = redis_client(settings)
         self.metrics = Metrics("gateway")
         self.queue = StreamQueue(
             self.client, stream_settings(settings), _process_name("gateway"), self.metrics
@@ -139,7 +115,7 @@ class WorkerRuntime:
         self, settings: Settings, spec: ModelSpec, peers: Sequence[ModelSpec] = ()
     ) -> None:
         self.settings, self.spec = settings, spec
-        self.client = redis_client(_require_redis(settings))
+        self.client = redis_client(settings)
         self.name = _process_name(spec.name)
         self.metrics = Metrics("worker")
         self.queue = StreamQueue(self.client, stream_settings(settings), self.name, self.metrics)

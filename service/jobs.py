@@ -47,6 +47,9 @@ class Job(BaseModel):
     members: list[GroupMember] | None = Field(default=None, exclude=True)
     # The queue's handle for acknowledging this delivery (a stream entry id); not serialized.
     receipt: str | None = Field(default=None, exclude=True)
+    # How many times the queue has handed the job out, this time included: above 1, a worker
+    # died holding it (released jobs keep their count), and it is scored alone.
+    deliveries: int = Field(default=1, exclude=True)
 
 
 def error_result(job: Job, code: str, message: str) -> ItemResult:

@@ -129,21 +129,26 @@ class RedisServer:
     """A real redis-server on a free loopback port, in `workdir`, with AOF on (a restart
     keeps the streams)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replica_of: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/install.sh installs it")
         self.workdir, self.binary = workdir, binary
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.replica_of = replica_of  # the port of its primary, on loopback
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        replica = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.workdir), "--appendonly", "yes", "--save", ""],
+             "--dir", str(self.workdir), "--appendonly", "yes", "--save", "", *replica],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        self._wait_for_ping()
+
+    def _wait_for_ping(self) -> None:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -157,7 +162,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:  # e.g. a replica writing its first AOF
+                self.process.kill()
+                self.process.wait(10)
 
     def flush(self) -> None:
         redis.Redis(port=self.port).flushall()
@@ -168,3 +177,38 @@ class RedisServer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class RedisSentinel(RedisServer):
+    """A real Redis Sentinel (redis-server --sentinel) on a free loopback port, watching the
+    primary on `primary_port` as `service`: down after `down_after_ms` without an answer, then
+    a failover to its replica. One sentinel (quorum 1): enough on one machine; production runs
+    three or more."""
+
+    def __init__(
+        self, workdir: Path, primary_port: int, service: str = "mymaster", down_after_ms: int = 1000
+    ) -> None:
+        super().__init__(workdir)
+        self.primary_port, self.service, self.down_after_ms = primary_port, service, down_after_ms
+        self.address = f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.workdir / f"sentinel-{self.port}.conf"  # sentinel rewrites it
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+        )
+        self.process = subprocess.Popen(
+            [self.binary, str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_for_ping()
+
+    def primary(self) -> int:
+        """The port of the primary the sentinel names now."""
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        address: Any = client.sentinel_get_master_addr_by_name(self.service)
+        return int(address[1])

@@ -96,9 +96,29 @@ class Worker:
                     self._slots.release()
                 return
             for job in jobs:
-                task = asyncio.create_task(self._run_job(job))
-                self._in_flight[task] = job
-                task.add_done_callback(self._forget)
+                if job.deliveries > 1:
+                    await self._run_alone(job)
+                else:
+                    self._start(job)
+
+    def _start(self, job: Job) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._run_job(job))
+        self._in_flight[task] = job
+        task.add_done_callback(self._forget)
+        return task
+
+    async def _run_alone(self, job: Job) -> None:
+        """Score a job whose last worker died holding it with nothing else in flight: the
+        jobs running finish first, and none is taken until it is done. If it is what killed
+        that worker, it takes no other job down with it (the queue hands such jobs out one at a
+        time, and dead-letters one that keeps killing workers)."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+        if self._stopping.is_set():
+            await self._queue.release([job])
+            self._slots.release()
+            return
+        await asyncio.wait({self._start(job)})
 
     def _queue_lost(self, exc: Exception) -> None:
         if not self._queue_down:

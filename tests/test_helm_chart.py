@@ -98,6 +98,20 @@ networkPolicy: {redisCidrs: [10.20.0.0/16], redisPorts: [6380]}
 """,
     ),
     "in-chart redis": ("redis: {internal: {enabled: true, persistence: {enabled: true}}}",),
+    "redis behind sentinel": (
+        """
+redis:
+  existingSecret: ""
+  sentinel:
+    hosts: ["a:26379", "b:26380"]
+    service: queue-primary
+    passwordSecret: {name: sentinel-auth, key: password}
+  waitReplicas: 1
+  waitTimeoutS: 0.5
+  timeoutS: 3
+networkPolicy: {redisCidrs: [10.30.0.0/16]}
+""",
+    ),
     "ingress": (
         """
 gateway:
@@ -868,6 +882,98 @@ def test_in_chart_redis_for_development(chart: helm.Chart) -> None:
 def test_rendering_fails_without_a_redis(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmRenderError, match=r"no Redis configured.*redis\.existingSecret"):
         render(chart, values("redis: {existingSecret: ''}"))
+    with pytest.raises(helm.HelmRenderError, match=r"no Redis configured.*redis\.sentinel\.hosts"):
+        render(chart, values("redis: {existingSecret: '', sentinel: {hosts: []}}"))
+
+
+def test_redis_behind_sentinel(chart: helm.Chart) -> None:
+    manifests = rendered(chart, "redis behind sentinel")
+    for main in (
+        container(gateway(manifests), "gateway"),
+        container(worker(manifests, "skywork-rm"), "worker"),
+    ):
+        names = [e["name"] for e in main["env"]]
+        assert len(names) == len(set(names)), names
+        variables = env(main)
+        assert variables["RMSERVE_REDIS_SENTINELS"] == "a:26379,b:26380"
+        assert variables["RMSERVE_REDIS_SENTINEL_SERVICE"] == "queue-primary"
+        assert variables["RMSERVE_REDIS_SENTINEL_PASSWORD"] == {
+            "secretKeyRef": {"name": "sentinel-auth", "key": "password"}
+        }
+        assert variables["RMSERVE_REDIS_WAIT_REPLICAS"] == "1"
+        assert variables["RMSERVE_REDIS_WAIT_TIMEOUT_S"] == "0.5"
+        assert variables["RMSERVE_REDIS_TIMEOUT_S"] == "3"
+        # No Secret: the sentinels name the primary, and it has no password or other database.
+        assert "RMSERVE_REDIS_URL" not in variables
+    assert "StatefulSet" not in manifests
+    notes = render_raw(chart, values(*VALUE_SETS["redis behind sentinel"]))[
+        "rmserve/templates/NOTES.txt"
+    ]
+    assert 'sentinels a:26379, b:26380 name\n"queue-primary"' in notes, notes
+    assert "once 1 replica(s) have its jobs" in notes and "come from the URL" not in notes, notes
+
+    # With existingSecret the URL still gives password, database and TLS; without a
+    # passwordSecret the sentinels get none; the service defaults to mymaster.
+    manifests = render(chart, values("redis: {sentinel: {hosts: [s-0, 's-1:26379']}}"))
+    variables = env(container(worker(manifests, "skywork-rm"), "worker"))
+    assert variables["RMSERVE_REDIS_URL"] == {
+        "secretKeyRef": {"name": "rmserve-redis", "key": "redis-url"}
+    }
+    assert variables["RMSERVE_REDIS_SENTINELS"] == "s-0,s-1:26379"
+    assert variables["RMSERVE_REDIS_SENTINEL_SERVICE"] == "mymaster"
+    assert "RMSERVE_REDIS_SENTINEL_PASSWORD" not in variables
+
+
+def test_redis_defaults_without_sentinel(chart: helm.Chart) -> None:
+    variables = env(container(gateway(rendered(chart, "defaults")), "gateway"))
+    assert variables["RMSERVE_REDIS_WAIT_REPLICAS"] == "0"
+    assert variables["RMSERVE_REDIS_WAIT_TIMEOUT_S"] == "1"
+    assert variables["RMSERVE_REDIS_TIMEOUT_S"] == "5"
+    assert not {"RMSERVE_REDIS_SENTINELS", "RMSERVE_REDIS_SENTINEL_SERVICE"} & variables.keys()
+    # `env` overrides a setting without a second variable of the same name.
+    main = container(
+        gateway(render(chart, values("env: {RMSERVE_REDIS_TIMEOUT_S: 10}"))), "gateway"
+    )
+    assert [e.get("value") for e in main["env"] if e["name"] == "RMSERVE_REDIS_TIMEOUT_S"] == ["10"]
+
+
+def test_network_policy_egress_reaches_the_sentinels(chart: helm.Chart) -> None:
+    manifests = rendered(chart, "redis behind sentinel")
+    for name in (f"{FULLNAME}-workers", f"{FULLNAME}-gateway"):
+        egress = policy(manifests, name)["egress"]
+        (redis_rule,) = [r for r in egress if ("TCP", 6379) in ports([r])]
+        # The Redis nodes (redisPorts) and each sentinel port once, to the same CIDRs.
+        assert ports([redis_rule]) == {("TCP", 6379), ("TCP", 26379), ("TCP", 26380)}
+        assert len(redis_rule["ports"]) == 3
+        assert redis_rule["to"] == [{"ipBlock": {"cidr": "10.30.0.0/16"}}]
+
+    # A host without a port is on 26379; a sentinel port equal to a Redis port is listed once.
+    manifests = render(
+        chart,
+        values("""
+redis: {sentinel: {hosts: [sentinel, 'other:6380']}}
+networkPolicy: {redisPorts: [6379, 6380]}
+"""),
+    )
+    egress = policy(manifests, f"{FULLNAME}-workers")["egress"]
+    (redis_rule,) = [r for r in egress if ("TCP", 6379) in ports([r])]
+    assert [p["port"] for p in redis_rule["ports"]] == [6379, 6380, 26379]
+
+    for bad in ("'a:port'", "'a:70000'"):
+        with pytest.raises(helm.HelmRenderError, match=r"redis\.sentinel\.hosts"):
+            render(chart, values(f"redis: {{sentinel: {{hosts: [{bad}]}}}}"))
+
+
+def test_in_chart_redis_and_sentinel_exclude_each_other(chart: helm.Chart) -> None:
+    with pytest.raises(
+        helm.HelmRenderError, match=r"redis\.internal\.enabled and redis\.sentinel\.hosts"
+    ):
+        render(chart, values("redis: {internal: {enabled: true}, sentinel: {hosts: ['a:26379']}}"))
+
+
+def test_sentinel_password_secret_needs_a_key(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"redis\.sentinel\.passwordSecret"):
+        render(chart, values("redis: {sentinel: {hosts: [a], passwordSecret: {name: auth}}}"))
 
 
 # -- gateway -----------------------------------------------------------------------------------
@@ -1149,6 +1255,13 @@ def test_service_monitors_label_targets_like_compose(chart: helm.Chart) -> None:
         ("sandbox: {seccompProfile: {type: Unconfned}}", "/sandbox/seccompProfile/type"),
         ("gateway: {auth: {enabled: 'no'}}", "/gateway/auth/enabled"),
         ("gateway: {apiKeys: {existingSecret: keys}}", "apiKeys"),
+        ("redis: {waitReplicas: -1}", "/redis/waitReplicas"),
+        ("redis: {waitReplicas: 17}", "/redis/waitReplicas"),
+        ("redis: {waitTimeoutS: 0}", "/redis/waitTimeoutS"),
+        ("redis: {timeoutS: 1}", "/redis/timeoutS"),
+        ("redis: {sentinel: {host: ['a:26379']}}", "'host' not allowed"),
+        ("redis: {sentinel: {hosts: ['a:26379,b:26379']}}", "/redis/sentinel/hosts/0"),
+        ("redis: {sentinel: {service: ''}}", "/redis/sentinel/service"),
     ],
 )
 def test_schema_rejects_bad_values(chart: helm.Chart, bad_values: str, message: str) -> None:

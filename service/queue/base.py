@@ -67,7 +67,12 @@ class NoEvents:
 class JobQueue(Protocol):
     # Gateway side.
     async def enqueue(self, jobs: Sequence[Job]) -> None:
-        """Accept all jobs (of one model) or none: raise QueueFullError."""
+        """Accept all jobs (of one model) or none: raise QueueFullError when the model's
+        backlog (jobs not finished: waiting, or held by a worker) is at its capacity. A request
+        is admitted while the backlog is below capacity, whatever its size: so one larger than
+        the capacity gets in on an idle queue instead of a 429 forever, and a large request is
+        not starved by small ones that fit the room left. The backlog stays below the capacity
+        plus one request (max_items_per_request)."""
         ...
 
     def results(

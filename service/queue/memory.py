@@ -29,7 +29,8 @@ class InProcessQueue:
         model = jobs[0].model
         queue = self._queue(model)
         # The backlog is what is not finished: waiting, and held by a worker (as in Redis).
-        if queue.qsize() + len(self._held.get(model, ())) + len(jobs) > self._capacity:
+        # A request is admitted whole while the backlog is below capacity (service.queue.base).
+        if queue.qsize() + len(self._held.get(model, ())) >= self._capacity:
             raise QueueFullError(jobs[0].model, retry_after_s=1)
         self._inboxes.open([job.id for job in jobs if job.cohort_channels is None])
         for job in jobs:

@@ -11,7 +11,8 @@
     rmserve:batch:<id>             stream of an async batch: a header entry, then each result
 
 A gateway enqueues all jobs of a request in one round trip (a Lua script, atomic across
-gateways: all or none, within the capacity summed over the model's streams) and waits on its
+gateways: all or none, while the backlog summed over the model's streams is below the capacity:
+service.queue.base) and waits on its
 channel; a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of
 the result keys, so nothing waits forever.
 
@@ -135,7 +136,7 @@ for _, stream in ipairs(redis.call('SMEMBERS', set)) do
   backlog[stream] = b
   total = total + (b or 0)
 end
-if total + jobs > capacity then
+if total >= capacity then
   return {-1, 0, 0, 0, 0}
 end
 local order, by_key = {}, {}
@@ -316,6 +317,9 @@ class StreamSettings:
     routing: Routing = "prefix"
     # A worker that has not reported its state for this long is gone (service.fleet.STALE_S).
     stale_s: float = 10.0
+    # Admission waits for this many replicas to have the jobs (WAIT), at most wait_timeout_s.
+    wait_replicas: int = 0
+    wait_timeout_s: float = 1.0
 
     @property
     def reclaim_every_s(self) -> float:
@@ -425,27 +429,39 @@ class StreamQueue:
                 ).model_dump_json()
             )
         settings = self._settings
+        # With wait_replicas, WAIT on the same connection, right after: when it returns, the
+        # replicas have every write up to the jobs (the replication stream is ordered).
+        pipe = self._redis.pipeline(transaction=False)
+        await self._admit(
+            keys=[jobs_key(model), workers_key(model), streams_key(model)],
+            args=[
+                GROUP,
+                settings.capacity,
+                settings.capacity * 4,
+                settings.stale_s,
+                settings.routing,
+                *keyed,
+            ],
+            client=pipe,
+        )
+        if settings.wait_replicas:
+            pipe.wait(settings.wait_replicas, int(settings.wait_timeout_s * 1000))
         try:
-            reply: list[int] = await available(
-                self._admit(
-                    keys=[jobs_key(model), workers_key(model), streams_key(model)],
-                    args=[
-                        GROUP,
-                        settings.capacity,
-                        settings.capacity * 4,
-                        settings.stale_s,
-                        settings.routing,
-                        *keyed,
-                    ],
-                )
-            )
+            replies: list[Any] = await available(pipe.execute())
         except QueueUnavailableError:
             self._inboxes.discard(waited)
             raise
-        backlog, affinity, fallback, shared, turns = (int(n) for n in reply)
+        backlog, affinity, fallback, shared, turns = (int(n) for n in replies[0])
         if backlog < 0:
             self._inboxes.discard(waited)
             raise QueueFullError(model, retry_after_s=max(1, int(settings.sweep_s)))
+        if settings.wait_replicas and int(replies[1]) < settings.wait_replicas:
+            self._inboxes.discard(waited)
+            raise QueueUnavailableError(
+                f"only {int(replies[1])} of the {settings.wait_replicas} Redis replicas "
+                f"required (RMSERVE_REDIS_WAIT_REPLICAS) confirmed the jobs within "
+                f"{settings.wait_timeout_s:g} s; they may still be scored"
+            )
         routes = (
             ("affinity", affinity),
             ("fallback", fallback),
@@ -534,14 +550,21 @@ class StreamQueue:
         if early:  # delivered to this worker beyond an earlier fetch's count
             taken, self._early[model] = early[:max_jobs], early[max_jobs:]
             return taken
-        reclaimed: list[Entry] = []
+        reclaimed: list[Job] = []
         fresh: list[Entry] = []
         primary = self._primary(model)
         try:
             if time.monotonic() - self._last_reclaim > self._settings.reclaim_every_s:
                 self._last_reclaim = time.monotonic()
                 await self._look_for_orphans(model)
-                reclaimed = await self._reclaim(model, max_jobs)
+                again = await self._accept_redelivered(model, await self._reclaim(model, max_jobs))
+                suspect = next((job for job in again if job.deliveries > 1), None)
+                if suspect is not None:
+                    self._events.redelivered(model)
+                    return await self._alone(suspect, again)
+                reclaimed = again
+                for _ in reclaimed:
+                    self._events.redelivered(model)
             streams = primary + self._orphans.get(model, [])
             if len(reclaimed) < max_jobs:
                 fresh = _entries(
@@ -574,10 +597,25 @@ class StreamQueue:
             )
             self._groups.discard(model)  # recreated by the next fetch
         # A first delivery has no stored result and a delivery count of 1: nothing to check.
-        jobs = await self._accept_redelivered(model, reclaimed) + self._take(fresh)
+        jobs = reclaimed + self._take(fresh)
         if len(jobs) > max_jobs:  # a blocking read of several streams took COUNT from each
             self._early[model] = jobs[max_jobs:]
         return jobs[:max_jobs]
+
+    async def _alone(self, suspect: Job, reclaimed: list[Job]) -> list[Job]:
+        """Hand out a job whose worker died holding it, alone: if it is what killed that worker
+        (a poison job), the next crash takes no other job with it, so only the poison reaches
+        the dead-letter stream. The others reclaimed with it go back, their delivery undone,
+        and the next fetch reclaims again at once."""
+        await self.release([job for job in reclaimed if job is not suspect])
+        self._last_reclaim = 0.0
+        log.info(
+            "job %s of %s was delivered %d times (a worker died holding it): scoring it alone",
+            suspect.id,
+            suspect.model,
+            suspect.deliveries,
+        )
+        return [suspect]
 
     def _take(self, entries: list[Entry]) -> list[Job]:
         return self._hold([_parse(*entry) for entry in entries])
@@ -624,7 +662,7 @@ class StreamQueue:
                 (stream, as_text(entry_id), fields) for entry_id, fields in reply[1] if fields
             ]
         if claimed:
-            log.warning("reclaimed %d jobs of %s from stopped consumers", len(claimed), model)
+            log.info("reclaimed %d jobs of %s from stopped consumers", len(claimed), model)
         for stream in streams[: 2 if own else 1]:
             await self._forget_dead_consumers(stream)
         return claimed
@@ -670,13 +708,14 @@ class StreamQueue:
             entries, parsed, stored_results, strict=True
         ):
             deliveries = counts.get((stream, entry_id), 1)
-            self._events.redelivered(model)
             if stored is not None:  # already recorded in its batch, if any
+                self._events.redelivered(model)
                 await self._finish(job, ItemResult.model_validate_json(stored), record=False)
             elif deliveries > self._settings.max_deliveries:
+                self._events.redelivered(model)
                 await self._dead_letter(job, fields[b"job"], deliveries)
             else:
-                jobs += self._hold([job])
+                jobs += self._hold([job.model_copy(update={"deliveries": deliveries})])
         return jobs
 
     async def _delivery_counts(
@@ -730,19 +769,33 @@ class StreamQueue:
 
     async def release(self, jobs: Sequence[Job]) -> None:
         """Give up jobs without a result (a draining worker): they look idle for long, so the
-        next worker to look for jobs to reclaim takes them. Their delivery count is kept."""
+        next worker to look for jobs to reclaim takes them. Their delivery is undone (the count
+        set back by one): a job handed back was not a job its worker died with."""
         idle_ms = int(self._settings.reclaim_idle_s * 1000) * 10
         by_stream: dict[str, list[str]] = defaultdict(list)
         for job in jobs:
             if job.receipt:
                 stream, entry_id = _receipt(job)
-                self._in_flight.get(stream, {}).pop(entry_id, None)
                 by_stream[stream].append(entry_id)
         for stream, entry_ids in by_stream.items():
-            receipts: list[Any] = entry_ids
-            await available(
-                self._redis.xclaim(stream, GROUP, self.name, 0, receipts, idle=idle_ms, justid=True)
-            )
+            counts = await self._delivery_counts(stream, entry_ids)
+            by_count: dict[int, list[Any]] = defaultdict(list)
+            for entry_id in entry_ids:
+                self._in_flight.get(stream, {}).pop(entry_id, None)
+                by_count[max(0, counts.get((stream, entry_id), 1) - 1)].append(entry_id)
+            for before, receipts in by_count.items():
+                await available(
+                    self._redis.xclaim(
+                        stream,
+                        GROUP,
+                        self.name,
+                        0,
+                        receipts,
+                        idle=idle_ms,
+                        retrycount=before,
+                        justid=True,
+                    )
+                )
 
     def _ensure_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():

@@ -140,7 +140,7 @@ def test_a_full_queue_answers_429_with_retry_after(fleet: Fleet) -> None:
         wait_for_workers(http, "tiny-rm", 1)
         kill_tree(worker, signal.SIGSTOP)  # the worker takes nothing; the gateway still sees it
         try:
-            accepted = http.post("/v1/jobs", json={"model": "tiny-rm", "items": items(15)})
+            accepted = http.post("/v1/jobs", json={"model": "tiny-rm", "items": items(20)})
             assert accepted.status_code == 202
             full = http.post("/v1/jobs", json={"model": "tiny-rm", "items": items(10)})
             assert full.status_code == 429, full.text
@@ -152,9 +152,23 @@ def test_a_full_queue_answers_429_with_retry_after(fleet: Fleet) -> None:
             kill_tree(worker, signal.SIGCONT)
         batch = accepted.json()["id"]
         with http.stream("GET", f"/v1/jobs/{batch}/stream") as response:
-            assert sorted(r["index"] for r in stream_lines(response)) == list(range(15))
+            assert sorted(r["index"] for r in stream_lines(response)) == list(range(20))
         again = http.post("/v1/score", json={"model": "tiny-rm", "items": items(10)})
         assert again.status_code == 200
+
+
+def answers_again(http: httpx.Client, request: dict[str, Any], within_s: float = 60) -> None:
+    """Resend `request` until it is scored (200, every item without error), with nothing but
+    503 meanwhile; fail after `within_s`."""
+    deadline, response = time.monotonic() + within_s, None
+    while time.monotonic() < deadline:
+        response = http.post("/v1/score", json=request)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        time.sleep(0.5)
+    assert response is not None and response.status_code == 200, response
+    assert all(r["error"] is None for r in response.json()["results"])
 
 
 def test_redis_restart_gives_503s_then_recovers_without_restarting(fleet: Fleet) -> None:
@@ -179,18 +193,34 @@ def test_redis_restart_gives_503s_then_recovers_without_restarting(fleet: Fleet)
         assert http.get("/healthz").status_code == 200
 
         fleet.redis.start()  # same port and directory: the AOF brings the data back
-        deadline, response = time.monotonic() + 60, None
-        while time.monotonic() < deadline:
-            response = http.post("/v1/score", json=request)
-            if response.status_code == 200:
-                break
-            assert response.status_code == 503, response.text
-            time.sleep(0.5)
-        assert response is not None and response.status_code == 200, response
-        assert all(r["error"] is None for r in response.json()["results"])
+        answers_again(http, request)
         kept = http.get(f"/v1/jobs/{before}").json()
         assert kept["status"] == "done" and kept["finished"] == 8
         assert http.get("/readyz").status_code == 200
+    assert gateway.process.poll() is None and worker.process.poll() is None
+
+
+def test_a_frozen_redis_gives_503s_within_the_redis_timeout_then_recovers(fleet: Fleet) -> None:
+    """Redis accepts connections but stops answering (SIGSTOP: a stall, a partition): requests
+    get 503 within RMSERVE_REDIS_TIMEOUT_S, not a hang, and the fleet recovers by itself."""
+    gateway = fleet.gateway(RMSERVE_REDIS_TIMEOUT_S="2")
+    (worker,) = fleet.workers(1, RMSERVE_REDIS_TIMEOUT_S="2")
+    request = {"model": "tiny-rm", "items": items(4)}
+    assert fleet.redis.process is not None
+    with httpx.Client(base_url=gateway.base_url, timeout=30) as http:
+        wait_for_workers(http, "tiny-rm", 1)
+        assert http.post("/v1/score", json=request).status_code == 200
+        fleet.redis.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            down = http.post("/v1/score", json=request)
+            elapsed = time.monotonic() - started
+        finally:
+            fleet.redis.process.send_signal(signal.SIGCONT)
+        assert down.status_code == 503, down.text
+        assert "unreachable" in down.json()["error"]["message"]
+        assert elapsed < 2 + 2, elapsed  # the timeout, and room for a loaded machine
+        answers_again(http, request)
     assert gateway.process.poll() is None and worker.process.poll() is None
 
 

@@ -67,17 +67,23 @@ async def test_fetch_takes_at_most_max_jobs_and_waits_bounded() -> None:
     assert time.monotonic() - started < 1
 
 
-async def test_full_queue_refuses_the_whole_request() -> None:
+async def test_a_request_is_admitted_while_the_backlog_is_below_capacity() -> None:
+    """Admission looks at the backlog, not at the request's size: a request is admitted whole
+    while the backlog is below capacity and refused whole once it is not, so a large request
+    is never starved by small ones (issue 25.4) nor refused forever for its size."""
     queue = InProcessQueue(capacity=5)
-    await queue.enqueue(jobs("a", 4))
+    await queue.enqueue(jobs("big", 7))  # larger than the capacity, on an idle queue
     with pytest.raises(QueueFullError) as caught:
-        await queue.enqueue(jobs("b", 2))
+        await queue.enqueue(jobs("b", 1))
     assert caught.value.retry_after_s >= 1
-    assert await queue.depth("m") == Depth(pending=0, lag=4)
+    assert await queue.depth("m") == Depth(pending=0, lag=7)
     await queue.enqueue(jobs("c", 1, model="other"))  # other models are unaffected
-    await queue.fetch("m", 4, wait_s=0.1)  # held by a worker, still not finished
+    for job in await queue.fetch("m", 3, wait_s=0.1):
+        await queue.complete(job, ItemResult(index=job.index, score=0.0))
+    await queue.enqueue(jobs("d", 4))  # the backlog (4) is below capacity again
+    await queue.fetch("m", 8, wait_s=0.1)  # held by a worker, still not finished
     with pytest.raises(QueueFullError):
-        await queue.enqueue(jobs("d", 2))
+        await queue.enqueue(jobs("e", 1))
 
 
 async def test_results_stop_at_the_deadline_and_late_results_are_dropped() -> None:

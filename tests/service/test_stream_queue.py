@@ -205,14 +205,23 @@ async def test_in_flight_jobs_are_not_stolen_while_their_worker_lives(redis_url:
         await queue.close()
 
 
-async def test_a_full_queue_refuses_the_request(redis_url: str) -> None:
+async def test_a_request_is_admitted_while_the_backlog_is_below_capacity(redis_url: str) -> None:
+    """All or none, by the backlog: a request larger than the capacity gets in on an idle
+    queue (it is not a 429 forever), and a large request is not starved by small ones."""
     gateway = StreamQueue.from_url(redis_url, StreamSettings(capacity=10))
-    await gateway.enqueue(jobs("a", 8))
+    await gateway.enqueue(jobs("big", 12))
     with pytest.raises(QueueFullError) as caught:
-        await gateway.enqueue(jobs("b", 3))
+        await gateway.enqueue(jobs("b", 1))
     assert caught.value.retry_after_s >= 1
-    await gateway.enqueue(jobs("c", 2))
-    await gateway.close()
+    assert await gateway.depth("m") == Depth(pending=0, lag=12)
+    worker = StreamQueue.from_url(redis_url, StreamSettings(capacity=10), name="w")
+    for job in await worker.fetch("m", 3, wait_s=0.1):
+        await worker.complete(job, ItemResult(index=job.index, score=0.0))
+    await gateway.enqueue(jobs("c", 5))  # 9 left: below capacity
+    with pytest.raises(QueueFullError):
+        await gateway.enqueue(jobs("d", 1))
+    for queue in (gateway, worker):
+        await queue.close()
 
 
 async def test_unreachable_redis_is_reported_quickly() -> None:
@@ -390,12 +399,11 @@ async def test_round_robin_deals_each_job_to_the_next_worker(redis_url: str) -> 
 async def test_capacity_counts_every_stream_of_the_model(redis_url: str) -> None:
     gateway = StreamQueue.from_url(redis_url, StreamSettings(capacity=10))
     await announce(gateway.client, "w0", concurrency=100)
-    await gateway.enqueue(keyed("a", prompts=2, per_prompt=4))
-    assert await gateway.client.xlen(worker_stream_key("m", "w0")) == 8
+    await gateway.enqueue(keyed("a", prompts=2, per_prompt=5))
+    assert await gateway.client.xlen(worker_stream_key("m", "w0")) == 10
     with pytest.raises(QueueFullError):
         await gateway.enqueue(jobs("b", 3))
     assert await gateway.client.xlen("rmserve:jobs:m") == 0  # all or none
-    await gateway.enqueue(jobs("c", 2))
     await gateway.close()
 
 
@@ -533,3 +541,76 @@ async def test_a_worker_reading_its_stream_when_it_is_deleted_recovers(redis_url
         await worker.complete(job, ItemResult(index=job.index, score=1.0))
     await worker.close()
     await gateway.close()
+
+
+async def test_a_poison_job_does_not_take_its_neighbours_to_the_dead_letter_stream(
+    redis_url: str,
+) -> None:
+    """Issue 25.1: a job that kills every worker that takes it (kill -9 mid-score). The first
+    worker dies holding it with 9 innocent jobs. A redelivered job is handed out alone, one at
+    a time (never held beside others a crash would take down too), so only the poison reaches
+    the dead-letter stream; its neighbours are scored."""
+    settings = replace(FAST, max_deliveries=3)
+    gateway = StreamQueue.from_url(redis_url, settings)
+    first, later = jobs("a", 10), jobs("b", 6)  # a:0 is the poison
+    await gateway.enqueue(first)
+    results: dict[str, ItemResult] = {}
+
+    async def collect(batch: list[Job]) -> None:
+        async for job_id, result in gateway.results([j.id for j in batch], time.time() + 30):
+            results[job_id] = result
+
+    collector = asyncio.create_task(collect(first))
+    crashes, redelivered_takes = 0, 0
+    deadline = time.monotonic() + 30
+    while not collector.done() and time.monotonic() < deadline:
+        worker = StreamQueue.from_url(redis_url, settings, name=f"w{crashes}")
+        while not collector.done() and time.monotonic() < deadline:
+            taken = await worker.fetch("m", 16, wait_s=0.05)
+            if any(job.deliveries > 1 for job in taken):
+                redelivered_takes += 1
+                assert len(taken) == 1, [job.id for job in taken]
+            if any(job.id == "a:0" for job in taken):
+                break  # dies with every job it holds, unacknowledged
+            for job in taken:
+                await worker.complete(job, ItemResult(index=job.index, score=float(job.index)))
+        else:
+            await worker.close()
+            break
+        crashes += 1
+        await worker.close()
+        if crashes == 1:
+            await gateway.enqueue(later)  # other requests keep coming meanwhile
+            collector = asyncio.gather(collector, collect(later))
+    await collector
+    assert set(results) == {job.id for job in first + later}
+    poisoned = results.pop("a:0")
+    assert poisoned.error is not None and poisoned.error.type == "dead_lettered"
+    assert "delivered 4 times" in poisoned.error.message
+    assert {job_id: r.error for job_id, r in results.items() if r.error} == {}
+    assert crashes == settings.max_deliveries
+    assert redelivered_takes == 9 + 2  # each innocent once, the poison twice (then the letter)
+    (letter,) = await gateway.dead_letters("m")
+    assert '"id":"a:0"' in letter["job"]
+    await gateway.close()
+
+
+async def test_a_released_job_is_not_counted_as_a_failed_delivery(redis_url: str) -> None:
+    """A draining worker's released jobs are redelivered with their count unchanged: a drain
+    is not a crash, so they are neither isolated nor brought nearer the dead-letter limit."""
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await gateway.enqueue(jobs("a", 3))
+    leaving = StreamQueue.from_url(redis_url, FAST, name="leaving")
+    held = await leaving.fetch("m", 3, wait_s=0.1)
+    await leaving.release(held)
+    await leaving.close()
+    staying = StreamQueue.from_url(redis_url, FAST, name="staying")
+    taken: list[Job] = []
+    for _ in range(20):
+        taken += await staying.fetch("m", 16, wait_s=0.05)
+        if len(taken) == 3:
+            break
+    assert sorted(job.id for job in taken) == ["a:0", "a:1", "a:2"]
+    assert [job.deliveries for job in taken] == [1, 1, 1]
+    for queue in (gateway, staying):
+        await queue.close()

@@ -147,19 +147,104 @@ Fails when two model names map to the same Kubernetes name.
 {{- toYaml $workers }}
 {{- end }}
 
-{{/* RMSERVE_REDIS_URL: the in-chart Redis, or a key of an existing Secret; fails without either. */}}
+{{/*
+The Redis variables that come from Secrets. RMSERVE_REDIS_URL: the in-chart Redis, or a key of an
+existing Secret; with redis.sentinel.hosts the URL gives only password, database and TLS, and may
+be left out. RMSERVE_REDIS_SENTINEL_PASSWORD: a key of redis.sentinel.passwordSecret. Fails
+without any Redis, and for the in-chart Redis together with sentinels.
+*/}}
 {{- define "rmserve.redisUrlEnv" -}}
+{{- $redis := .Values.redis }}
+{{- $sentinel := $redis.sentinel | default dict }}
+{{- $sentinels := $sentinel.hosts | default list }}
+{{- if and $redis.internal.enabled $sentinels }}
+{{- fail "redis: redis.internal.enabled and redis.sentinel.hosts exclude each other (the in-chart Redis is one pod, without replicas or sentinels). Set redis.sentinel.hosts=[] for the development Redis, or redis.internal.enabled=false for a Redis behind Sentinel" }}
+{{- end }}
+{{- if $redis.internal.enabled }}
 - name: RMSERVE_REDIS_URL
-{{- if .Values.redis.internal.enabled }}
-  value: {{ printf "redis://%s:%d/0" (include "rmserve.redisName" .) (int .Values.redis.internal.port) | quote }}
-{{- else if .Values.redis.existingSecret }}
+  value: {{ printf "redis://%s:%d/0" (include "rmserve.redisName" .) (int $redis.internal.port) | quote }}
+{{- else if $redis.existingSecret }}
+- name: RMSERVE_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.existingSecret }}
-      key: {{ .Values.redis.key }}
-{{- else }}
-{{- fail "redis: no Redis configured. Set redis.existingSecret to a Secret whose key redis.key holds the URL (e.g. redis://:PASSWORD@redis.example:6379/0), or redis.internal.enabled=true for a single development Redis in the chart" }}
+      name: {{ $redis.existingSecret }}
+      key: {{ $redis.key }}
+{{- else if not $sentinels }}
+{{- fail "redis: no Redis configured. Set redis.existingSecret to a Secret whose key redis.key holds the URL (e.g. redis://:PASSWORD@redis.example:6379/0), redis.sentinel.hosts to the sentinels of a Redis primary with replicas (e.g. [redis-node-0.redis-headless:26379]), or redis.internal.enabled=true for a single development Redis in the chart" }}
 {{- end }}
+{{- $password := $sentinel.passwordSecret | default dict }}
+{{- if and $sentinels $password.name }}
+{{- if not $password.key }}
+{{- fail (printf "redis.sentinel.passwordSecret: name %q needs a key (the key of that Secret holding the sentinels' password)" $password.name) }}
+{{- end }}
+- name: RMSERVE_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $password.name }}
+      key: {{ $password.key }}
+{{- end }}
+{{- end }}
+
+{{/*
+The plain Redis settings of gateway and workers, a map (YAML) of variable name to string:
+RMSERVE_REDIS_SENTINELS and RMSERVE_REDIS_SENTINEL_SERVICE (with redis.sentinel.hosts), and the
+WAIT and timeout settings. rmserve.commonEnv merges them under env, so that `env` can still set
+any of them without a duplicate variable.
+*/}}
+{{- define "rmserve.redisSettings" -}}
+{{- $redis := .Values.redis }}
+{{- $sentinel := $redis.sentinel | default dict }}
+{{- $settings := dict }}
+{{- with $sentinel.hosts }}
+{{- $_ := include "rmserve.sentinelPorts" $ }}
+{{- $_ := set $settings "RMSERVE_REDIS_SENTINELS" (join "," .) }}
+{{- $_ := set $settings "RMSERVE_REDIS_SENTINEL_SERVICE" ($sentinel.service | default "mymaster" | toString) }}
+{{- end }}
+{{- $names := dict "waitReplicas" "RMSERVE_REDIS_WAIT_REPLICAS" "waitTimeoutS" "RMSERVE_REDIS_WAIT_TIMEOUT_S" "timeoutS" "RMSERVE_REDIS_TIMEOUT_S" }}
+{{- range $key, $name := $names }}
+{{- if and (hasKey $redis $key) (not (kindIs "invalid" (index $redis $key))) }}
+{{- $_ := set $settings $name (index $redis $key | toString) }}
+{{- end }}
+{{- end }}
+{{- toYaml $settings }}
+{{- end }}
+
+{{/*
+The ports of redis.sentinel.hosts, a YAML list: the part after each entry's last ':', 26379 when
+there is none. Fails on an entry that is not host:port.
+*/}}
+{{- define "rmserve.sentinelPorts" -}}
+{{- $ports := list }}
+{{- range $host := (.Values.redis.sentinel | default dict).hosts | default list }}
+{{- $port := 26379 }}
+{{- if contains ":" $host }}
+{{- $text := regexReplaceAll "^.*:" $host "" }}
+{{- if not (regexMatch "^[0-9]{1,5}$" $text) }}
+{{- fail (printf "redis.sentinel.hosts: %q is not host:port (e.g. redis-node-0.redis-headless:26379)" $host) }}
+{{- end }}
+{{- $port = atoi $text }}
+{{- end }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "redis.sentinel.hosts: %q: port %d is out of range" $host $port) }}
+{{- end }}
+{{- $ports = append $ports $port }}
+{{- end }}
+{{- toYaml $ports }}
+{{- end }}
+
+{{/*
+The TCP ports of the external Redis for NetworkPolicy egress, a YAML list: networkPolicy.redisPorts
+and the sentinels' ports, each once.
+*/}}
+{{- define "rmserve.redisEgressPorts" -}}
+{{- $ports := list }}
+{{- range .Values.networkPolicy.redisPorts }}
+{{- $ports = append $ports (int .) }}
+{{- end }}
+{{- range include "rmserve.sentinelPorts" . | fromYamlArray }}
+{{- $ports = append $ports (int .) }}
+{{- end }}
+{{- toYaml (uniq $ports) }}
 {{- end }}
 
 {{/* Environment shared by the gateway and the workers: (list $ $extraEnvMap). */}}
@@ -167,7 +252,7 @@ Fails when two model names map to the same Kubernetes name.
 {{- $root := index . 0 -}}
 - name: HOME
   value: /home/rmserve
-{{ include "rmserve.redisUrlEnv" $root }}
+{{- include "rmserve.redisUrlEnv" $root }}
 {{- with $root.Values.hfToken.existingSecret }}
 - name: HF_TOKEN
   valueFrom:
@@ -176,6 +261,7 @@ Fails when two model names map to the same Kubernetes name.
       key: {{ $root.Values.hfToken.key }}
 {{- end }}
 {{- $env := dict "RMSERVE_LOG_LEVEL" $root.Values.logLevel "RMSERVE_LOG_JSON" $root.Values.logJson }}
+{{- $env = merge $env (include "rmserve.redisSettings" $root | fromYaml) }}
 {{- $env = merge (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.env | default dict)) $env }}
 {{- range $name := keys $env | sortAlpha }}
 - name: {{ $name }}
@@ -271,7 +357,10 @@ securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end }}
 
-{{/* NetworkPolicy egress rules of gateway and workers: DNS, and Redis. */}}
+{{/*
+NetworkPolicy egress rules of gateway and workers: DNS, and Redis (the in-chart pod, or the
+external Redis's and its sentinels' ports).
+*/}}
 {{- define "rmserve.egressDnsAndRedis" -}}
 {{- $np := .Values.networkPolicy -}}
 # DNS
@@ -292,7 +381,7 @@ securityContext:
     - {protocol: TCP, port: {{ .Values.redis.internal.port }}}
 {{- else }}
 - ports:
-    {{- range $np.redisPorts }}
+    {{- range include "rmserve.redisEgressPorts" . | fromYamlArray }}
     - {protocol: TCP, port: {{ . }}}
     {{- end }}
   {{- with $np.redisCidrs }}
