@@ -103,8 +103,13 @@ def model_state(workers: dict[str, dict[str, Any]], model: str) -> tuple[ModelSt
 
 
 async def watch_workers(client: aioredis.Redis, directory: ModelDirectory) -> None:
-    """The gateway side: keep `directory` up to date, for as long as the gateway runs."""
+    """The gateway side: keep `directory` up to date, for as long as the gateway runs.
+
+    After a gap between two reads (Redis stalled, or was unreachable, or this gateway was
+    frozen), every announcement looks old: nobody could report meanwhile. The workers then get
+    two heartbeats to report again before any is dropped as stale."""
     names, lost = directory.names(), False
+    previous, grace_until = None, 0.0
     while True:
         try:
             pipe = client.pipeline(transaction=False)
@@ -113,9 +118,14 @@ async def watch_workers(client: aioredis.Redis, directory: ModelDirectory) -> No
                 pipe.hgetall(workers_key(name))
             (seconds, micros), *hashes = await available(pipe.execute())
             now = float(seconds) + micros / 1e6
+            if previous is not None and now - previous > REFRESH_S + HEARTBEAT_S:
+                grace_until = now + 2 * HEARTBEAT_S
+            previous = now
             for name, raw in zip(names, hashes, strict=True):
                 states = {key.decode(): json.loads(value) for key, value in raw.items()}
-                live = {k: v for k, v in states.items() if now - v["at"] <= STALE_S}
+                live = {
+                    k: v for k, v in states.items() if now - v["at"] <= STALE_S or now < grace_until
+                }
                 if stale := [k for k in states if k not in live]:
                     await available(client.hdel(workers_key(name), *stale))
                     log.warning("workers of %s stopped reporting: %s", name, ", ".join(stale))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from rmserve.models.spec import DiscriminativeSpec
 from rmserve.service import fleet
 from rmserve.service.directory import ModelDirectory, ModelEntry
 from rmserve.service.fleet import WorkerAnnouncer, model_state, watch_workers, workers_key
+from rmserve.service.launcher import RedisServer
 
 SPECS = [DiscriminativeSpec(name=n, kind="discriminative", weights=f"org/{n}") for n in "ab"]
 
@@ -124,3 +128,41 @@ async def test_a_withdrawn_worker_is_never_announced_again(redis_url: str) -> No
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
+
+
+async def test_workers_are_not_dropped_after_a_redis_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis frozen longer than STALE_S (SIGSTOP): when it answers again every announcement
+    looks old, but nobody could report meanwhile. The gateway keeps the workers while they
+    report again (issue 25.2: it dropped them all and answered 503 "no worker is running")."""
+    monkeypatch.setattr(fleet, "STALE_S", 2.0)
+    monkeypatch.setattr(fleet, "HEARTBEAT_S", 0.5)
+    server = RedisServer(tmp_path)
+    server.start()
+    client = aioredis.Redis.from_url(server.url)
+    directory = ModelDirectory(SPECS)
+    announcer = WorkerAnnouncer(client, "a", "a@host:1")
+    announcer.set("ready")
+    tasks = [asyncio.create_task(watch_workers(client, directory)),
+             asyncio.create_task(announcer.run())]  # fmt: skip
+    seen: list[str] = []
+    try:
+        entry = directory.get("a")
+        assert entry is not None
+        await wait_until(lambda: entry.status == "ready")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(fleet.STALE_S + 1.5)
+        server.process.send_signal(signal.SIGCONT)
+        for _ in range(int(3 * fleet.HEARTBEAT_S / 0.05)):
+            seen.append(entry.status)
+            await asyncio.sleep(0.05)
+        assert set(seen) == {"ready"}, seen
+        assert await client.hkeys(workers_key("a")) == [b"a@host:1"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+        server.stop()
