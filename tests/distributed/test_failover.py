@@ -10,66 +10,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from rmserve.service.launcher import RedisSentinel, RedisServer
-from tests.distributed.conftest import Fleet, items, stream_lines, wait_for_workers
+from tests.distributed.conftest import Fleet, wait_for_workers
+from tests.distributed.traffic import Load, check, first_admitted_after, reference
 
 pytestmark = pytest.mark.engine
 
-POOL = items(24, prefix="f")  # every request scores items of this pool: a known score each
 RECOVERY_S = 30.0  # from the kill to the first request admitted again, at most
-
-
-@dataclass
-class Sent:
-    started: float
-    status: int | str
-    ids: list[str]
-    results: list[dict[str, Any]] = field(default_factory=list)
-    message: str = ""
-    batch: str | None = None
-
-
-class Load(threading.Thread):
-    """Back-to-back requests of 4 pool items; every 5th an async batch (POST /v1/jobs)."""
-
-    def __init__(self, base_url: str, number: int, stop: threading.Event) -> None:
-        super().__init__(daemon=True)
-        self.base_url, self.number, self.stop = base_url, number, stop
-        self.sent: list[Sent] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                chosen = [POOL[(self.number * 7 + n * 4 + k) % len(POOL)] for k in range(4)]
-                path = "/v1/jobs" if n % 5 == 0 else "/v1/score"
-                sent = Sent(time.monotonic(), 0, [item["id"] for item in chosen])
-                try:
-                    response = client.post(path, json={"model": "tiny-rm", "items": chosen})
-                    sent.status = response.status_code
-                    body = response.json()
-                    if response.status_code == 200:
-                        sent.results = body["results"]
-                    elif response.status_code == 202:
-                        sent.batch = body["id"]
-                    else:
-                        sent.message = body["error"]["message"]
-                except httpx.HTTPError as exc:
-                    sent.status = type(exc).__name__
-                self.sent.append(sent)
-                if sent.status not in (200, 202):
-                    time.sleep(0.2)
 
 
 @pytest.fixture
@@ -117,12 +71,7 @@ def test_the_fleet_follows_a_failover_and_loses_nothing_accepted(
     marks: dict[str, float] = {}
     with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
         wait_for_workers(http, "tiny-rm", 1)
-        reference = {
-            r["id"]: r["score"]
-            for r in http.post("/v1/score", json={"model": "tiny-rm", "items": POOL}).json()[
-                "results"
-            ]
-        }
+        scores = reference(http)
         try:
             for client in clients:
                 client.start()
@@ -143,35 +92,13 @@ def test_the_fleet_follows_a_failover_and_loses_nothing_accepted(
                 client.join(90)
         sent = [s for client in clients for s in client.sent]
         assert not any(client.is_alive() for client in clients), "a client hangs"
-        statuses = Counter(s.status for s in sent)
-        assert set(statuses) <= {200, 202, 503}, statuses
+        statuses = check(http, sent, scores, allowed={503})
         for s in sent:
             if s.status == 503:
                 assert "unreachable" in s.message or "replicas" in s.message, s
-            if s.status == 200:
-                assert Counter(r["id"] for r in s.results) == Counter(s.ids), s  # none twice
-                for r in s.results:
-                    assert r["error"] is None, r
-                    assert r["score"] == pytest.approx(reference[r["id"]], abs=1e-4), r
-        for s in sent:  # every accepted batch completes: each item once, right
-            if s.batch is None:
-                continue
-            with http.stream("GET", f"/v1/jobs/{s.batch}/stream", timeout=60) as response:
-                got = list(stream_lines(response))
-            assert sorted(r["index"] for r in got) == [0, 1, 2, 3], (s, got)
-            for r in got:
-                assert r["error"] is None, r
-                assert r["score"] == pytest.approx(reference[s.ids[r["index"]]], abs=1e-4)
-        admitted_after = [
-            s.started - marks["killed"]
-            for s in sent
-            if s.status in (200, 202) and s.started > marks["killed"]
-        ]
-        refused = Counter(s.message[:90] for s in sent if s.status == 503)
-        assert admitted_after, (statuses, marks, refused)
-        recovery = min(admitted_after)
-        print(f"statuses {dict(statuses)}; first admitted {recovery:.1f} s after the kill; "
+        recovery = first_admitted_after(sent, marks["killed"])
+        print(f"statuses {dict(statuses)}; first admitted {recovery} s after the kill; "
               f"promoted after {marks['promoted'] - marks['killed']:.1f} s")  # fmt: skip
-        assert recovery < RECOVERY_S
+        assert recovery is not None and recovery < RECOVERY_S, (statuses, marks)
         assert sum(1 for s in sent if s.status == 200 and s.started > marks["promoted"]) > 0
     assert gateway.process.poll() is None and worker.process.poll() is None  # no restarts
