@@ -1,8 +1,9 @@
 """Async batch jobs: submit a big batch, get an id at once, poll or stream its results.
 
 Two stores behind one interface. Embedded mode keeps batches in the process. Distributed mode
-keeps each batch in a Redis stream (`rmserve:batch:<id>`: a header entry, then one entry per
-result, appended by the worker that scored it), so any gateway answers for any batch and a
+keeps each batch in a Redis stream (`rmserve:{<model>}:batch:<id>`, found through the key
+`rmserve:batch:<id>:model`: a header entry, then one entry per result, appended by the worker
+that scored it), so any gateway answers for any batch and a
 batch survives the gateway that accepted it. Results are kept for `ttl_s` after the batch is
 done (Redis: after its deadline, when it is done at the latest). A batch belongs to the API key
 that started it (`owner`, its name): to any other it does not exist (404).
@@ -23,7 +24,7 @@ import redis.asyncio as aioredis
 
 from rmserve.service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
 from rmserve.service.queue.base import QueueUnavailableError
-from rmserve.service.queue.redis_streams import as_text, available, batch_key
+from rmserve.service.queue.redis_streams import as_text, available, batch_key, batch_model_key
 from rmserve.service.scoring import ScoringService, Submission
 from rmserve.web.errors import NotFound, Unavailable
 
@@ -235,17 +236,20 @@ class RedisBatchStore:
     async def start(self, request: ScoreRequest, owner: str | None = None) -> BatchStatus:
         batch_id = new_batch_id()
         jobs = self._scoring.prepare(request, self._limit, batch=batch_id)
-        key, deadline = batch_key(batch_id), jobs[0].deadline
+        key, deadline = batch_key(request.model, batch_id), jobs[0].deadline
         header = {
             "model": request.model,
             "deadline": deadline,
             "ids": [j.item.id for j in jobs],
             "owner": owner,
         }
-        pipe = self._redis.pipeline(transaction=True)
+        ttl_s = math.ceil(deadline - time.time() + self._ttl_s)
+        pipe = self._redis.pipeline(transaction=True)  # the model's slot
         pipe.xadd(key, {"header": json.dumps(header)})
-        pipe.expire(key, math.ceil(deadline - time.time() + self._ttl_s))
+        pipe.expire(key, ttl_s)
         await self._call(pipe.execute())  # the stream exists before any worker appends to it
+        # Where to find it by id alone (another slot: its own command).
+        await self._call(self._redis.set(batch_model_key(batch_id), request.model, ex=ttl_s))
         try:
             submission = await self._scoring.enqueue(jobs)
         except BaseException:
@@ -273,7 +277,7 @@ class RedisBatchStore:
     async def _follow(self, record: _Record) -> AsyncIterator[ItemResult]:
         for result in list(record.results.values()):
             yield result
-        key = batch_key(record.id)
+        key = batch_key(record.model, record.id)
         while not record.done():
             block_s = min(self.BLOCK_S, max(0.001, record.deadline - time.time()))
             reply: Any = await self._call(
@@ -286,7 +290,10 @@ class RedisBatchStore:
             yield result
 
     async def _read(self, batch_id: str, owner: str | None) -> _Record:
-        entries: Any = await self._call(self._redis.xrange(batch_key(batch_id)))
+        model: Any = await self._call(self._redis.get(batch_model_key(batch_id)))
+        if model is None:
+            raise _not_found(batch_id)
+        entries: Any = await self._call(self._redis.xrange(batch_key(as_text(model), batch_id)))
         return _Record.parse(batch_id, entries, owner)
 
     @staticmethod

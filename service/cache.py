@@ -22,7 +22,7 @@ from rmserve.models.spec import ModelSpec
 from rmserve.service.jobs import Job
 from rmserve.service.protocol import ItemResult
 from rmserve.service.queue.base import QueueUnavailableError
-from rmserve.service.queue.redis_streams import available
+from rmserve.service.queue.redis_streams import available, model_prefix
 
 
 def cache_key(spec: ModelSpec, job: Job) -> str:
@@ -40,7 +40,8 @@ def cache_key(spec: ModelSpec, job: Job) -> str:
         "item": job.item.model_dump(mode="json", exclude={"id", "metadata"}),
     }
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "rmserve:cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+    # The model's hash tag: a request's keys (one model) share a Redis Cluster slot (MGET).
+    return f"{model_prefix(spec.name)}:cache:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ResultCache(Protocol):

@@ -385,7 +385,7 @@ class Cohorts:
             log.warning("group %s could not be enqueued: %s", cohort.job, exc)
             result = error_result(job, "queue_full", f"the group could not be enqueued: {exc}")
             with contextlib.suppress(QueueUnavailableError):
-                await self._queue.post(cohort.job, result, cohort.channels)
+                await self._queue.post(job.model, cohort.job, result, cohort.channels)
 
     def _follow(self, waiting: Waiting) -> Follower:
         """The group job's receiver on this gateway (one per job, shared by its requests)."""
@@ -396,7 +396,7 @@ class Cohorts:
                 result.set_result(known)
                 follower = Follower(result, None)
             else:
-                self._queue.watch([waiting.job])
+                self._queue.watch(waiting.model, [waiting.job])
                 task = asyncio.create_task(
                     self._receive(waiting.job, waiting.group_deadline, result)
                 )
@@ -480,7 +480,7 @@ class Cohorts:
             "server's group_wait_s); a listwise judge compares whole groups only"
         )
         result = ItemResult(index=0, error=ItemErrorBody(type="group_incomplete", message=message))
-        await self._queue.post(cohort.job, result, cohort.channels)
+        await self._queue.post(model, cohort.job, result, cohort.channels)
 
     def _mine(self, waiting: Waiting, result: ItemResult | None) -> list[ItemResult]:
         if result is None:

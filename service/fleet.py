@@ -1,6 +1,6 @@
 """Distributed mode: which workers serve each model, and in what state.
 
-Every worker writes its state into the hash `rmserve:workers:<model>` (field: its consumer name;
+Every worker writes its state into the hash `rmserve:{<model>}:workers` (field: its consumer name;
 value: JSON status, reason, time and, with prefix routing, its own stream and concurrency, by
 which the gateways' admission routes jobs: service.queue.redis_streams) every HEARTBEAT_S;
 every gateway reads the hashes every REFRESH_S into its ModelDirectory, so requests are checked

@@ -129,7 +129,7 @@ class RedisServer:
     """A real redis-server on a free loopback port, in `workdir`, with AOF on (a restart
     keeps the streams)."""
 
-    def __init__(self, workdir: Path, replica_of: int | None = None) -> None:
+    def __init__(self, workdir: Path, replica_of: int | None = None, cluster: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/install.sh installs it")
@@ -137,16 +137,39 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.replica_of = replica_of  # the port of its primary, on loopback
+        # A one-node Redis Cluster that owns every slot: commands and scripts that would cross
+        # slots fail (CROSSSLOT) as they would in a real cluster.
+        self.cluster = cluster
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         replica = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
+        cluster = (
+            ["--cluster-enabled", "yes",
+             "--cluster-config-file", str(self.workdir / f"nodes-{self.port}.conf")]
+            if self.cluster else []
+        )  # fmt: skip
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.workdir), "--appendonly", "yes", "--save", "", *replica],
+             "--dir", str(self.workdir), "--appendonly", "yes", "--save", "", *replica,
+             *cluster],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self._wait_for_ping()
+        if self.cluster:
+            self._own_every_slot()
+
+    def _own_every_slot(self) -> None:
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        info: Any = client.cluster("INFO")
+        if int(info.get("cluster_slots_assigned", 0)) == 0:
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if client.cluster("INFO").get("cluster_state") == "ok":
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the one-node Redis Cluster did not become ready")
 
     def _wait_for_ping(self) -> None:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

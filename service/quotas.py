@@ -43,7 +43,7 @@ from starlette.types import Receive, Scope, Send
 
 from rmserve.service.metrics import Metrics
 from rmserve.service.queue.base import JobQueue, QueueUnavailableError
-from rmserve.service.queue.redis_streams import StreamQueue, available
+from rmserve.service.queue.redis_streams import LUA, StreamQueue, available
 from rmserve.web.errors import PayloadTooLarge, RateLimited, TooManyItemsInFlight, Unavailable
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,8 @@ class RedisLimiter:
     def __init__(self, client: aioredis.Redis, lease_ttl_s: float) -> None:
         self._redis = client
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._acquire = client.register_script(LUA + _ACQUIRE)
+        self._renew = client.register_script(LUA + _RENEW)
 
     async def acquire(self, lease: Lease, quota: Quota) -> None:
         args = [quota.requests_per_s or 0, quota.burst or 0, quota.max_concurrent_items or 0,

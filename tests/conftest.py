@@ -144,11 +144,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A real Redis, flushed before each test."""
-    redis_server.flush()
-    return redis_server.url
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A one-node Redis Cluster owning every slot: what would cross slots fails (CROSSSLOT)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-cluster"), cluster=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A real Redis, flushed before each test: a standalone server, then a one-node Cluster
+    (every key a script or transaction touches must share one slot)."""
+    server: RedisServer = request.getfixturevalue(
+        "redis_server" if request.param == "standalone" else "redis_cluster"
+    )
+    server.flush()
+    return server.url
 
 
 @pytest.fixture

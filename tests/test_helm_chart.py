@@ -1078,7 +1078,7 @@ models:
         assert "replicas" not in deployment["spec"]  # KEDA owns it
         lag = obj["spec"]["triggers"][0]
         assert lag["type"] == "redis-streams"
-        assert lag["metadata"]["stream"] == f"rmserve:jobs:{model}"
+        assert lag["metadata"]["stream"] == f"rmserve:{{{model}}}:jobs"
         assert lag["metadata"]["consumerGroup"] == "workers"
         assert (lag["metadata"]["lagCount"], lag["metadata"]["activationLagCount"]) == ("32", "2")
         assert "address" not in lag["metadata"]  # from the Secret, through the auth
@@ -1090,7 +1090,7 @@ models:
     assert len(judge["triggers"]) == 1
     busy = scaled["skywork-rm"]["spec"]["triggers"][1]
     assert busy["metadata"]["pendingEntriesCount"] == "256"
-    assert busy["metadata"]["stream"] == "rmserve:jobs:skywork-rm"
+    assert busy["metadata"]["stream"] == "rmserve:{skywork-rm}:jobs"
 
     refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
     assert refs == {

@@ -87,15 +87,17 @@ class JobQueue(Protocol):
         """Where workers announce results for this gateway (None: in the process)."""
         ...
 
-    def watch(self, job_ids: Sequence[str]) -> None:
-        """Wait for jobs another gateway (or request) enqueues, as if this one had: results()
-        then yields them. Jobs with `cohort_channels` are enqueued without this (their
-        waiters watch them)."""
+    def watch(self, model: str, job_ids: Sequence[str]) -> None:
+        """Wait for jobs (of `model`) another gateway (or request) enqueues, as if this one
+        had: results() then yields them. Jobs with `cohort_channels` are enqueued without this
+        (their waiters watch them)."""
         ...
 
-    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
-        """Answer a job that will not be enqueued (a group given up) with `result`: stored and
-        announced as a worker's result would be."""
+    async def post(
+        self, model: str, job_id: str, result: ItemResult, channels: Sequence[str]
+    ) -> None:
+        """Answer a job (of `model`) that will not be enqueued (a group given up) with
+        `result`: stored and announced as a worker's result would be."""
         ...
 
     # Worker side.

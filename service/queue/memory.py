@@ -45,10 +45,12 @@ class InProcessQueue:
     def reply_channel(self) -> str | None:
         return None
 
-    def watch(self, job_ids: Sequence[str]) -> None:
+    def watch(self, model: str, job_ids: Sequence[str]) -> None:
         self._inboxes.open(job_ids)
 
-    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
+    async def post(
+        self, model: str, job_id: str, result: ItemResult, channels: Sequence[str]
+    ) -> None:
         self._inboxes.deliver(job_id, result)
 
     async def fetch(self, model: str, max_jobs: int, wait_s: float) -> list[Job]:

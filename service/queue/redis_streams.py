@@ -1,14 +1,21 @@
 """The Redis Streams queue of distributed mode: many gateways and workers share one Redis.
 
-    rmserve:jobs:<model>           the shared stream of a model's jobs, consumer group "workers"
-                                   (at-least-once delivery): any worker takes them
-    rmserve:jobs:<model>:<worker>  a worker's own stream (prefix routing): jobs routed to it
-    rmserve:streams:<model>        set of the model's worker streams (for depth and orphans)
-    rmserve:workers:<model>        the workers' states (service.fleet), read by admission
-    rmserve:dead:<model>           dead-letter stream: jobs delivered more than max_deliveries times
-    rmserve:result:<job id>        the result, stored (with a TTL) before the job is acknowledged
-    rmserve:replies:<gw id>        pub/sub channel of a gateway: workers announce its results
-    rmserve:batch:<id>             stream of an async batch: a header entry, then each result
+    rmserve:{<model>}:jobs            the shared stream of a model's jobs, consumer group
+                                      "workers" (at-least-once delivery): any worker takes them
+    rmserve:{<model>}:jobs:<worker>   a worker's own stream (prefix routing): jobs routed to it
+    rmserve:{<model>}:streams         set of the model's worker streams (depth and orphans)
+    rmserve:{<model>}:workers         the workers' states (service.fleet), read by admission
+    rmserve:{<model>}:suspects        orphan streams suspected, and since when (see _ORPHANS)
+    rmserve:{<model>}:dead            dead-letter stream: jobs delivered over max_deliveries times
+    rmserve:{<model>}:result:<job>    the result, stored (with a TTL) before the job is acknowledged
+    rmserve:{<model>}:batch:<id>      stream of an async batch: a header entry, then each result
+    rmserve:batch:<id>:model          the model of a batch (its stream's key needs the model)
+    rmserve:replies:<gw id>           pub/sub channel of a gateway: workers announce its results
+
+A model's keys share its name as hash tag ({<model>}): one Redis Cluster slot, so the scripts
+and transactions of a model never cross slots (the result cache's keys carry it too). Scripts
+declare the keys they name; the worker streams they reach through the model's set share the
+tag. Keys of different models are never touched together.
 
 A gateway enqueues all jobs of a request in one round trip (a Lua script, atomic across
 gateways: all or none, while the backlog summed over the model's streams is below the capacity:
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -71,6 +79,9 @@ from rmserve.service.queue.inbox import Inboxes
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+# Scripts start with a shebang (Redis 7): in a Cluster, Redis then refuses one that would reach
+# a key of another slot, instead of running it on the wrong node.
+LUA = "#!lua\n"
 T = TypeVar("T")
 Routing = Literal["prefix", "round_robin", "shared"]
 Entry = tuple[str, str, dict[bytes, bytes]]  # stream, entry id, fields
@@ -328,36 +339,49 @@ class StreamSettings:
         return min(self.reclaim_idle_s / 2, 5.0)
 
 
+# Every key of a model carries the model's name as its hash tag ({...}): a model's keys share
+# one Redis Cluster slot, so its scripts and transactions never cross slots.
+
+
+def model_prefix(model: str) -> str:
+    return f"rmserve:{{{model}}}"
+
+
 def jobs_key(model: str) -> str:
-    return f"rmserve:jobs:{model}"
+    return f"{model_prefix(model)}:jobs"
 
 
 def worker_stream_key(model: str, worker: str) -> str:
-    return f"rmserve:jobs:{model}:{worker}"
+    return f"{model_prefix(model)}:jobs:{worker}"
 
 
 def streams_key(model: str) -> str:
-    return f"rmserve:streams:{model}"
+    return f"{model_prefix(model)}:streams"
 
 
 def workers_key(model: str) -> str:
-    return f"rmserve:workers:{model}"
+    return f"{model_prefix(model)}:workers"
 
 
 def suspects_key(model: str) -> str:
-    return f"rmserve:suspects:{model}"
+    return f"{model_prefix(model)}:suspects"
 
 
 def dead_key(model: str) -> str:
-    return f"rmserve:dead:{model}"
+    return f"{model_prefix(model)}:dead"
 
 
-def result_key(job_id: str) -> str:
-    return f"rmserve:result:{job_id}"
+def result_key(model: str, job_id: str) -> str:
+    return f"{model_prefix(model)}:result:{job_id}"
 
 
-def batch_key(batch_id: str) -> str:
-    return f"rmserve:batch:{batch_id}"
+def batch_key(model: str, batch_id: str) -> str:
+    return f"{model_prefix(model)}:batch:{batch_id}"
+
+
+def batch_model_key(batch_id: str) -> str:
+    """Which model a batch is of (its stream's key needs the model's tag)."""
+    return f"rmserve:batch:{batch_id}:model"
 
 
 class StreamQueue:
@@ -375,6 +399,7 @@ class StreamQueue:
         self._channel = f"rmserve:replies:{self.name}"
         self._groups: set[str] = set()
         self._inboxes = Inboxes()
+        self._model_of: dict[str, str] = {}  # job id -> model, of the jobs waited for here
         self._listener: asyncio.Task[None] | None = None
         self._in_flight: dict[str, dict[str, str]] = {}  # stream -> entry id -> job id
         self._early: dict[str, list[Job]] = {}  # model -> delivered beyond a fetch's count
@@ -382,10 +407,10 @@ class StreamQueue:
         self._turn = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
-        self._admit = client.register_script(_ADMIT)
-        self._find_orphans = client.register_script(_ORPHANS)
-        self._read = client.register_script(_READ)
-        self._depth = client.register_script(_DEPTH)
+        self._admit = client.register_script(LUA + _ADMIT)
+        self._find_orphans = client.register_script(LUA + _ORPHANS)
+        self._read = client.register_script(LUA + _READ)
+        self._depth = client.register_script(LUA + _DEPTH)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -419,7 +444,7 @@ class StreamQueue:
         waited = [job.id for job in jobs if job.batch is None and job.cohort_channels is None]
         if waited:
             self._ensure_listener()
-            self._inboxes.open(waited)  # before the jobs exist: no result can be missed
+            self._open(model, waited)  # before the jobs exist: no result can be missed
         keyed: list[str] = []
         for job in jobs:
             keyed.append(job.prefix_key or "")
@@ -449,14 +474,14 @@ class StreamQueue:
         try:
             replies: list[Any] = await available(pipe.execute())
         except QueueUnavailableError:
-            self._inboxes.discard(waited)
+            self._forget(waited)
             raise
         backlog, affinity, fallback, shared, turns = (int(n) for n in replies[0])
         if backlog < 0:
-            self._inboxes.discard(waited)
+            self._forget(waited)
             raise QueueFullError(model, retry_after_s=max(1, int(settings.sweep_s)))
         if settings.wait_replicas and int(replies[1]) < settings.wait_replicas:
-            self._inboxes.discard(waited)
+            self._forget(waited)
             raise QueueUnavailableError(
                 f"only {int(replies[1])} of the {settings.wait_replicas} Redis replicas "
                 f"required (RMSERVE_REDIS_WAIT_REPLICAS) confirmed the jobs within "
@@ -475,27 +500,53 @@ class StreamQueue:
     def results(
         self, job_ids: Sequence[str], deadline: float
     ) -> AsyncGenerator[tuple[str, ItemResult], None]:
-        return self._inboxes.wait(job_ids, deadline, self._stored, self._settings.sweep_s)
+        return self._results(job_ids, deadline)
+
+    async def _results(
+        self, job_ids: Sequence[str], deadline: float
+    ) -> AsyncGenerator[tuple[str, ItemResult], None]:
+        model = self._model_of.get(job_ids[0]) if job_ids else None
+        try:
+            async for delivery in self._inboxes.wait(
+                job_ids, deadline, functools.partial(self._stored, model), self._settings.sweep_s
+            ):
+                yield delivery
+        finally:
+            self._forget(job_ids)
+
+    def _open(self, model: str, job_ids: Sequence[str]) -> None:
+        """Wait for these jobs of `model` (the result keys carry the model's tag)."""
+        self._inboxes.open(job_ids)
+        self._model_of.update(dict.fromkeys(job_ids, model))
+
+    def _forget(self, job_ids: Sequence[str]) -> None:
+        self._inboxes.discard(job_ids)
+        for job_id in job_ids:
+            self._model_of.pop(job_id, None)
 
     @property
     def reply_channel(self) -> str | None:
         return self._channel
 
-    def watch(self, job_ids: Sequence[str]) -> None:
+    def watch(self, model: str, job_ids: Sequence[str]) -> None:
         self._ensure_listener()
-        self._inboxes.open(job_ids)
+        self._open(model, job_ids)
 
-    async def post(self, job_id: str, result: ItemResult, channels: Sequence[str]) -> None:
+    async def post(
+        self, model: str, job_id: str, result: ItemResult, channels: Sequence[str]
+    ) -> None:
         body = json.dumps(result.model_dump(mode="json"))
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(result_key(job_id), body, ex=int(self._settings.result_ttl_s), nx=True)
+        pipe.set(result_key(model, job_id), body, ex=int(self._settings.result_ttl_s), nx=True)
         for channel in channels:
             pipe.publish(channel, f'{{"job_id":{json.dumps(job_id)},"result":{body}}}')
         await available(pipe.execute())
 
-    async def _stored(self, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
+    async def _stored(self, model: str | None, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
+        if model is None:
+            return []
         with contextlib.suppress(QueueUnavailableError):
-            values = await available(self._redis.mget([result_key(j) for j in job_ids]))
+            values = await available(self._redis.mget([result_key(model, j) for j in job_ids]))
             return [
                 (job_id, ItemResult.model_validate_json(value))
                 for job_id, value in zip(job_ids, values, strict=True)
@@ -701,7 +752,7 @@ class StreamQueue:
             counts.update(await self._delivery_counts(stream, entry_ids))
         parsed = [_parse(*entry) for entry in entries]
         stored_results: list[Any] = await available(
-            self._redis.mget([result_key(job.id) for job in parsed])
+            self._redis.mget([result_key(model, job.id) for job in parsed])
         )
         jobs: list[Job] = []
         for (stream, entry_id, fields), job, stored in zip(
@@ -752,9 +803,9 @@ class StreamQueue:
         body = json.dumps(result.model_dump(mode="json"))
         stream, entry_id = _receipt(job)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(result_key(job.id), body, ex=int(self._settings.result_ttl_s))
+        pipe.set(result_key(job.model, job.id), body, ex=int(self._settings.result_ttl_s))
         if record and job.batch is not None:  # NOMKSTREAM: an expired batch stays gone
-            pipe.xadd(batch_key(job.batch), {"result": body}, nomkstream=True)
+            pipe.xadd(batch_key(job.model, job.batch), {"result": body}, nomkstream=True)
         pipe.xack(stream, GROUP, entry_id)
         for channel in [job.reply_to] if job.reply_to else job.cohort_channels or []:
             pipe.publish(channel, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')

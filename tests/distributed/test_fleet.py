@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from rmserve.service.queue.redis_streams import jobs_key
 from tests.distributed.conftest import (
     RECLAIM_IDLE_S,
     Fleet,
@@ -101,7 +102,7 @@ def test_kill_9_of_a_worker_mid_batch_loses_nothing(fleet: Fleet) -> None:
     client.wait_for(100)
     kill_tree(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    held = redis.Redis.from_url(fleet.redis.url).xpending("rmserve:jobs:tiny-rm", "workers")
+    held = redis.Redis.from_url(fleet.redis.url).xpending(jobs_key("tiny-rm"), "workers")
     consumers = {c["name"].decode(): c["pending"] for c in held["consumers"]}
     assert any(name.endswith(f":{victim.process.pid}") for name in consumers), consumers
     client.exactly_once(500)

@@ -16,6 +16,7 @@ from rmserve.service import fleet
 from rmserve.service.directory import ModelDirectory, ModelEntry
 from rmserve.service.fleet import WorkerAnnouncer, model_state, watch_workers, workers_key
 from rmserve.service.launcher import RedisServer
+from rmserve.service.queue.redis_streams import worker_stream_key
 
 SPECS = [DiscriminativeSpec(name=n, kind="discriminative", weights=f"org/{n}") for n in "ab"]
 
@@ -92,14 +93,14 @@ async def test_a_worker_announces_the_stream_it_takes_routed_jobs_from(redis_url
                 break
             await asyncio.sleep(0.05)
         assert "stream" not in await state()  # loading: nothing is routed to it yet
-        announcer.take_routed_jobs("rmserve:jobs:a:a@host:1", 16)
+        announcer.take_routed_jobs(worker_stream_key("a", "a@host:1"), 16)
         announcer.set("ready")
         for _ in range(100):
             if (await state()).get("status") == "ready":
                 break
             await asyncio.sleep(0.05)
         announced = await state()
-        assert announced["stream"] == "rmserve:jobs:a:a@host:1"
+        assert announced["stream"] == worker_stream_key("a", "a@host:1")
         assert announced["concurrency"] == 16 and announced["status"] == "ready"
     finally:
         task.cancel()

@@ -28,6 +28,9 @@ from rmserve.service.queue.base import Depth
 from rmserve.service.queue.redis_streams import (
     StreamQueue,
     StreamSettings,
+    jobs_key,
+    result_key,
+    streams_key,
     worker_stream_key,
     workers_key,
 )
@@ -179,7 +182,7 @@ async def test_a_redelivered_job_with_a_stored_result_is_not_scored_again(redis_
     (job,) = await first.fetch("m", 1, wait_s=0.1)
     # The worker stored the result and died before acknowledging it.
     await first._redis.set(
-        f"rmserve:result:{job.id}", ItemResult(index=0, score=7.0).model_dump_json()
+        result_key("m", job.id), ItemResult(index=0, score=7.0).model_dump_json()
     )
     await first.close()
     await asyncio.sleep(FAST.reclaim_idle_s + 0.05)
@@ -358,7 +361,7 @@ async def test_a_loaded_worker_sends_a_prompt_to_the_next_then_to_any(redis_url:
         await gateway.enqueue(batch)
         lengths.append(
             [await gateway.client.xlen(s) for s in
-             (worker_stream_key("m", first), worker_stream_key("m", second), "rmserve:jobs:m")]
+             (worker_stream_key("m", first), worker_stream_key("m", second), jobs_key("m"))]
         )  # fmt: skip
     # The preferred worker while below its concurrency, then the next one, then any worker.
     assert lengths == [[4, 0, 0], [4, 4, 0], [4, 4, 4]]
@@ -383,7 +386,7 @@ async def test_round_robin_deals_each_job_to_the_next_worker(redis_url: str) -> 
     await gateway.enqueue(batch)
     await gateway.enqueue(jobs("next", 1))  # the turn carries over to the next request
     lengths = [await gateway.client.xlen(worker_stream_key("m", n)) for n in names]
-    assert lengths == [4, 4] and await gateway.client.xlen("rmserve:jobs:m") == 0
+    assert lengths == [4, 4] and await gateway.client.xlen(jobs_key("m")) == 0
     assert routed(metrics, "round_robin") == 8 and routed(metrics, "affinity") == 0
     workers = [
         StreamQueue.from_url(redis_url, replace(FAST, routing="round_robin"), name=n) for n in names
@@ -403,7 +406,7 @@ async def test_capacity_counts_every_stream_of_the_model(redis_url: str) -> None
     assert await gateway.client.xlen(worker_stream_key("m", "w0")) == 10
     with pytest.raises(QueueFullError):
         await gateway.enqueue(jobs("b", 3))
-    assert await gateway.client.xlen("rmserve:jobs:m") == 0  # all or none
+    assert await gateway.client.xlen(jobs_key("m")) == 0  # all or none
     await gateway.close()
 
 
@@ -415,12 +418,12 @@ async def test_shared_routing_and_unready_or_stale_workers_use_the_shared_stream
     await announce(shared.client, "w1", concurrency=100, status="loading")
     await announce(shared.client, "w2", concurrency=100, age=FAST.stale_s + 1)
     await shared.enqueue(keyed("a", prompts=2, per_prompt=2))
-    assert await shared.client.xlen("rmserve:jobs:m") == 4
+    assert await shared.client.xlen(jobs_key("m")) == 4
     prefix = StreamQueue.from_url(redis_url, FAST)
     await prefix.client.hdel(workers_key("m"), "w0")
     await prefix.enqueue(keyed("b", prompts=2, per_prompt=2))  # no routable worker
-    assert await prefix.client.xlen("rmserve:jobs:m") == 8
-    assert await prefix.client.smembers("rmserve:streams:m") == set()
+    assert await prefix.client.xlen(jobs_key("m")) == 8
+    assert await prefix.client.smembers(streams_key("m")) == set()
     # A worker with shared routing reads no own stream.
     worker = StreamQueue.from_url(redis_url, replace(FAST, routing="shared"), name="w0")
     assert worker.own_stream("m") is None
@@ -455,7 +458,7 @@ async def test_the_stream_of_a_killed_worker_is_taken_over_and_removed(redis_url
                 break
             await asyncio.sleep(0.1)
     assert not await gateway.client.exists(own)
-    assert await gateway.client.smembers("rmserve:streams:m") == {
+    assert await gateway.client.smembers(streams_key("m")) == {
         worker_stream_key("m", "survivor").encode()
     }
     assert await gateway.depth("m") == Depth(pending=0, lag=0)
@@ -494,7 +497,9 @@ async def test_a_deleted_own_stream_is_recreated(redis_url: str) -> None:
     await announce(gateway.client, "w0", concurrency=10)
     await gateway.enqueue(keyed("a", prompts=1, per_prompt=2))
     fetched = await worker.fetch("m", 10, wait_s=0.1)
-    assert len(fetched) == 2 and all(" rmserve:jobs:m:w0" in (j.receipt or "") for j in fetched)
+    assert len(fetched) == 2 and all(
+        " " + worker_stream_key("m", "w0") in (j.receipt or "") for j in fetched
+    )
     for job in fetched:
         await worker.complete(job, ItemResult(index=job.index, score=1.0))
     assert await gateway.depth("m") == Depth(pending=0, lag=0)

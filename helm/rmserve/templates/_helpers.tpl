@@ -139,7 +139,7 @@ Fails when two model names map to the same Kubernetes name.
 {{- $_ := set $taken $workerName $name }}
 {{- $keda := and $root.Values.keda.enabled (dig "enabled" true ($deploy.keda | default dict)) }}
 {{- $_ := set $workers $name (dict
-      "name" $name "slug" $slug "workerName" $workerName "stream" (printf "rmserve:jobs:%s" $name)
+      "name" $name "slug" $slug "workerName" $workerName "stream" (printf "rmserve:{%s}:jobs" $name)
       "weights" $weights "deploy" $deploy "gpuCount" $gpuCount "resources" $resources
       "nodeSelector" $nodeSelector "tolerations" $tolerations "keda" $keda) }}
 {{- end }}
