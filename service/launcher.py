@@ -138,14 +138,15 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.replica_of = replica_of  # the port of its primary, on loopback
         # A one-node Redis Cluster that owns every slot: commands and scripts that would cross
-        # slots fail (CROSSSLOT) as they would in a real cluster.
+        # slots fail (CROSSSLOT) as they would in a real cluster. Its bus gets a free port of
+        # its own (by default it takes port + 10000, which may be taken or above 65535).
         self.cluster = cluster
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         replica = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
         cluster = (
-            ["--cluster-enabled", "yes",
+            ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
              "--cluster-config-file", str(self.workdir / f"nodes-{self.port}.conf")]
             if self.cluster else []
         )  # fmt: skip

@@ -19,6 +19,7 @@ from rmserve.service.cohorts import Cohort, MemoryCohorts, expire, join
 from rmserve.service.config import Settings
 from rmserve.service.directory import ModelDirectory
 from rmserve.service.groups import fold
+from rmserve.service.launcher import RedisServer
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult, ScoreRequest, ScoreResponse
 from rmserve.service.queue.base import JobQueue
@@ -193,17 +194,20 @@ async def test_memory_store_forgets_a_group_after_its_time() -> None:
 # -- through the scoring service -----------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def queues(
-    request: pytest.FixtureRequest, redis_url: str
-) -> AsyncIterator[tuple[JobQueue, JobQueue]]:
-    """Two gateways' queues: on one Redis, or the in-process queue (embedded mode, where one
-    process is the only gateway: the same queue twice)."""
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def queues(request: pytest.FixtureRequest) -> AsyncIterator[tuple[JobQueue, JobQueue]]:
+    """Two gateways' queues: on one Redis (standalone, or a one-node Cluster), or the
+    in-process queue (embedded mode, where one process is the only gateway: the same queue
+    twice)."""
     if request.param == "memory":
         queue = InProcessQueue(capacity=1000)
         yield queue, queue
         return
-    first, second = (StreamQueue.from_url(redis_url, FAST, name=f"gw{i}") for i in range(2))
+    server: RedisServer = request.getfixturevalue(
+        "redis_server" if request.param == "redis" else "redis_cluster"
+    )
+    server.flush()
+    first, second = (StreamQueue.from_url(server.url, FAST, name=f"gw{i}") for i in range(2))
     yield first, second
     await first.close()
     await second.close()
