@@ -74,10 +74,12 @@ def test_stalls_and_a_gateway_kill_under_load(tiny_models: dict[str, Path], tmp_
             survivors = [s for client in clients[:2] for s in client.sent]
             statuses = check(http, survivors, scores, allowed={503})
             # The killed gateway's client: its connections break; its batches live in Redis.
+            # Broken connections: only of requests sent after the last stall (in flight at the
+            # kill, or sent to the dead gateway after it), and it kept sending for 3 s.
             lost = [s for s in clients[2].sent if isinstance(s.status, str)]
-            assert all(s.started > marks["gateway killed"] - 60 for s in lost), lost
+            assert lost, "the killed gateway's client saw no broken connection"
+            assert all(s.started > marks["redis back after 30 s"] for s in lost), lost
             check(http, clients[2].sent, scores, allowed={503} | {s.status for s in lost})
-            assert clients[2].sent[-1].started > marks["gateway killed"] or lost
         for s in survivors:
             if s.status == 503:
                 assert "unreachable" in s.message, s
