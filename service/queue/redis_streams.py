@@ -56,7 +56,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -86,9 +86,32 @@ T = TypeVar("T")
 Routing = Literal["prefix", "round_robin", "shared"]
 Entry = tuple[str, str, dict[bytes, bytes]]  # stream, entry id, fields
 
+# Every key a script touches is declared in KEYS (Redis Cluster requires it, e.g. while a slot
+# migrates). The worker streams a script reaches through the model's set (or the workers'
+# announcements) are passed by the caller as it last knew them; a script that finds one not
+# declared touches nothing and returns UNDECLARED followed by every stream it needs, and the
+# caller calls again with those.
+UNDECLARED = "undeclared"
+_DECLARED = """
+local declared = {}
+for _, key in ipairs(KEYS) do declared[key] = true end
+local function undeclared(streams)
+  for _, stream in ipairs(streams) do
+    if not declared[stream] then
+      local needed = {'undeclared'}
+      for _, s in ipairs(streams) do needed[#needed + 1] = s end
+      return needed
+    end
+  end
+  return nil
+end
+"""
+
 # The backlog of a stream (what is not finished: undelivered, i.e. lag, or the stream length
 # when Redis cannot say, plus delivered but unacknowledged), nil without stream or group.
-_BACKLOG = """
+_BACKLOG = (
+    _DECLARED
+    + """
 local function backlog_of(stream, group)
   if redis.call('EXISTS', stream) == 0 then return nil end
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
@@ -125,24 +148,34 @@ local function routable(hash, stale)
   return workers
 end
 """
+)
 
 # Admission and enqueue of a request's jobs in one round trip, atomic across gateways. Creates
-# streams and groups when missing (also after Redis lost its data). KEYS: the shared stream,
-# the workers hash, the set of worker streams. ARGV: group, capacity, MAXLEN ~ bound, stale_s,
-# routing, then each job's prefix key ('' for none) and payload. Returns {backlog before the
-# jobs, or -1 when they do not fit (nothing is added); jobs routed by affinity (first choice),
-# by fallback (another worker, or the shared stream as all were loaded), to the shared stream,
-# in turn (round_robin)}.
+# streams and groups when missing (also after Redis lost its data). KEYS: the shared stream, the
+# workers hash, the set of worker streams, the round-robin turn, then worker streams (those in the
+# set and those of routable workers must be among them, see UNDECLARED). ARGV: group, capacity,
+# MAXLEN ~ bound, stale_s, routing, then each job's prefix key ('' for none) and payload. Returns
+# {backlog before the jobs, or -1 when they do not fit (nothing is added); jobs routed by affinity
+# (first choice), by fallback (another worker, or the shared stream as all were loaded), to the
+# shared stream, in turn (round_robin)}.
 _ADMIT = (
     _BACKLOG
     + """
-local shared, hash, set = KEYS[1], KEYS[2], KEYS[3]
+local shared, hash, set, turn_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, capacity, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local stale, routing = tonumber(ARGV[4]), ARGV[5]
 local jobs = (#ARGV - 5) / 2
+local workers = {}
+if routing ~= 'shared' then workers = routable(hash, stale) end
+local members = redis.call('SMEMBERS', set)
+local needed = {}
+for _, stream in ipairs(members) do needed[#needed + 1] = stream end
+for _, w in ipairs(workers) do needed[#needed + 1] = w.stream end
+local missing = undeclared(needed)
+if missing then return missing end
 local total = ensure_group(shared, group)
 local backlog = {}
-for _, stream in ipairs(redis.call('SMEMBERS', set)) do
+for _, stream in ipairs(members) do
   local b = backlog_of(stream, group)
   backlog[stream] = b
   total = total + (b or 0)
@@ -161,12 +194,10 @@ for i = 1, jobs do
   end
   table.insert(by_key[key], ARGV[5 + 2 * i])
 end
-local workers = {}
-if routing ~= 'shared' then workers = routable(hash, stale) end
 table.sort(workers, function(a, b) return a.name < b.name end)
 local turn = 0
 if routing == 'round_robin' and #workers > 0 then
-  turn = redis.call('INCRBY', hash .. ':turn', jobs) - jobs
+  turn = redis.call('INCRBY', turn_key, jobs) - jobs
 end
 local routed = {0, 0, 0, 0}
 for _, key in ipairs(order) do
@@ -211,19 +242,22 @@ return {total, routed[1], routed[2], routed[3], routed[4]}
 """
 )
 
-# A worker's look for orphan streams. KEYS: the workers hash, the set of worker streams, the
-# hash of suspected orphans. ARGV: group, stale_s, the caller's own stream (never an orphan to
-# itself). Returns the orphans that hold entries (read and reclaimed by all). A stream whose
-# worker is not routable is only suspected at first: it is deleted, if empty, once its worker's
-# announcement has stayed the same for stale_s more (by Redis time) since the suspicion began.
-# After a Redis stall every announcement is stale, but live workers announce again within a
-# heartbeat, so their streams are never deleted under them (no admission adds to a suspect: its
-# worker is not routable, by the same test).
+# A worker's look for orphan streams. KEYS: the workers hash, the set of worker streams, the hash of
+# suspected orphans, then worker streams (those in the set, see UNDECLARED). ARGV: group, stale_s,
+# the caller's own stream (never an orphan to itself). Returns the orphans that hold entries (read
+# and reclaimed by all). A stream whose worker is not routable is only suspected at first: it is
+# deleted, if empty, once its worker's announcement has stayed the same for stale_s more (by Redis
+# time) since the suspicion began. After a Redis stall every announcement is stale, but live workers
+# announce again within a heartbeat, so their streams are never deleted under them (no admission
+# adds to a suspect: its worker is not routable, by the same test).
 _ORPHANS = (
     _BACKLOG
     + """
 local hash, set, suspects = KEYS[1], KEYS[2], KEYS[3]
 local group, stale = ARGV[1], tonumber(ARGV[2])
+local members = redis.call('SMEMBERS', set)
+local missing = undeclared(members)
+if missing then return missing end
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1e6
 local owned = {[ARGV[3]] = true}
@@ -237,7 +271,7 @@ for i = 1, #raw, 2 do
   end
 end
 local orphans = {}
-for _, stream in ipairs(redis.call('SMEMBERS', set)) do
+for _, stream in ipairs(members) do
   if owned[stream] then
     redis.call('HDEL', suspects, stream)
   elseif redis.call('EXISTS', stream) == 0 then
@@ -296,12 +330,15 @@ return out
 """
 
 # The backlog summed over the shared stream and the worker streams. KEYS: the shared stream,
-# the set of worker streams. ARGV: group. Returns {pending, lag}.
+# the set of worker streams, then worker streams (those in the set, see UNDECLARED). ARGV:
+# group. Returns {pending, lag}.
 _DEPTH = (
     _BACKLOG
     + """
 local pending, lag = 0, 0
 local streams = redis.call('SMEMBERS', KEYS[2])
+local missing = undeclared(streams)
+if missing then return missing end
 table.insert(streams, 1, KEYS[1])
 for _, stream in ipairs(streams) do
   local backlog, held = backlog_of(stream, ARGV[1])
@@ -363,6 +400,11 @@ def workers_key(model: str) -> str:
     return f"{model_prefix(model)}:workers"
 
 
+def turn_key(model: str) -> str:
+    """The round-robin turn of a model's workers."""
+    return f"{model_prefix(model)}:turn"
+
+
 def suspects_key(model: str) -> str:
     return f"{model_prefix(model)}:suspects"
 
@@ -404,6 +446,7 @@ class StreamQueue:
         self._in_flight: dict[str, dict[str, str]] = {}  # stream -> entry id -> job id
         self._early: dict[str, list[Job]] = {}  # model -> delivered beyond a fetch's count
         self._orphans: dict[str, list[str]] = {}  # model -> streams of workers gone
+        self._streams: dict[str, list[str]] = {}  # model -> worker streams, as last known
         self._turn = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
@@ -454,25 +497,31 @@ class StreamQueue:
                 ).model_dump_json()
             )
         settings = self._settings
+
         # With wait_replicas, WAIT on the same connection, right after: when it returns, the
         # replicas have every write up to the jobs (the replication stream is ordered).
-        pipe = self._redis.pipeline(transaction=False)
-        await self._admit(
-            keys=[jobs_key(model), workers_key(model), streams_key(model)],
-            args=[
-                GROUP,
-                settings.capacity,
-                settings.capacity * 4,
-                settings.stale_s,
-                settings.routing,
-                *keyed,
-            ],
-            client=pipe,
-        )
-        if settings.wait_replicas:
-            pipe.wait(settings.wait_replicas, int(settings.wait_timeout_s * 1000))
-        try:
+        async def admit(streams: list[str]) -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            fixed = [jobs_key(model), workers_key(model), streams_key(model), turn_key(model)]
+            await self._admit(
+                keys=[*fixed, *streams],
+                args=[
+                    GROUP,
+                    settings.capacity,
+                    settings.capacity * 4,
+                    settings.stale_s,
+                    settings.routing,
+                    *keyed,
+                ],
+                client=pipe,
+            )
+            if settings.wait_replicas:
+                pipe.wait(settings.wait_replicas, int(settings.wait_timeout_s * 1000))
             replies: list[Any] = await available(pipe.execute())
+            return replies
+
+        try:
+            replies = await self._declaring(model, admit)
         except QueueUnavailableError:
             self._forget(waited)
             raise
@@ -678,14 +727,35 @@ class StreamQueue:
             self._in_flight.setdefault(stream, {})[entry_id] = job.id
         return jobs
 
+    async def _declaring(
+        self, model: str, call: Callable[[list[str]], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        """Run `call` (replies whose first is a script's) with the worker streams of `model`
+        declared as last known, again with the streams the script needs while it names some
+        not declared (UNDECLARED). Workers come and go rarely: one call, seldom two."""
+        for _ in range(8):
+            replies = await call(self._streams.get(model, []))
+            reply = replies[0]
+            if not (isinstance(reply, list) and reply and as_text(reply[0]) == UNDECLARED):
+                return replies
+            self._streams[model] = sorted({as_text(stream) for stream in reply[1:]})
+        raise QueueUnavailableError(
+            f"the worker streams of {model} changed on each of 8 attempts to declare them"
+        )
+
     async def _look_for_orphans(self, model: str) -> None:
         """The streams of workers that are gone (or not ready): read and reclaimed by all."""
-        orphans: list[Any] = await available(
-            self._find_orphans(
-                keys=[workers_key(model), streams_key(model), suspects_key(model)],
-                args=[GROUP, self._settings.stale_s, self.own_stream(model) or ""],
+
+        async def look(streams: list[str]) -> list[Any]:
+            reply = await available(
+                self._find_orphans(
+                    keys=[workers_key(model), streams_key(model), suspects_key(model), *streams],
+                    args=[GROUP, self._settings.stale_s, self.own_stream(model) or ""],
+                )
             )
-        )
+            return [reply]
+
+        orphans: list[Any] = (await self._declaring(model, look))[0]
         found = sorted(as_text(stream) for stream in orphans)
         if set(found) - set(self._orphans.get(model, [])):
             log.warning("taking over the jobs of stopped workers of %s: %s", model, found)
@@ -883,9 +953,12 @@ class StreamQueue:
 
     async def depth(self, model: str) -> Depth:
         """Summed over the shared stream and the worker streams."""
-        reply: list[int] = await available(
-            self._depth(keys=[jobs_key(model), streams_key(model)], args=[GROUP])
-        )
+
+        async def depth(streams: list[str]) -> list[Any]:
+            keys = [jobs_key(model), streams_key(model), *streams]
+            return [await available(self._depth(keys=keys, args=[GROUP]))]
+
+        reply = (await self._declaring(model, depth))[0]
         return Depth(pending=int(reply[0]), lag=int(reply[1]))
 
     async def dead_letters(self, model: str) -> list[dict[str, str]]:

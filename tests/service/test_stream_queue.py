@@ -23,7 +23,7 @@ from rmserve.service.jobs import Job
 from rmserve.service.launcher import RedisServer
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult
-from rmserve.service.queue import QueueFullError, QueueUnavailableError
+from rmserve.service.queue import QueueFullError, QueueUnavailableError, redis_streams
 from rmserve.service.queue.base import Depth
 from rmserve.service.queue.redis_streams import (
     StreamQueue,
@@ -35,6 +35,46 @@ from rmserve.service.queue.redis_streams import (
     workers_key,
 )
 from rmserve.wire.trajectory import Trajectory
+
+# Lua run before each script of this module: it refuses a command on a key the script did not
+# declare in KEYS (Redis Cluster needs every key declared; a standalone Redis does not check).
+# Key positions are those of the commands the scripts use.
+KEY_CHECK = """
+local real_redis = redis
+local declared_keys = {}
+for _, key in ipairs(KEYS) do declared_keys[key] = true end
+local function check(...)
+  local args = {...}
+  local command = string.upper(args[1])
+  local keys = {}
+  if command == 'XINFO' or command == 'XGROUP' then
+    keys = {args[3]}
+  elseif command == 'XREADGROUP' then
+    for i = 2, #args do
+      if string.upper(args[i]) == 'STREAMS' then
+        for j = i + 1, i + (#args - i) / 2 do keys[#keys + 1] = args[j] end
+        break
+      end
+    end
+  elseif command ~= 'TIME' then
+    keys = {args[2]}
+  end
+  for _, key in ipairs(keys) do
+    if not declared_keys[key] then error('undeclared key ' .. key .. ' for ' .. command) end
+  end
+end
+local redis = setmetatable({
+  call = function(...) check(...) return real_redis.call(...) end,
+  pcall = function(...) check(...) return real_redis.pcall(...) end,
+}, {__index = real_redis})
+"""
+
+
+@pytest.fixture(autouse=True)
+def scripts_declare_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every queue made in these tests runs its scripts with KEY_CHECK."""
+    monkeypatch.setattr(redis_streams, "LUA", redis_streams.LUA + KEY_CHECK)
+
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 FAST = StreamSettings(capacity=1000, max_deliveries=2, reclaim_idle_s=0.3, sweep_s=0.5)
