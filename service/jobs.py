@@ -6,7 +6,13 @@ from pydantic import BaseModel, Field
 
 from rmserve.models.base import Render
 from rmserve.models.spec import Aggregate
-from rmserve.service.protocol import ItemErrorBody, ItemResult, JudgeOptions
+from rmserve.service.protocol import (
+    DEFAULT_PRIORITY,
+    ItemErrorBody,
+    ItemResult,
+    JudgeOptions,
+    Priority,
+)
 from rmserve.wire.trajectory import Trajectory
 
 
@@ -25,6 +31,10 @@ class Job(BaseModel):
     enqueued_at: float
     # Wall-clock time (time.time()) after which the client no longer waits for the result.
     deadline: float
+    # Who sent it (its API key's tenant) and its priority class: the order in which a model's
+    # workers take jobs when tenants share it (service.scheduling).
+    tenant: str = "anonymous"
+    priority: Priority = DEFAULT_PRIORITY
     aggregate: Aggregate | None = None
     judge: JudgeOptions | None = None
     render: Render = "chat_template"

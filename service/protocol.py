@@ -42,6 +42,11 @@ class JudgeOptions(_Request):
     )
 
 
+# Priority classes of shared deployments, highest first (service.scheduling).
+Priority = Literal["interactive", "training", "batch"]
+DEFAULT_PRIORITY: Priority = "training"
+
+
 class ScoreOptions(_Request):
     stream: bool = Field(
         default=False,
