@@ -11,6 +11,9 @@ The keys file (RMSERVE_API_KEYS_FILE, YAML) holds SHA-256 digests of the keys, n
         sha256: 9f86d081884c7d65...  # hex digest of the key; `rmserve api-key` prints both
         models: [skywork-rm, math]   # default ["*"]: every model
         requests_per_s: 5            # overrides the default; null: no limit
+        tenants: [rl-team]           # whom its requests count for (service.tenants)
+    tenants:                         # weights and priority classes of shared deployments
+      - {name: rl-team, weight: 3, priority: training}
 
 Keys are random 32-byte tokens (`rms_` + secrets.token_urlsafe(32)), so one fast unsalted hash
 is the right store: salts and slow hashes (bcrypt, argon2) protect guessable passwords from
@@ -49,7 +52,10 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rmserve.service.metrics import Metrics
+from rmserve.service.protocol import Priority
 from rmserve.service.quotas import Lease, Quota
+from rmserve.service.scheduling import PRIORITIES
+from rmserve.service.tenants import Tenancy, Tenant, TenantEntry
 from rmserve.web.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,8 @@ class KeyEntry(QuotaFields):
     name: str = Field(pattern=NAME_PATTERN)
     sha256: str
     models: list[str] = Field(default_factory=lambda: [ALL_MODELS], min_length=1)
+    # The tenants its requests may name (the first by default); None: one named after the key.
+    tenants: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -113,6 +121,7 @@ class KeysFile(BaseModel):
 
     defaults: QuotaFields = Field(default_factory=QuotaFields)
     keys: list[KeyEntry] = Field(min_length=1)
+    tenants: list[TenantEntry] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,12 +131,35 @@ class ApiKey:
     name: str
     models: frozenset[str] | None = None  # None: every model
     quota: Quota = field(default_factory=Quota)
+    tenants: tuple[Tenant, ...] = ()  # the first by default; (): one named after the key
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def tenancy(self, tenant: str | None = None, priority: Priority | None = None) -> Tenancy:
+        """Whom a request counts for, and its class (defaults: the key's first tenant and its
+        class); Forbidden naming the option when the key may not use them."""
+        tenants = self.tenants or (Tenant(self.name),)
+        chosen = (
+            tenants[0] if tenant is None else next((t for t in tenants if t.name == tenant), None)
+        )
+        if chosen is None:
+            allowed = ", ".join(t.name for t in tenants)
+            raise Forbidden(
+                f"key {self.name!r} may not act for tenant {tenant!r}; allowed: {allowed}",
+                param="options.tenant",
+            )
+        if priority is not None and priority not in chosen.priorities:
+            raise Forbidden(
+                f"tenant {chosen.name!r} may not use priority {priority!r}; allowed: "
+                + ", ".join(chosen.priorities),
+                param="options.priority",
+            )
+        return Tenancy(chosen.name, chosen.weight, priority or chosen.priority)
 
-ANONYMOUS_KEY = ApiKey(ANONYMOUS)
+
+# With authentication off: one tenant, any class.
+ANONYMOUS_KEY = ApiKey(ANONYMOUS, tenants=(Tenant(ANONYMOUS, priorities=PRIORITIES),))
 
 
 def hash_key(key: str) -> str:
@@ -151,6 +183,13 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
     except ValidationError as exc:
         problems = "; ".join(f"{_where(raw, err['loc'])}: {err['msg']}" for err in exc.errors())
         raise KeysFileError(f"keys file {path}: {problems}") from None
+    tenants: dict[str, Tenant] = {}
+    for index, tenant in enumerate(parsed.tenants):
+        if tenant.name in tenants:
+            raise KeysFileError(
+                f"keys file {path}: tenants[{index}] ({tenant.name!r}).name: defined twice"
+            )
+        tenants[tenant.name] = Tenant.from_entry(tenant)
     keys: dict[str, ApiKey] = {}
     names: dict[str, int] = {}
     for index, entry in enumerate(parsed.keys):
@@ -166,8 +205,19 @@ def load_keys(path: Path) -> dict[str, ApiKey]:
         except ValueError as exc:
             raise KeysFileError(f"{where}: {exc}") from None
         models = None if ALL_MODELS in entry.models else frozenset(entry.models)
-        keys[entry.sha256] = ApiKey(entry.name, models, quota)
+        keys[entry.sha256] = ApiKey(entry.name, models, quota, _tenants(entry, tenants, where))
     return keys
+
+
+def _tenants(entry: KeyEntry, tenants: Mapping[str, Tenant], where: str) -> tuple[Tenant, ...]:
+    """The tenants a key may act for; KeysFileError naming an undefined one."""
+    if entry.tenants is None:  # a tenant of its own, unless the file defines its name
+        return (tenants.get(entry.name, Tenant(entry.name)),)
+    for name in entry.tenants:
+        if name not in tenants:
+            defined = ", ".join(sorted(tenants)) or "none (add a `tenants:` list)"
+            raise KeysFileError(f"{where}.tenants: unknown tenant {name!r}; defined: {defined}")
+    return tuple(tenants[name] for name in entry.tenants)
 
 
 def _quota(entry: KeyEntry, defaults: QuotaFields) -> Quota:
@@ -188,12 +238,12 @@ def _quota(entry: KeyEntry, defaults: QuotaFields) -> Quota:
 
 
 def _where(raw: Any, loc: tuple[int | str, ...]) -> str:
-    """An error location with the entry's name: keys[1] ('team-b').sha256."""
+    """An error location with the entry's name: keys[1] ('team-b').sha256, tenants[0] ..."""
     parts = [str(part) for part in loc]
-    if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int):
-        entry = raw["keys"][loc[1]] if isinstance(raw, dict) else None
+    if len(loc) >= 2 and loc[0] in ("keys", "tenants") and isinstance(loc[1], int):
+        entry = raw[loc[0]][loc[1]] if isinstance(raw, dict) else None
         name = entry.get("name") if isinstance(entry, dict) else None
-        head = f"keys[{loc[1]}]" + (f" ({name!r})" if isinstance(name, str) else "")
+        head = f"{loc[0]}[{loc[1]}]" + (f" ({name!r})" if isinstance(name, str) else "")
         return ".".join([head, *parts[2:]])
     return ".".join(parts) or "the file"
 

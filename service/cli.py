@@ -89,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--load-timeout-s", type=float, default=1800.0)
 
     check = commands.add_parser(
-        "check-registry", help="validate a registry file and list its models"
+        "check-registry",
+        help="validate a registry file and list its models (and a keys file: its tenants and "
+        "keys, against the registry's models)",
     )
     check.add_argument("registry", type=examples.registry_path)
+    check.add_argument(
+        "--keys", type=Path, default=None, help="a keys file (RMSERVE_API_KEYS_FILE) to validate"
+    )
 
     key = commands.add_parser(
         "api-key",
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "check-registry":
-        return _check_registry(args.registry)
+        return _check_registry(args.registry, args.keys)
     if args.command == "make-tiny-models":
         from rmserve.models.tiny import make_tiny_models, make_twins
 
@@ -268,14 +273,25 @@ def _api_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_registry(path: Path) -> int:
+def _check_registry(path: Path, keys_path: Path | None = None) -> int:
+    from rmserve.service.auth import KeysFileError, load_keys
+
     try:
         registry = load_registry(path)
-    except RegistryError as exc:
+        keys = load_keys(keys_path) if keys_path is not None else {}
+    except (RegistryError, KeysFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, spec in registry.models.items():
         print(f"{name}\t{spec.kind}\t{spec.weights}")
+    for key in keys.values():  # as at start-up: a warning (one keys file may serve several)
+        if missing := sorted((key.models or set()) - set(registry.models)):
+            print(
+                f"warning: key {key.name!r} names models not in {path}: {missing}", file=sys.stderr
+            )
+        for tenant in key.tenants:
+            print(f"key {key.name}\ttenant {tenant.name}\tweight {tenant.weight:g}\t"
+                  f"{tenant.priority} ({', '.join(tenant.priorities)})")  # fmt: skip
     return 0
 
 

@@ -18,10 +18,17 @@ from rmserve.service.directory import ModelDirectory
 from rmserve.service.graders import Graders, RunRequest, ValidateRequest, grader_models
 from rmserve.service.metrics import Metrics, refresh_depths
 from rmserve.service.openrlhf import add_openrlhf_route
-from rmserve.service.protocol import BatchStatus, ModelList, ScoreRequest, ScoreResponse
+from rmserve.service.protocol import (
+    BatchStatus,
+    ModelList,
+    ScoreOptions,
+    ScoreRequest,
+    ScoreResponse,
+)
 from rmserve.service.queue.base import JobQueue, QueueUnavailableError
 from rmserve.service.quotas import Lease, LeasedStream, Quotas, quotas_for
 from rmserve.service.scoring import ScoringService
+from rmserve.service.tenants import current_tenancy
 from rmserve.web.errors import Unavailable, install_error_handlers
 from rmserve.web.http import LimitsAndMetrics, exposition
 from rmserve.wire.errors import ErrorBody
@@ -62,8 +69,14 @@ def create_app(
     auth = Authenticator.from_file(settings.api_keys_file, directory.names(), metrics)
     app.state.authenticator = auth  # service.auth.Caller: the request's key
 
-    async def admit(key: ApiKey, models: Sequence[str], items: int) -> Lease:
+    async def admit(
+        key: ApiKey, models: Sequence[str], items: int, options: ScoreOptions | None = None
+    ) -> Lease:
+        """403 unless the key may use the models (and the options' tenant and class), else
+        the lease of its quota; the request's jobs count for its tenancy (service.tenants)."""
         auth.authorize(key, models)
+        tenancy = key.tenancy(options.tenant, options.priority) if options else key.tenancy()
+        current_tenancy.set(tenancy)
         return await quotas.admit(key.name, key.quota, items)
 
     @app.post(
@@ -76,7 +89,7 @@ def create_app(
         """Score trajectories with one model. An item that cannot be scored gets an `error`;
         the other items of the batch are still scored. With `options.stream`, results come as
         NDJSON lines as each item finishes."""
-        lease = await admit(key, [request.model], len(request.items))
+        lease = await admit(key, [request.model], len(request.items), request.options)
         if not request.options.stream:
             async with lease:
                 return await scoring.score(request, scope=key.name)
@@ -101,7 +114,7 @@ def create_app(
         GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/stream; results are kept for
         batch_result_ttl_s after the batch is done. Only the API key that started a batch
         sees it."""
-        lease = await admit(key, [request.model], len(request.items))
+        lease = await admit(key, [request.model], len(request.items), request.options)
         status = await lease.released_on_error(store.start(request, owner=key.name))
         quotas.release_when(lease, lambda: wait_done(store, status.id, key.name))
         response.headers["Location"] = f"/v1/jobs/{status.id}"

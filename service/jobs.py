@@ -34,6 +34,7 @@ class Job(BaseModel):
     # Who sent it (its API key's tenant) and its priority class: the order in which a model's
     # workers take jobs when tenants share it (service.scheduling).
     tenant: str = "anonymous"
+    weight: float = 1.0  # the tenant's, as configured on the gateway that admitted the job
     priority: Priority = DEFAULT_PRIORITY
     aggregate: Aggregate | None = None
     judge: JudgeOptions | None = None

@@ -71,6 +71,16 @@ class ScoreOptions(_Request):
         "group's items in this request): how long a group waits for its other items, from "
         "its first item's arrival (default: the server's group_wait_s)",
     )
+    tenant: str | None = Field(
+        default=None,
+        description="shared deployments: the tenant the items count for, one the API key may "
+        "act for (default: the key's first tenant)",
+    )
+    priority: Priority | None = Field(
+        default=None,
+        description="shared deployments: the priority class, interactive > training > batch, "
+        "one the tenant may use (default: the tenant's class)",
+    )
     render: Render = Field(
         default="chat_template",
         description="discriminative models: `chat_template` renders the messages with the "

@@ -24,7 +24,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import get_args
 
@@ -60,13 +60,8 @@ class FairScheduler:
     """The waiting jobs of one model. Not thread-safe; the caller serializes (one event loop
     in embedded mode)."""
 
-    def __init__(
-        self,
-        weights: Mapping[str, float] | None = None,
-        quantum: int = QUANTUM,
-        starvation_s: float = STARVATION_S,
-    ) -> None:
-        self._weights = dict(weights or {})
+    def __init__(self, quantum: int = QUANTUM, starvation_s: float = STARVATION_S) -> None:
+        self._weights: dict[str, float] = {}
         self._quantum = quantum
         self._starvation_s = starvation_s
         self._classes = [_Class() for _ in PRIORITIES]
@@ -83,7 +78,8 @@ class FairScheduler:
 
     def add(self, jobs: Sequence[Job], now: float | None = None) -> None:
         """Jobs of one request (or given back): each group of jobs sharing a prompt (prefix
-        key) is a bundle; jobs without a key are bundles of one."""
+        key) is a bundle; jobs without a key are bundles of one. A tenant's weight comes with
+        its jobs (as configured on the gateway that admitted them; the latest counts)."""
         bundles: dict[str, list[Job]] = {}
         for job in jobs:
             key = job.prefix_key if job.prefix_key is not None else f"\0{job.id}"
@@ -91,6 +87,7 @@ class FairScheduler:
         now = time.time() if now is None else now
         for bundle in bundles.values():
             first = bundle[0]
+            self._weights[first.tenant] = first.weight
             self._push(
                 _Waiting(
                     deadline=min(job.deadline for job in bundle),

@@ -20,6 +20,7 @@ from rmserve.service.limits import ItemLimits, check_items, inline_images
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult, ScoreRequest, ScoreResponse
 from rmserve.service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+from rmserve.service.tenants import current_tenancy
 from rmserve.web.errors import (
     NotFound,
     PayloadTooLarge,
@@ -202,6 +203,7 @@ class ScoringService:
         job_id: str = "",
     ) -> Job:
         now = time.time()
+        tenancy = current_tenancy.get()  # set by the gateway's admission (service.tenants)
         timeout = min(
             request.options.timeout_s or self._settings.default_timeout_s,
             self._settings.max_timeout_s,
@@ -213,6 +215,9 @@ class ScoringService:
             item=item,
             enqueued_at=now,
             deadline=now + timeout,
+            tenant=tenancy.tenant,
+            weight=tenancy.weight,
+            priority=tenancy.priority,
             aggregate=request.options.aggregate,
             judge=request.options.judge,
             render=request.options.render,

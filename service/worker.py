@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from rmserve.models.base import Evidence, RequestOptions, RewardModel, Sample
 from rmserve.models.generative.parsing import candidate_label
@@ -65,6 +66,9 @@ class Worker:
         # Jobs not scored because the engine died under them.
         self.abandoned: list[Job] = []
         self._queue_down = False
+        # Seconds the last items scored took: an item whose deadline is nearer than the fastest
+        # of them cannot finish in time, and is answered `timeout` without computing it.
+        self._recent: deque[float] = deque(maxlen=32)
 
     async def run(self) -> None:
         """Take jobs until stop() is called or the engine fails."""
@@ -157,6 +161,7 @@ class Worker:
         else:  # cached first: a client retrying the moment it has the result finds it
             if self._cache is not None and job.cache_key is not None and result.error is None:
                 await self._cache.put_many({job.cache_key: result})
+            self._metrics.tenant_result(job, result)
             await self._store(job, result)
         finally:
             self._slots.release()
@@ -176,15 +181,31 @@ class Worker:
 
     async def _score(self, job: Job) -> ItemResult:
         model, started = self.model, time.time()
-        self._metrics.queue_wait.labels(model.name).observe(max(0.0, started - job.enqueued_at))
-        if started > job.deadline:
+        waited = max(0.0, started - job.enqueued_at)
+        self._metrics.queue_wait.labels(model.name).observe(waited)
+
+        def failed(code: str, message: str) -> ItemResult:
+            result = error_result(job, code, message)
+            result.timing = Timing(queue_s=waited, compute_s=time.time() - started)
+            return result
+
+        fastest = min(self._recent, default=0.0)
+        if started + fastest > job.deadline:
             self._metrics.jobs.labels(model.name, "expired").inc()
-            return error_result(job, "timeout", "deadline passed before scoring began")
+            if started > job.deadline:
+                why = f"deadline passed before scoring began ({waited:.2f} s waiting)"
+            else:
+                why = (
+                    f"not scored: {job.deadline - started:.2f} s of its deadline were left "
+                    f"after {waited:.2f} s waiting, and the fastest recent item of "
+                    f"{model.name} took {fastest:.2f} s"
+                )
+            return failed("timeout", why)
         try:
             reward = await model.score(job.item, request_options(job))
         except ItemError as exc:
             self._metrics.jobs.labels(model.name, "item_error").inc()
-            return error_result(job, exc.code, exc.message)
+            return failed(exc.code, exc.message)
         except Exception as exc:
             if type(exc).__name__ == "EngineDeadError":
                 self.failure = f"the vLLM engine died: {exc}"
@@ -192,9 +213,9 @@ class Worker:
                 raise EngineFailure(self.failure) from exc
             self._metrics.jobs.labels(model.name, "failed").inc()
             log.exception("scoring job %s on %s failed", job.id, model.name)
-            message = f"scoring failed: {type(exc).__name__}: {exc}"
-            return error_result(job, "internal_error", message)
+            return failed("internal_error", f"scoring failed: {type(exc).__name__}: {exc}")
         finished = time.time()
+        self._recent.append(finished - started)
         self._metrics.jobs.labels(model.name, "ok").inc()
         self._metrics.job_duration.labels(model.name, model.kind).observe(finished - started)
         return ItemResult(

@@ -49,6 +49,10 @@ class QueueEvents(Protocol):
         """`jobs` jobs were admitted by `route`: affinity (to the worker their prefix key
         prefers), fallback (to another, that one being loaded) or shared (to any worker)."""
 
+    def expired(self, job: Job, result: ItemResult) -> None:
+        """A job was answered `timeout` by the scheduler instead of going to a worker: its
+        deadline was nearer than its scoring would take."""
+
 
 class NoEvents:
     def acked(self, model: str) -> None:
@@ -61,6 +65,9 @@ class NoEvents:
         pass
 
     def routed(self, model: str, route: str, jobs: int) -> None:
+        pass
+
+    def expired(self, job: Job, result: ItemResult) -> None:
         pass
 
 

@@ -22,6 +22,7 @@ def bundle(
     priority: Priority = "training",
     deadline: float = NOW + 600,
     prompt: str | None = "p",
+    weight: float = 1.0,
 ) -> list[Job]:
     """n jobs of one request sharing a prompt (a GRPO group when n > 1)."""
     key = None if prompt is None else f"{prompt}{next(_ids)}"
@@ -35,6 +36,7 @@ def bundle(
             deadline=deadline,
             prefix_key=key,
             tenant=tenant,
+            weight=weight,
             priority=priority,
         )
         for i in range(n)
@@ -64,9 +66,9 @@ def test_jobs_without_a_prompt_key_are_bundles_of_one() -> None:
 
 
 def test_saturating_tenants_get_items_in_proportion_to_their_weights() -> None:
-    scheduler = FairScheduler({"a": 3, "b": 1})
+    scheduler = FairScheduler()
     for _ in range(400):
-        scheduler.add(bundle("a", n=8), now=NOW)
+        scheduler.add(bundle("a", n=8, weight=3), now=NOW)
         scheduler.add(bundle("b", n=8), now=NOW)
     served: Counter[str] = Counter()
     for _ in range(200):  # 1600 items: both tenants still have work throughout
