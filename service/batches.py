@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
 from rmserve.service.protocol import BatchStatus, ItemErrorBody, ItemResult, ScoreRequest
 from rmserve.service.queue.base import QueueUnavailableError
 from rmserve.service.queue.redis_streams import as_text, available, batch_key, batch_model_key
+from rmserve.service.redis_cluster import RedisClient
 from rmserve.service.scoring import ScoringService, Submission
 from rmserve.web.errors import NotFound, Unavailable
 
@@ -229,7 +228,7 @@ class RedisBatchStore:
     BLOCK_S = 1.0  # below the Redis socket timeout (RMSERVE_REDIS_TIMEOUT_S >= 2)
 
     def __init__(
-        self, client: aioredis.Redis, scoring: ScoringService, limit: int, ttl_s: float
+        self, client: RedisClient, scoring: ScoringService, limit: int, ttl_s: float
     ) -> None:
         self._redis, self._scoring, self._limit, self._ttl_s = client, scoring, limit, ttl_s
 

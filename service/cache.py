@@ -16,13 +16,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
 from rmserve.models.spec import ModelSpec
 from rmserve.service.jobs import Job
 from rmserve.service.protocol import ItemResult
 from rmserve.service.queue.base import QueueUnavailableError
 from rmserve.service.queue.redis_streams import available, model_prefix
+from rmserve.service.redis_cluster import RedisClient
 
 
 def cache_key(spec: ModelSpec, job: Job) -> str:
@@ -82,7 +81,7 @@ class MemoryResultCache:
 class RedisResultCache:
     """Shared by all gateways of distributed mode; Redis expires the entries."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: float) -> None:
+    def __init__(self, client: RedisClient, ttl_s: float) -> None:
         self._redis, self._ttl_ms = client, max(1, int(ttl_s * 1000))
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, ItemResult]:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import WatchError
 
@@ -50,6 +49,7 @@ from rmserve.service.jobs import GroupMember, Job, error_result
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemErrorBody, ItemResult
 from rmserve.service.queue.base import JobQueue, QueueFullError, QueueUnavailableError
+from rmserve.service.redis_cluster import RedisClient
 from rmserve.wire.trajectory import Candidate, Trajectory
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class MemoryCohorts:
 
 
 class RedisCohorts:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._redis = client
 
     async def change(

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     redis_sentinels: str | None = None
     redis_sentinel_service: str = "mymaster"
     redis_sentinel_password: SecretStr | None = None  # when the sentinels require one
+    # Redis Cluster: redis_url names any node (the client discovers the others and follows
+    # slot moves and failovers). Every key carries its model as hash tag, so a model's keys
+    # live on one slot and scale out by model. Not with redis_sentinels, nor with
+    # redis_wait_replicas (WAIT would not reach the node that took the writes).
+    redis_cluster: bool = False
     # What "accepted" means across a failover: a request is admitted (202 for /v1/jobs, scoring
     # begins) and a worker's result announced only once this many replicas have it (WAIT);
     # when fewer confirm within redis_wait_timeout_s, the request gets 503 (its jobs may still
@@ -167,6 +172,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_timeout_s ({self.default_timeout_s}) exceeds max_timeout_s "
                 f"({self.max_timeout_s})"
+            )
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError(
+                "RMSERVE_REDIS_CLUSTER and RMSERVE_REDIS_SENTINELS exclude each other: a Redis "
+                "Cluster fails over by itself (set RMSERVE_REDIS_URL to any of its nodes)"
+            )
+        if self.redis_cluster and self.redis_wait_replicas:
+            raise ValueError(
+                "RMSERVE_REDIS_WAIT_REPLICAS is not supported with RMSERVE_REDIS_CLUSTER: the "
+                "cluster client sends WAIT to a node of its own choosing, on another connection "
+                "than the writes, so it would confirm nothing (set it to 0)"
             )
         if "RMSERVE_API_KEYS" in os.environ:  # ignored otherwise: the gateway would be open
             raise ValueError(

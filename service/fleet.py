@@ -16,12 +16,14 @@ import json
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from rmserve.service.directory import ModelDirectory
 from rmserve.service.protocol import ModelStatus
 from rmserve.service.queue.base import QueueUnavailableError
 from rmserve.service.queue.redis_streams import available, workers_key
+from rmserve.service.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,25 @@ REFRESH_S = 1.0
 __all__ = ["WorkerAnnouncer", "model_state", "watch_workers", "workers_key"]
 
 
-async def _redis_time(client: aioredis.Redis) -> float:
-    seconds, micros = await available(client.time())
+async def _redis_time(client: RedisClient, model: str) -> float:
+    """Redis' clock; on a Redis Cluster, that of the node holding `model`'s keys, the clock the
+    admission script reads there (the nodes' clocks may differ a little)."""
+    node = None
+    if isinstance(client, RedisCluster):
+        await available(client.initialize())  # the slot map (once)
+        with contextlib.suppress(RedisClusterException):  # a slot unknown for now: any node
+            node = client.get_node_from_key(workers_key(model))
+    if node is not None:
+        seconds, micros = await available(client.time(target_nodes=node))
+    else:
+        seconds, micros = await available(client.time())
     return float(seconds) + micros / 1e6
 
 
 class WorkerAnnouncer:
     """The worker side: publishes this worker's state until withdrawn."""
 
-    def __init__(self, client: aioredis.Redis, model: str, worker: str) -> None:
+    def __init__(self, client: RedisClient, model: str, worker: str) -> None:
         self._redis, self.model, self.worker = client, model, worker
         self.status: ModelStatus = "loading"
         self.reason: str | None = None
@@ -75,7 +87,7 @@ class WorkerAnnouncer:
         async with self._lock:
             if self._withdrawn:
                 return
-            at = await _redis_time(self._redis)
+            at = await _redis_time(self._redis, self.model)
             state = {"status": self.status, "reason": self.reason, "at": at, **self.routing}
             await available(
                 self._redis.hset(workers_key(self.model), self.worker, json.dumps(state))
@@ -90,6 +102,26 @@ class WorkerAnnouncer:
                 await available(self._redis.hdel(workers_key(self.model), self.worker))
 
 
+async def _read_workers(
+    client: RedisClient, names: list[str]
+) -> tuple[list[float], list[dict[bytes, bytes]]]:
+    """The clock each model's announcements are stamped with, and the announcements: one
+    round trip on a single server; on a Redis Cluster (no TIME in its pipelines), each model's
+    node's clock, the node the model's workers stamp their states with."""
+    pipe = client.pipeline(transaction=False)
+    if isinstance(client, RedisCluster):
+        clocks = list(await asyncio.gather(*(_redis_time(client, name) for name in names)))
+    else:
+        pipe.time()
+    for name in names:
+        pipe.hgetall(workers_key(name))
+    replies: list[Any] = await available(pipe.execute())
+    if not isinstance(client, RedisCluster):
+        (seconds, micros), *replies = replies
+        clocks = [float(seconds) + micros / 1e6] * len(names)
+    return clocks, replies
+
+
 def model_state(workers: dict[str, dict[str, Any]], model: str) -> tuple[ModelStatus, str | None]:
     """One model's state from its live workers' states."""
     if any(w["status"] == "ready" for w in workers.values()):
@@ -102,7 +134,7 @@ def model_state(workers: dict[str, dict[str, Any]], model: str) -> tuple[ModelSt
     return "unavailable", f"no worker is running (start one: rmserve worker --model {model})"
 
 
-async def watch_workers(client: aioredis.Redis, directory: ModelDirectory) -> None:
+async def watch_workers(client: RedisClient, directory: ModelDirectory) -> None:
     """The gateway side: keep `directory` up to date, for as long as the gateway runs.
 
     After a gap between two reads (Redis stalled, or was unreachable, or this gateway was
@@ -112,19 +144,17 @@ async def watch_workers(client: aioredis.Redis, directory: ModelDirectory) -> No
     previous, grace_until = None, 0.0
     while True:
         try:
-            pipe = client.pipeline(transaction=False)
-            pipe.time()
-            for name in names:
-                pipe.hgetall(workers_key(name))
-            (seconds, micros), *hashes = await available(pipe.execute())
-            now = float(seconds) + micros / 1e6
+            clocks, hashes = await _read_workers(client, names)
+            now = max(clocks, default=0.0)
             if previous is not None and now - previous > REFRESH_S + HEARTBEAT_S:
                 grace_until = now + 2 * HEARTBEAT_S
             previous = now
-            for name, raw in zip(names, hashes, strict=True):
+            for name, raw, clock in zip(names, hashes, clocks, strict=True):
                 states = {key.decode(): json.loads(value) for key, value in raw.items()}
                 live = {
-                    k: v for k, v in states.items() if now - v["at"] <= STALE_S or now < grace_until
+                    k: v
+                    for k, v in states.items()
+                    if clock - v["at"] <= STALE_S or now < grace_until
                 }
                 if stale := [k for k in states if k not in live]:
                     await available(client.hdel(workers_key(name), *stale))

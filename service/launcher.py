@@ -129,7 +129,13 @@ class RedisServer:
     """A real redis-server on a free loopback port, in `workdir`, with AOF on (a restart
     keeps the streams)."""
 
-    def __init__(self, workdir: Path, replica_of: int | None = None, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        replica_of: int | None = None,
+        cluster: bool = False,
+        own_every_slot: bool = True,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/install.sh installs it")
@@ -141,6 +147,7 @@ class RedisServer:
         # slots fail (CROSSSLOT) as they would in a real cluster. Its bus gets a free port of
         # its own (by default it takes port + 10000, which may be taken or above 65535).
         self.cluster = cluster
+        self.own_every_slot = own_every_slot  # False: a node of RedisClusterNodes
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -157,7 +164,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self._wait_for_ping()
-        if self.cluster:
+        if self.cluster and self.own_every_slot:
             self._own_every_slot()
 
     def _own_every_slot(self) -> None:
@@ -196,6 +203,70 @@ class RedisServer:
         redis.Redis(port=self.port).flushall()
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class RedisClusterNodes:
+    """A real Redis Cluster of `nodes` primaries (no replicas) on free loopback ports, joined
+    with `redis-cli --cluster create`: the slots are spread over the nodes, so the keys of two
+    models may live on different nodes. `url` names the first node (a cluster client
+    discovers the others)."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not installed; scripts/install.sh installs it")
+        self.nodes = [
+            RedisServer(workdir, cluster=True, own_every_slot=False) for _ in range(nodes)
+        ]
+        self.url = self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(self._ready(node.port) for node in self.nodes):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become ready")
+
+    def _ready(self, port: int) -> bool:
+        """The node says ok and knows every other node (the slot map is the same on all)."""
+        client = redis.Redis(port=port, socket_connect_timeout=0.5)
+        info: Any = client.cluster("INFO")
+        return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(
+            self.nodes
+        )
+
+    def node_of(self, key: str) -> int:
+        """The port of the node that holds `key`'s slot."""
+        client = redis.Redis(port=self.nodes[0].port)
+        slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[no-untyped-call]
+        shards: Any = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        for start, end, primary, *_ in shards:
+            if int(start) <= slot <= int(end):
+                return int(primary[1])
+        raise RuntimeError(f"no node holds slot {slot}")
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterNodes:
         self.start()
         return self
 

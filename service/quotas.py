@@ -37,13 +37,13 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-import redis.asyncio as aioredis
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rmserve.service.metrics import Metrics
 from rmserve.service.queue.base import JobQueue, QueueUnavailableError
 from rmserve.service.queue.redis_streams import LUA, StreamQueue, available
+from rmserve.service.redis_cluster import RedisClient
 from rmserve.web.errors import PayloadTooLarge, RateLimited, TooManyItemsInFlight, Unavailable
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def leases_key(key: str) -> str:
 class RedisLimiter:
     """Distributed mode: the limits in Redis, shared by every gateway."""
 
-    def __init__(self, client: aioredis.Redis, lease_ttl_s: float) -> None:
+    def __init__(self, client: RedisClient, lease_ttl_s: float) -> None:
         self._redis = client
         self._ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._acquire = client.register_script(LUA + _ACQUIRE)

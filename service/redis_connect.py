@@ -1,12 +1,15 @@
-"""The Redis client of distributed mode: one server (`RMSERVE_REDIS_URL`), or a primary with
+"""The Redis client of distributed mode: one server (`RMSERVE_REDIS_URL`), a primary with
 replicas behind Sentinel (`RMSERVE_REDIS_SENTINELS`), whose client asks the sentinels for the
-primary and follows a failover to the promoted replica without a restart.
+primary and follows a failover to the promoted replica without a restart, or a Redis Cluster
+(`RMSERVE_REDIS_CLUSTER`, the URL naming any node), whose client routes each command to the
+node of its key's slot (what code taking either kind must keep in mind: service.redis_cluster).
 
-A blocking pool either way: at a burst of requests (one per sample, as OpenRLHF sends them) a
-command waits for a free connection instead of failing with "Too many connections" (redis-py's
-default pool is capped and does not wait). Blocking reads wait at most a second (worker fetch
-0.5 s, batch follow 1 s), so the socket timeout (RMSERVE_REDIS_TIMEOUT_S, at least 2 s) only
-fires when Redis stops answering.
+A blocking pool for one server or Sentinel: at a burst of requests (one per sample, as OpenRLHF
+sends them) a command waits for a free connection instead of failing with "Too many
+connections" (redis-py's default pool is capped and does not wait). The cluster client's pools
+(one per node) do not wait: see `cluster_client`. Blocking reads wait at most a second (worker
+fetch 0.5 s, batch follow 1 s), so the socket timeout (RMSERVE_REDIS_TIMEOUT_S, at least 2 s)
+only fires when Redis stops answering.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from rmserve.service.config import Settings
+from rmserve.service.redis_cluster import RedisClient
+
+__all__ = ["RedisClient", "cluster_client", "redis_client", "sentinel_addresses"]
 
 MAX_CONNECTIONS = 512  # per process; Redis takes 10000 clients by default
 CONNECT_TIMEOUT_S = 2.0
@@ -42,9 +49,11 @@ def sentinel_addresses(value: str) -> list[tuple[str, int]]:
     return out
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
+def redis_client(settings: Settings) -> RedisClient:
     """The client of gateways, workers and the CLI; ValueError when neither a URL nor
     sentinels are configured."""
+    if settings.redis_cluster:
+        return cluster_client(settings)
     common: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_timeout": settings.redis_timeout_s,
@@ -83,3 +92,26 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         **options,
     )
     return client
+
+
+def cluster_client(settings: Settings) -> RedisCluster:
+    """A Redis Cluster client from any node's URL (credentials and TLS from it too). Its pools
+    are per node, capped at MAX_CONNECTIONS each; unlike the blocking pool above, a command that
+    finds all of a node's connections busy fails (MaxConnectionsError: a 503) instead of
+    waiting."""
+    if settings.redis_sentinels or settings.redis_wait_replicas:  # Settings refuse these too
+        raise ValueError(
+            "RMSERVE_REDIS_CLUSTER goes with neither RMSERVE_REDIS_SENTINELS nor "
+            "RMSERVE_REDIS_WAIT_REPLICAS"
+        )
+    if not settings.redis_url:
+        raise ValueError(
+            "RMSERVE_REDIS_CLUSTER needs RMSERVE_REDIS_URL (--redis-url): any node of the cluster"
+        )
+    return RedisCluster.from_url(
+        settings.redis_url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=settings.redis_timeout_s,
+        health_check_interval=10,
+        max_connections=MAX_CONNECTIONS,
+    )

@@ -16,7 +16,7 @@ import pytest
 
 from rmserve.models.tiny import make_tiny_models
 from rmserve.models.tiny.twins import build_twin
-from rmserve.service.launcher import RedisServer, ServerFailed, ServerProcess
+from rmserve.service.launcher import RedisClusterNodes, RedisServer, ServerFailed, ServerProcess
 
 TESTS = Path(__file__).parent
 TINY_REGISTRY = TESTS / "registry.tiny.yaml"
@@ -153,6 +153,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A real 3-node Redis Cluster (redis-cli --cluster create, no replicas): the slots spread
+    over the nodes, for clients that must follow them (RMSERVE_REDIS_CLUSTER)."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster3"), nodes=3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(params=["standalone", "cluster"])

@@ -924,6 +924,34 @@ def test_redis_behind_sentinel(chart: helm.Chart) -> None:
     assert "RMSERVE_REDIS_SENTINEL_PASSWORD" not in variables
 
 
+def test_redis_cluster(chart: helm.Chart) -> None:
+    cluster_values = values("redis: {cluster: true}")
+    manifests = render(chart, cluster_values)
+    for main in (
+        container(gateway(manifests), "gateway"),
+        container(worker(manifests, "skywork-rm"), "worker"),
+    ):
+        variables = env(main)
+        assert variables["RMSERVE_REDIS_CLUSTER"] == "true"
+        assert variables["RMSERVE_REDIS_URL"] == {
+            "secretKeyRef": {"name": "rmserve-redis", "key": "redis-url"}
+        }
+        assert not {"RMSERVE_REDIS_SENTINELS", "RMSERVE_REDIS_SENTINEL_SERVICE"} & variables.keys()
+    notes = render_raw(chart, cluster_values)["rmserve/templates/NOTES.txt"]
+    assert "The queue is the Redis Cluster" in notes and "no WAIT" in notes, notes
+    assert "RMSERVE_REDIS_CLUSTER" not in env(
+        container(gateway(rendered(chart, "defaults")), "gateway")
+    )
+    for refused, match in (
+        ("redis: {cluster: true, sentinel: {hosts: [a]}}", "redis.cluster and redis.sentinel"),
+        ("redis: {cluster: true, internal: {enabled: true}}", "redis.cluster and redis.internal"),
+        ("redis: {cluster: true, waitReplicas: 1}", "redis.waitReplicas is not supported"),
+        ("redis: {cluster: true, existingSecret: ''}", "redis.cluster needs redis.existingSecret"),
+    ):
+        with pytest.raises(helm.HelmRenderError, match=match):
+            render(chart, values(refused))
+
+
 def test_redis_defaults_without_sentinel(chart: helm.Chart) -> None:
     variables = env(container(gateway(rendered(chart, "defaults")), "gateway"))
     assert variables["RMSERVE_REDIS_WAIT_REPLICAS"] == "0"

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -75,6 +76,7 @@ from rmserve.service.queue.base import (
     QueueUnavailableError,
 )
 from rmserve.service.queue.inbox import Inboxes
+from rmserve.service.redis_cluster import RedisClient, is_cluster, publish_all
 
 log = logging.getLogger(__name__)
 
@@ -429,11 +431,15 @@ def batch_model_key(batch_id: str) -> str:
 class StreamQueue:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         settings: StreamSettings,
         name: str | None = None,
         events: QueueEvents | None = None,
     ) -> None:
+        if settings.wait_replicas and is_cluster(client):
+            raise ValueError(
+                "wait_replicas (RMSERVE_REDIS_WAIT_REPLICAS) is not supported on a Redis Cluster"
+            )
         self._redis = client
         self._events = events or NoEvents()
         self._settings = settings
@@ -456,7 +462,7 @@ class StreamQueue:
         self._depth = client.register_script(LUA + _DEPTH)
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         return self._redis
 
     @classmethod
@@ -466,9 +472,19 @@ class StreamQueue:
         settings: StreamSettings,
         name: str | None = None,
         events: QueueEvents | None = None,
+        cluster: bool = False,
     ) -> StreamQueue:
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=10
+        """A queue on its own client (tests, benchmarks); `cluster`: a Redis Cluster client,
+        `url` naming any node."""
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 2,
+            "socket_timeout": None,
+            "health_check_interval": 10,
+        }
+        client: RedisClient = (
+            RedisCluster.from_url(url, **options)
+            if cluster
+            else aioredis.Redis.from_url(url, **options)
         )
         return cls(client, settings, name, events)
 
@@ -499,24 +515,26 @@ class StreamQueue:
         settings = self._settings
 
         # With wait_replicas, WAIT on the same connection, right after: when it returns, the
-        # replicas have every write up to the jobs (the replication stream is ordered).
+        # replicas have every write up to the jobs (the replication stream is ordered). Without,
+        # the script alone (a Redis Cluster has no wait_replicas, and its pipelines do not load
+        # a script a node lacks).
         async def admit(streams: list[str]) -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
             fixed = [jobs_key(model), workers_key(model), streams_key(model), turn_key(model)]
-            await self._admit(
-                keys=[*fixed, *streams],
-                args=[
-                    GROUP,
-                    settings.capacity,
-                    settings.capacity * 4,
-                    settings.stale_s,
-                    settings.routing,
-                    *keyed,
-                ],
-                client=pipe,
-            )
-            if settings.wait_replicas:
-                pipe.wait(settings.wait_replicas, int(settings.wait_timeout_s * 1000))
+            keys = [*fixed, *streams]
+            args: list[Any] = [
+                GROUP,
+                settings.capacity,
+                settings.capacity * 4,
+                settings.stale_s,
+                settings.routing,
+                *keyed,
+            ]
+            if not settings.wait_replicas:
+                return [await available(self._admit(keys=keys, args=args))]
+            assert isinstance(self._redis, aioredis.Redis)  # no wait_replicas on a cluster
+            pipe = self._redis.pipeline(transaction=False)
+            await self._admit(keys=keys, args=args, client=pipe)
+            pipe.wait(settings.wait_replicas, int(settings.wait_timeout_s * 1000))
             replies: list[Any] = await available(pipe.execute())
             return replies
 
@@ -587,8 +605,22 @@ class StreamQueue:
         body = json.dumps(result.model_dump(mode="json"))
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(result_key(model, job_id), body, ex=int(self._settings.result_ttl_s), nx=True)
-        for channel in channels:
-            pipe.publish(channel, f'{{"job_id":{json.dumps(job_id)},"result":{body}}}')
+        await self._execute_and_announce(pipe, job_id, body, channels)
+
+    async def _execute_and_announce(
+        self, pipe: Any, job_id: str, body: str, channels: Sequence[str]
+    ) -> None:
+        """Run the transaction `pipe` (keys of the model's slot) and announce the result on
+        `channels`: in the same MULTI on a single server; after EXEC on a Redis Cluster, whose
+        client keeps PUBLISH out of a transaction (a channel is no key of the slot). A crash in
+        between loses only the announcement: the waiter's sweep finds the stored result."""
+        messages = [(c, f'{{"job_id":{json.dumps(job_id)},"result":{body}}}') for c in channels]
+        if is_cluster(self._redis):
+            await available(pipe.execute())
+            await available(publish_all(self._redis, messages))
+            return
+        for channel, message in messages:
+            pipe.publish(channel, message)
         await available(pipe.execute())
 
     async def _stored(self, model: str | None, job_ids: list[str]) -> list[tuple[str, ItemResult]]:
@@ -877,10 +909,9 @@ class StreamQueue:
         if record and job.batch is not None:  # NOMKSTREAM: an expired batch stays gone
             pipe.xadd(batch_key(job.model, job.batch), {"result": body}, nomkstream=True)
         pipe.xack(stream, GROUP, entry_id)
-        for channel in [job.reply_to] if job.reply_to else job.cohort_channels or []:
-            pipe.publish(channel, f'{{"job_id":{json.dumps(job.id)},"result":{body}}}')
+        channels = [job.reply_to] if job.reply_to else job.cohort_channels or []
         try:
-            await available(pipe.execute())
+            await self._execute_and_announce(pipe, job.id, body, channels)
         finally:  # stored, or (Redis gone) left to be reclaimed once idle: no more renewals
             self._in_flight.get(stream, {}).pop(entry_id, None)
         self._events.acked(job.model)

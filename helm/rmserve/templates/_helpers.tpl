@@ -151,7 +151,8 @@ Fails when two model names map to the same Kubernetes name.
 The Redis variables that come from Secrets. RMSERVE_REDIS_URL: the in-chart Redis, or a key of an
 existing Secret; with redis.sentinel.hosts the URL gives only password, database and TLS, and may
 be left out. RMSERVE_REDIS_SENTINEL_PASSWORD: a key of redis.sentinel.passwordSecret. Fails
-without any Redis, and for the in-chart Redis together with sentinels.
+without any Redis, for the in-chart Redis together with sentinels, and for redis.cluster with
+sentinels, the in-chart Redis, waitReplicas or without existingSecret.
 */}}
 {{- define "rmserve.redisUrlEnv" -}}
 {{- $redis := .Values.redis }}
@@ -159,6 +160,20 @@ without any Redis, and for the in-chart Redis together with sentinels.
 {{- $sentinels := $sentinel.hosts | default list }}
 {{- if and $redis.internal.enabled $sentinels }}
 {{- fail "redis: redis.internal.enabled and redis.sentinel.hosts exclude each other (the in-chart Redis is one pod, without replicas or sentinels). Set redis.sentinel.hosts=[] for the development Redis, or redis.internal.enabled=false for a Redis behind Sentinel" }}
+{{- end }}
+{{- if $redis.cluster }}
+{{- if $sentinels }}
+{{- fail "redis: redis.cluster and redis.sentinel.hosts exclude each other (a Redis Cluster fails over by itself; the URL of redis.existingSecret names any of its nodes)" }}
+{{- end }}
+{{- if $redis.internal.enabled }}
+{{- fail "redis: redis.cluster and redis.internal.enabled exclude each other (the in-chart Redis is one pod, not a cluster)" }}
+{{- end }}
+{{- if $redis.waitReplicas }}
+{{- fail "redis: redis.waitReplicas is not supported with redis.cluster (the cluster client cannot send WAIT on the connection that wrote the jobs); set it to 0" }}
+{{- end }}
+{{- if not $redis.existingSecret }}
+{{- fail "redis: redis.cluster needs redis.existingSecret, a Secret whose key redis.key holds the URL of any node of the cluster" }}
+{{- end }}
 {{- end }}
 {{- if $redis.internal.enabled }}
 - name: RMSERVE_REDIS_URL
@@ -187,7 +202,8 @@ without any Redis, and for the in-chart Redis together with sentinels.
 
 {{/*
 The plain Redis settings of gateway and workers, a map (YAML) of variable name to string:
-RMSERVE_REDIS_SENTINELS and RMSERVE_REDIS_SENTINEL_SERVICE (with redis.sentinel.hosts), and the
+RMSERVE_REDIS_SENTINELS and RMSERVE_REDIS_SENTINEL_SERVICE (with redis.sentinel.hosts),
+RMSERVE_REDIS_CLUSTER (with redis.cluster), and the
 WAIT and timeout settings. rmserve.commonEnv merges them under env, so that `env` can still set
 any of them without a duplicate variable.
 */}}
@@ -199,6 +215,9 @@ any of them without a duplicate variable.
 {{- $_ := include "rmserve.sentinelPorts" $ }}
 {{- $_ := set $settings "RMSERVE_REDIS_SENTINELS" (join "," .) }}
 {{- $_ := set $settings "RMSERVE_REDIS_SENTINEL_SERVICE" ($sentinel.service | default "mymaster" | toString) }}
+{{- end }}
+{{- if $redis.cluster }}
+{{- $_ := set $settings "RMSERVE_REDIS_CLUSTER" "true" }}
 {{- end }}
 {{- $names := dict "waitReplicas" "RMSERVE_REDIS_WAIT_REPLICAS" "waitTimeoutS" "RMSERVE_REDIS_WAIT_TIMEOUT_S" "timeoutS" "RMSERVE_REDIS_TIMEOUT_S" }}
 {{- range $key, $name := $names }}
