@@ -136,10 +136,14 @@ class ApiKey:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def tenancies(self) -> tuple[Tenant, ...]:
+        """The tenants it may act for, its default first."""
+        return self.tenants or (Tenant(self.name),)
+
     def tenancy(self, tenant: str | None = None, priority: Priority | None = None) -> Tenancy:
         """Whom a request counts for, and its class (defaults: the key's first tenant and its
         class); Forbidden naming the option when the key may not use them."""
-        tenants = self.tenants or (Tenant(self.name),)
+        tenants = self.tenancies()
         chosen = (
             tenants[0] if tenant is None else next((t for t in tenants if t.name == tenant), None)
         )

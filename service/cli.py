@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("model")
     dead.add_argument("--redis-url", help="default: RMSERVE_REDIS_URL")
 
+    usage = commands.add_parser(
+        "usage",
+        help="distributed mode: each tenant's usage over the last hours, as JSON (items, "
+        "errors, tokens, seconds queued and computing, by model)",
+    )
+    usage.add_argument("--hours", type=float, default=24.0, help="the window (default 24)")
+    usage.add_argument("--tenant", action="append", help="only these tenants (repeatable)")
+    usage.add_argument("--redis-url", help="default: RMSERVE_REDIS_URL")
+
     demo = commands.add_parser(
         "demo", help="start the embedded service, score the example trajectories, print rewards"
     )
@@ -184,6 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_server(args, settings)
     if args.command == "dead-letters":
         return _dead_letters(settings, args.model)
+    if args.command == "usage":
+        return _usage(settings, args.hours, args.tenant)
     from rmserve.service.demo import run_demo
 
     return run_demo(settings, args.port, args.examples, args.load_timeout_s)
@@ -292,6 +303,35 @@ def _check_registry(path: Path, keys_path: Path | None = None) -> int:
         for tenant in key.tenants:
             print(f"key {key.name}\ttenant {tenant.name}\tweight {tenant.weight:g}\t"
                   f"{tenant.priority} ({', '.join(tenant.priorities)})")  # fmt: skip
+    return 0
+
+
+def _usage(settings: Settings, hours: float, tenants: list[str] | None) -> int:
+    """Every tenant's usage (or `tenants'`) in the last `hours`, read from Redis."""
+    import asyncio
+    import time
+
+    from rmserve.service.queue import QueueUnavailableError
+    from rmserve.service.redis_connect import redis_client
+    from rmserve.service.usage import RedisUsage, UsageReport
+
+    if not settings.redis_url and not settings.redis_sentinels:
+        print("error: rmserve usage needs --redis-url or RMSERVE_REDIS_URL (or "
+              "RMSERVE_REDIS_SENTINELS); an embedded server answers GET /v1/usage",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+    async def read() -> UsageReport:
+        ledger = RedisUsage(redis_client(settings), settings.usage_retention_days)
+        now = time.time()
+        return await ledger.report(now - hours * 3600, now, tenants)
+
+    try:
+        report = asyncio.run(read())
+    except QueueUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report.model_dump_json(indent=2))
     return 0
 
 

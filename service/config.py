@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # gateway that dies stops renewing, and its leases stop counting after this long.
     quota_lease_ttl_s: float = Field(default=30.0, gt=0)
 
+    # Usage by tenant and hour (GET /v1/usage, `rmserve usage`) is kept this long.
+    usage_retention_days: float = Field(default=90.0, gt=0)
+
     # Result cache: seconds a result is kept (0: off) and, in embedded mode, how many.
     result_cache_ttl_s: float = Field(default=0.0, ge=0)
     result_cache_max_entries: int = Field(default=100_000, ge=1)

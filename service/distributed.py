@@ -38,6 +38,7 @@ from rmserve.service.queue.base import QueueUnavailableError
 from rmserve.service.queue.redis_streams import StreamQueue, StreamSettings
 from rmserve.service.redis_connect import redis_client
 from rmserve.service.toolboxes import gateway_toolbox, needs_tools, sidecar
+from rmserve.service.usage import RedisUsage
 from rmserve.service.worker import Worker, worker_concurrency
 from rmserve.web.errors import Unavailable, install_error_handlers
 from rmserve.web.http import LimitsAndMetrics, exposition
@@ -87,6 +88,7 @@ class GatewayRuntime:
             batches=lambda scoring: RedisBatchStore(
                 client, scoring, settings.max_items_per_batch, settings.batch_result_ttl_s
             ),
+            usage=RedisUsage(client, settings.usage_retention_days),
             lifespan=self.lifespan,
             wait_for_models=False,
             toolbox=gateway_toolbox(settings),
@@ -125,6 +127,7 @@ class WorkerRuntime:
             if settings.result_cache_ttl_s > 0
             else None
         )
+        self.usage = RedisUsage(self.client, settings.usage_retention_days)
         self.peer_directory = ModelDirectory(peers)
         self.model: RewardModel | None = None
         self.worker: Worker | None = None
@@ -202,7 +205,9 @@ class WorkerRuntime:
             self._out_of_service(f"unexpected error while loading: {type(exc).__name__}: {exc}")
             return
         concurrency = worker_concurrency(self.spec, self.settings.worker_concurrency)
-        self.worker = Worker(self.model, self.queue, self.metrics, concurrency, self.cache)
+        self.worker = Worker(
+            self.model, self.queue, self.metrics, concurrency, self.cache, self.usage
+        )
         if (stream := self.queue.own_stream(name)) is not None:
             self.announcer.take_routed_jobs(stream, concurrency)
         self.announcer.set("ready")
@@ -252,4 +257,5 @@ class WorkerRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.model is not None:
             self.model.shutdown()
+        await self.usage.close()  # writes the last counts
         await self.queue.close()

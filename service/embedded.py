@@ -27,6 +27,7 @@ from rmserve.service.metrics import Metrics
 from rmserve.service.peers import QueuePeers
 from rmserve.service.queue import InProcessQueue
 from rmserve.service.toolboxes import embedded_toolbox
+from rmserve.service.usage import MemoryUsage
 from rmserve.service.worker import Worker, worker_concurrency
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class EmbeddedRuntime:
         self.registry = registry
         self.directory = ModelDirectory(registry.models.values())
         self.metrics = Metrics("serve")
-        self.queue = InProcessQueue(settings.queue_capacity, self.metrics)
+        self.usage = MemoryUsage(settings.usage_retention_days)
+        self.queue = InProcessQueue(settings.queue_capacity, self.metrics, self.usage)
         self.cache = (
             MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
             if settings.result_cache_ttl_s > 0
@@ -59,6 +61,7 @@ class EmbeddedRuntime:
             self.directory,
             self.metrics,
             cache=self.cache,
+            usage=self.usage,
             lifespan=self.lifespan,
             toolbox=self.toolbox,
         )
@@ -99,7 +102,7 @@ class EmbeddedRuntime:
 
     def _start_worker(self, spec: ModelSpec, model: RewardModel) -> None:
         concurrency = worker_concurrency(spec, self.settings.worker_concurrency)
-        worker = Worker(model, self.queue, self.metrics, concurrency, self.cache)
+        worker = Worker(model, self.queue, self.metrics, concurrency, self.cache, self.usage)
         self._workers[model.name] = worker
         self._supervisors.append(asyncio.create_task(self._supervise(worker)))
 

@@ -29,6 +29,7 @@ from rmserve.service.queue.base import JobQueue, QueueUnavailableError
 from rmserve.service.quotas import Lease, LeasedStream, Quotas, quotas_for
 from rmserve.service.scoring import ScoringService
 from rmserve.service.tenants import current_tenancy
+from rmserve.service.usage import UsageLedger, add_usage_route
 from rmserve.web.errors import Unavailable, install_error_handlers
 from rmserve.web.http import LimitsAndMetrics, exposition
 from rmserve.wire.errors import ErrorBody
@@ -48,6 +49,7 @@ def create_app(
     metrics: Metrics,
     *,
     cache: ResultCache | None = None,
+    usage: UsageLedger | None = None,
     batches: Callable[[ScoringService], BatchStore] | None = None,
     lifespan: Lifespan | None = None,
     wait_for_models: bool = True,
@@ -167,6 +169,9 @@ def create_app(
         auth.authorize(key, grader_models(request.grader), param="grader.model")
         graders.check(request.grader)
         return {"grader": request.grader.model_dump(exclude_none=True)}
+
+    if usage is not None:
+        add_usage_route(app, usage, settings)
 
     @app.get("/v1/models", tags=["models"])
     async def models(key: Caller) -> ModelList:

@@ -21,6 +21,7 @@ from rmserve.service.jobs import Job, error_result
 from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import EvidenceResult, ItemResult, SampleResult, Timing, Usage
 from rmserve.service.queue.base import JobQueue, QueueUnavailableError
+from rmserve.service.usage import UsageLedger
 from rmserve.wire.errors import ItemError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ class Worker:
         metrics: Metrics,
         concurrency: int,
         cache: ResultCache | None = None,
+        usage: UsageLedger | None = None,
     ) -> None:
         self.model = model
+        self._usage = usage
         self._queue = queue
         self._cache = cache
         self._metrics = metrics
@@ -162,6 +165,8 @@ class Worker:
             if self._cache is not None and job.cache_key is not None and result.error is None:
                 await self._cache.put_many({job.cache_key: result})
             self._metrics.tenant_result(job, result)
+            if self._usage is not None:
+                self._usage.record(job, result)
             await self._store(job, result)
         finally:
             self._slots.release()

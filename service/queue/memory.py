@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING
 
 from rmserve.service.jobs import Job, error_result
 from rmserve.service.protocol import ItemResult, Timing
@@ -13,11 +14,17 @@ from rmserve.service.queue.base import Depth, NoEvents, QueueEvents, QueueFullEr
 from rmserve.service.queue.inbox import Inboxes
 from rmserve.service.scheduling import FairScheduler
 
+if TYPE_CHECKING:  # service.usage imports the queue package
+    from rmserve.service.usage import UsageLedger
+
 
 class InProcessQueue:
-    def __init__(self, capacity: int, events: QueueEvents | None = None) -> None:
+    def __init__(
+        self, capacity: int, events: QueueEvents | None = None, usage: UsageLedger | None = None
+    ) -> None:
         self._capacity = capacity
         self._events = events or NoEvents()
+        self._usage = usage  # counts the jobs answered `timeout` here, as a worker would
         self._pending: dict[str, FairScheduler] = {}
         self._arrived: dict[str, asyncio.Event] = {}  # set while the model has jobs waiting
         self._held: dict[str, set[str]] = {}  # model -> ids of jobs a worker holds
@@ -70,6 +77,8 @@ class InProcessQueue:
             for job in expired:
                 result = expired_result(job, margin_s)
                 self._events.expired(job, result)
+                if self._usage is not None:
+                    self._usage.record(job, result)
                 await self.complete(job, result)
             if jobs:
                 break
