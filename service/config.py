@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # gateway that dies stops renewing, and its leases stop counting after this long.
     quota_lease_ttl_s: float = Field(default=30.0, gt=0)
 
+    # The order in which a model's workers take waiting jobs: `fair` (tenant shares, priority
+    # classes, deadlines: service.scheduling) or `fifo` (arrival order, the old behaviour).
+    scheduling: Literal["fair", "fifo"] = "fair"
     # Usage by tenant and hour (GET /v1/usage, `rmserve usage`) is kept this long.
     usage_retention_days: float = Field(default=90.0, gt=0)
 

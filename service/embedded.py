@@ -40,7 +40,9 @@ class EmbeddedRuntime:
         self.directory = ModelDirectory(registry.models.values())
         self.metrics = Metrics("serve")
         self.usage = MemoryUsage(settings.usage_retention_days)
-        self.queue = InProcessQueue(settings.queue_capacity, self.metrics, self.usage)
+        self.queue = InProcessQueue(
+            settings.queue_capacity, self.metrics, self.usage, settings.scheduling == "fifo"
+        )
         self.cache = (
             MemoryResultCache(settings.result_cache_ttl_s, settings.result_cache_max_entries)
             if settings.result_cache_ttl_s > 0

@@ -38,8 +38,9 @@ STARVATION_S = 30.0
 
 @dataclass(order=True)
 class _Waiting:
-    deadline: float
+    rank: float  # its deadline (0 in fifo mode): the order within a tenant's class
     seq: int
+    deadline: float = field(compare=False)
     jobs: list[Job] = field(compare=False)
     tenant: str = field(compare=False)
     level: int = field(compare=False)  # index in PRIORITIES: its class now (it ages upwards)
@@ -60,7 +61,12 @@ class FairScheduler:
     """The waiting jobs of one model. Not thread-safe; the caller serializes (one event loop
     in embedded mode)."""
 
-    def __init__(self, quantum: int = QUANTUM, starvation_s: float = STARVATION_S) -> None:
+    def __init__(
+        self, quantum: int = QUANTUM, starvation_s: float = STARVATION_S, fifo: bool = False
+    ) -> None:
+        """`fifo`: ignore tenants, classes and deadlines; bundles in arrival order (the
+        baseline of benchmarks/tenant_fairness.py, and RMSERVE_SCHEDULING=fifo)."""
+        self._fifo = fifo
         self._weights: dict[str, float] = {}
         self._quantum = quantum
         self._starvation_s = starvation_s
@@ -88,13 +94,15 @@ class FairScheduler:
         for bundle in bundles.values():
             first = bundle[0]
             self._weights[first.tenant] = first.weight
+            fifo, deadline = self._fifo, min(job.deadline for job in bundle)
             self._push(
                 _Waiting(
-                    deadline=min(job.deadline for job in bundle),
+                    rank=0.0 if fifo else deadline,
                     seq=next(self._seq),
+                    deadline=deadline,
                     jobs=bundle,
-                    tenant=first.tenant,
-                    level=PRIORITIES.index(first.priority),
+                    tenant="" if fifo else first.tenant,
+                    level=0 if fifo else PRIORITIES.index(first.priority),
                     since=now,
                 )
             )

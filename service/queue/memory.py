@@ -20,9 +20,14 @@ if TYPE_CHECKING:  # service.usage imports the queue package
 
 class InProcessQueue:
     def __init__(
-        self, capacity: int, events: QueueEvents | None = None, usage: UsageLedger | None = None
+        self,
+        capacity: int,
+        events: QueueEvents | None = None,
+        usage: UsageLedger | None = None,
+        fifo: bool = False,
     ) -> None:
         self._capacity = capacity
+        self._fifo = fifo
         self._events = events or NoEvents()
         self._usage = usage  # counts the jobs answered `timeout` here, as a worker would
         self._pending: dict[str, FairScheduler] = {}
@@ -32,7 +37,7 @@ class InProcessQueue:
         self._inboxes = Inboxes()
 
     def _queue(self, model: str) -> FairScheduler:
-        return self._pending.setdefault(model, FairScheduler())
+        return self._pending.setdefault(model, FairScheduler(fifo=self._fifo))
 
     def _add(self, model: str, jobs: Sequence[Job]) -> None:
         self._queue(model).add(jobs)

@@ -117,3 +117,13 @@ def test_a_job_that_cannot_finish_in_time_is_returned_as_expired() -> None:
     taken, expired = scheduler.take(8, now=NOW, margin_s=2)
     assert taken == fine and expired == doomed
     assert len(scheduler) == 0
+
+
+def test_fifo_takes_bundles_in_arrival_order_whatever_their_tenant_class_or_deadline() -> None:
+    scheduler = FairScheduler(fifo=True)
+    first = bundle("a", n=4, priority="batch", deadline=NOW + 600)
+    second = bundle("b", n=4, priority="interactive", deadline=NOW + 10)
+    scheduler.add(first, now=NOW)
+    scheduler.add(second, now=NOW)
+    assert scheduler.take(4, now=NOW)[0] == first
+    assert scheduler.take(4, now=NOW)[0] == second
