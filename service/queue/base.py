@@ -79,7 +79,7 @@ class JobQueue(Protocol):
         is admitted while the backlog is below capacity, whatever its size: so one larger than
         the capacity gets in on an idle queue instead of a 429 forever, and a large request is
         not starved by small ones that fit the room left. The backlog stays below the capacity
-        plus one request (max_items_per_request)."""
+        plus one request (max_items_per_request, or max_items_per_batch for an async batch)."""
         ...
 
     def results(

@@ -690,7 +690,12 @@ class StreamQueue:
                 self._last_reclaim = time.monotonic()
                 await self._look_for_orphans(model)
                 again = await self._accept_redelivered(model, await self._reclaim(model, max_jobs))
-                suspect = next((job for job in again if job.deliveries > 1), None)
+                # Of the jobs whose worker died holding them, the one delivered the fewest
+                # times first: a poison job that killed each worker it reached waits while the
+                # innocent jobs that died beside it are scored, each alone, and then runs out
+                # its deliveries alone.
+                redelivered = [job for job in again if job.deliveries > 1]
+                suspect = min(redelivered, key=lambda job: job.deliveries, default=None)
                 if suspect is not None:
                     self._events.redelivered(model)
                     return await self._alone(suspect, again)

@@ -27,18 +27,24 @@ class Sent:
     results: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
     batch: str | None = None
+    retry_after: str | None = None  # a refusal's Retry-After header
+    finished: float = 0.0  # when the answer (or the transport error) came
 
 
 class Load(threading.Thread):
-    """Back-to-back requests of 4 pool items; every 5th an async batch (POST /v1/jobs)."""
+    """Back-to-back requests of 4 pool items; every 5th an async batch (POST /v1/jobs).
+    `timeout_s`: how long the client waits for an answer before it gives up."""
 
-    def __init__(self, base_url: str, number: int, stop: threading.Event) -> None:
+    def __init__(
+        self, base_url: str, number: int, stop: threading.Event, timeout_s: float = 60
+    ) -> None:
         super().__init__(daemon=True)
         self.base_url, self.number, self.stop = base_url, number, stop
+        self.timeout_s = timeout_s
         self.sent: list[Sent] = []
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+        with httpx.Client(base_url=self.base_url, timeout=self.timeout_s) as client:
             n = 0
             while not self.stop.is_set():
                 n += 1
@@ -55,8 +61,10 @@ class Load(threading.Thread):
                         sent.batch = body["id"]
                     else:
                         sent.message = body["error"]["message"]
+                        sent.retry_after = response.headers.get("retry-after")
                 except httpx.HTTPError as exc:
                     sent.status = type(exc).__name__
+                sent.finished = time.monotonic()
                 self.sent.append(sent)
                 if sent.status not in (200, 202):
                     time.sleep(0.2)

@@ -607,6 +607,7 @@ async def test_a_poison_job_does_not_take_its_neighbours_to_the_dead_letter_stre
 
     collector = asyncio.create_task(collect(first))
     crashes, redelivered_takes = 0, 0
+    scored_after: dict[str, int] = {}  # job -> crashes before it was scored
     deadline = time.monotonic() + 30
     while not collector.done() and time.monotonic() < deadline:
         worker = StreamQueue.from_url(redis_url, settings, name=f"w{crashes}")
@@ -619,11 +620,15 @@ async def test_a_poison_job_does_not_take_its_neighbours_to_the_dead_letter_stre
                 break  # dies with every job it holds, unacknowledged
             for job in taken:
                 await worker.complete(job, ItemResult(index=job.index, score=float(job.index)))
+                scored_after[job.id] = crashes
         else:
             await worker.close()
             break
         crashes += 1
         await worker.close()
+        # Its replacement starts once everything it held is reclaimable (a restart takes
+        # longer than reclaim_idle_s): the poison and its neighbours are reclaimed together.
+        await asyncio.sleep(settings.reclaim_idle_s + 0.1)
         if crashes == 1:
             await gateway.enqueue(later)  # other requests keep coming meanwhile
             collector = asyncio.gather(collector, collect(later))
@@ -635,6 +640,8 @@ async def test_a_poison_job_does_not_take_its_neighbours_to_the_dead_letter_stre
     assert {job_id: r.error for job_id, r in results.items() if r.error} == {}
     assert crashes == settings.max_deliveries
     assert redelivered_takes == 9 + 2  # each innocent once, the poison twice (then the letter)
+    # The innocents that died beside it (delivered fewer times) went before its last run.
+    assert max(scored_after[job.id] for job in first[1:]) < settings.max_deliveries
     (letter,) = await gateway.dead_letters("m")
     assert '"id":"a:0"' in letter["job"]
     await gateway.close()
