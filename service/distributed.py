@@ -54,6 +54,7 @@ def stream_settings(settings: Settings) -> StreamSettings:
         reclaim_idle_s=settings.reclaim_idle_s,
         result_ttl_s=max(settings.batch_result_ttl_s, settings.max_timeout_s),
         routing=settings.routing,
+        scheduling=settings.scheduling,
         stale_s=STALE_S,
         wait_replicas=settings.redis_wait_replicas,
         wait_timeout_s=settings.redis_wait_timeout_s,
@@ -208,8 +209,7 @@ class WorkerRuntime:
         self.worker = Worker(
             self.model, self.queue, self.metrics, concurrency, self.cache, self.usage
         )
-        if (stream := self.queue.own_stream(name)) is not None:
-            self.announcer.take_routed_jobs(stream, concurrency)
+        self.announcer.take_jobs(concurrency, self.queue.own_stream(name))
         self.announcer.set("ready")
         self.metrics.model_ready.labels(name).set(1)
         log.info("worker %s serves %s", self.name, name)

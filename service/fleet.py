@@ -64,9 +64,11 @@ class WorkerAnnouncer:
         self._withdrawn = False
         self._lock = asyncio.Lock()
 
-    def take_routed_jobs(self, stream: str, concurrency: int) -> None:
-        """Announce the worker's own stream: gateways route jobs to it while it is ready."""
-        self.routing = {"stream": stream, "concurrency": concurrency}
+    def take_jobs(self, concurrency: int, stream: str | None = None) -> None:
+        """Announce how many jobs the worker takes at once (the fair scheduler releases that
+        many into the streams: service.queue.redis_scheduler) and its own stream, if any:
+        gateways route jobs to it while it is ready (prefix routing)."""
+        self.routing = {"concurrency": concurrency, **({"stream": stream} if stream else {})}
         self._changed.set()
 
     def set(self, status: ModelStatus, reason: str | None = None) -> None:

@@ -18,9 +18,11 @@ declare the keys they name; the worker streams they reach through the model's se
 tag. Keys of different models are never touched together.
 
 A gateway enqueues all jobs of a request in one round trip (a Lua script, atomic across
-gateways: all or none, while the backlog summed over the model's streams is below the capacity:
-service.queue.base) and waits on its
-channel; a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of
+gateways: all or none, while the backlog summed over the model's streams and its waiting room is
+below the capacity: service.queue.base) and waits on its channel. With fair scheduling (the
+default) the jobs wait in the model's waiting room and are released into the streams in the
+fair scheduler's order as the workers have room (service.queue.redis_scheduler); with fifo they
+go straight to the streams. A gateway waits on its channel; a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of
 the result keys, so nothing waits forever.
 
 Routing (`routing="prefix"`): jobs with the same `prefix_key` (a hash of the item's prompt) go
@@ -76,7 +78,9 @@ from rmserve.service.queue.base import (
     QueueUnavailableError,
 )
 from rmserve.service.queue.inbox import Inboxes
+from rmserve.service.queue.redis_scheduler import SCHED, fixed_keys, sched_key
 from rmserve.service.redis_cluster import RedisClient, is_cluster, publish_all
+from rmserve.service.scheduling import PRIORITIES, STARVATION_S
 
 log = logging.getLogger(__name__)
 
@@ -152,66 +156,51 @@ end
 """
 )
 
-# Admission and enqueue of a request's jobs in one round trip, atomic across gateways. Creates
-# streams and groups when missing (also after Redis lost its data). KEYS: the shared stream, the
-# workers hash, the set of worker streams, the round-robin turn, then worker streams (those in the
-# set and those of routable workers must be among them, see UNDECLARED). ARGV: group, capacity,
-# MAXLEN ~ bound, stale_s, routing, then each job's prefix key ('' for none) and payload. Returns
-# {backlog before the jobs, or -1 when they do not fit (nothing is added); jobs routed by affinity
-# (first choice), by fallback (another worker, or the shared stream as all were loaded), to the
-# shared stream, in turn (round_robin)}.
-_ADMIT = (
-    _BACKLOG
-    + """
-local shared, hash, set, turn_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group, capacity, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local stale, routing = tonumber(ARGV[4]), ARGV[5]
-local jobs = (#ARGV - 5) / 2
-local workers = {}
-if routing ~= 'shared' then workers = routable(hash, stale) end
-local members = redis.call('SMEMBERS', set)
-local needed = {}
-for _, stream in ipairs(members) do needed[#needed + 1] = stream end
-for _, w in ipairs(workers) do needed[#needed + 1] = w.stream end
-local missing = undeclared(needed)
-if missing then return missing end
-local total = ensure_group(shared, group)
-local backlog = {}
-for _, stream in ipairs(members) do
-  local b = backlog_of(stream, group)
-  backlog[stream] = b
-  total = total + (b or 0)
-end
-if total >= capacity then
-  return {-1, 0, 0, 0, 0}
-end
-local order, by_key = {}, {}
-for i = 1, jobs do
-  local key = ARGV[4 + 2 * i]
-  if routing ~= 'prefix' then key = '' end
-  if routing == 'round_robin' then key = tostring(i) end
-  if by_key[key] == nil then
-    by_key[key] = {}
-    order[#order + 1] = key
+# Routing (prefix, shared, round_robin; see the module docstring) of the jobs of one prompt, as
+# a table R: R.route(key, payloads). Needs _BACKLOG. `backlog`: the streams' backlogs as read.
+_ROUTER = """
+local function ready_room(hash, stale)
+  local now = redis.call('TIME')
+  now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+  local room, raw = 0, redis.call('HGETALL', hash)
+  for i = 1, #raw, 2 do
+    local ok, state = pcall(cjson.decode, raw[i + 1])
+    if ok and type(state) == 'table' and state['status'] == 'ready'
+        and type(state['at']) == 'number' and now - state['at'] <= stale then
+      room = room + (tonumber(state['concurrency']) or 0)
+    end
   end
-  table.insert(by_key[key], ARGV[5 + 2 * i])
+  return room
 end
-table.sort(workers, function(a, b) return a.name < b.name end)
-local turn = 0
-if routing == 'round_robin' and #workers > 0 then
-  turn = redis.call('INCRBY', turn_key, jobs) - jobs
-end
-local routed = {0, 0, 0, 0}
-for _, key in ipairs(order) do
-  local payloads, target, route = by_key[key], shared, 3
-  if routing == 'round_robin' and #workers > 0 then
-    -- The baseline that ignores prompts and load: each job to the next worker in turn.
-    target, route, turn = workers[turn % #workers + 1].stream, 4, turn + 1
-    if backlog[target] == nil then
+local function router(shared, hash, set, turn_key, group, maxlen, stale, routing, backlog)
+  local R = {routed = {0, 0, 0, 0}, workers = {}}
+  if routing ~= 'shared' then R.workers = routable(hash, stale) end
+  table.sort(R.workers, function(a, b) return a.name < b.name end)
+  local workers = R.workers
+  local function add(target, payloads, route)
+    if target ~= shared and backlog[target] == nil then
       backlog[target] = ensure_group(target, group)
       redis.call('SADD', set, target)
     end
-  elseif key ~= '' and #workers > 0 then
+    for _, payload in ipairs(payloads) do
+      redis.call('XADD', target, 'MAXLEN', '~', maxlen, '*', 'job', payload)
+    end
+    if target ~= shared then backlog[target] = backlog[target] + #payloads end
+    R.routed[route] = R.routed[route] + #payloads
+  end
+  function R.route(key, payloads)
+    if routing == 'round_robin' and #workers > 0 then
+      -- The baseline that ignores prompts and load: each job to the next worker in turn.
+      local turn = redis.call('INCRBY', turn_key, #payloads) - #payloads
+      for i, payload in ipairs(payloads) do
+        add(workers[(turn + i - 1) % #workers + 1].stream, {payload}, 4)
+      end
+      return
+    end
+    if routing ~= 'prefix' or key == '' or #workers == 0 then
+      add(shared, payloads, 3)
+      return
+    end
     local ranked = {}
     for _, w in ipairs(workers) do
       local weight = tonumber(string.sub(redis.sha1hex(key .. '\\n' .. w.name), 1, 12), 16)
@@ -221,26 +210,147 @@ for _, key in ipairs(order) do
       if a.weight ~= b.weight then return a.weight > b.weight end
       return a.worker.name < b.worker.name
     end)
-    route = 2
     for rank, r in ipairs(ranked) do
       if (backlog[r.worker.stream] or 0) < r.worker.room then
-        target = r.worker.stream
-        if rank == 1 then route = 1 end
-        break
+        add(r.worker.stream, payloads, rank == 1 and 1 or 2)
+        return
       end
     end
-    if target ~= shared and backlog[target] == nil then
-      backlog[target] = ensure_group(target, group)
-      redis.call('SADD', set, target)
-    end
+    add(shared, payloads, 2)
   end
-  for _, payload in ipairs(payloads) do
-    redis.call('XADD', target, 'MAXLEN', '~', maxlen, '*', 'job', payload)
-  end
-  if target ~= shared then backlog[target] = backlog[target] + #payloads end
-  routed[route] = routed[route] + #payloads
+  return R
 end
-return {total, routed[1], routed[2], routed[3], routed[4]}
+-- Bundles from the waiting room into the streams, in the scheduler's order, while `have` (jobs
+-- in the streams, as the caller counts them) is below `target`.
+local function release(S, R, have, target, now)
+  sched_age(S, now)
+  local released = 0
+  while have < target do
+    local id, meta = sched_next(S)
+    if id == nil then break end
+    R.route(meta.k, sched_take(S, id, meta))
+    have, released = have + meta.n, released + meta.n
+  end
+  return released
+end
+local function redis_now()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) + tonumber(now[2]) / 1e6
+end
+"""
+
+# Admission and enqueue of a request's jobs in one round trip, atomic across gateways. Creates
+# streams and groups when missing (also after Redis lost its data). KEYS: the shared stream, the
+# workers hash, the set of worker streams, the round-robin turn, the scheduler's fixed keys
+# (redis_scheduler.fixed_keys), then the dynamic ones: worker streams (in the set, and of
+# routable workers) and the scheduler's wait keys (see UNDECLARED). ARGV: group, capacity,
+# MAXLEN ~ bound, stale_s, routing, scheduling (fair or fifo), the model's key prefix,
+# starvation_s, the jobs' tenant, class (level), weight, then each job's prefix key ('' for
+# none), deadline and payload. With fair scheduling the jobs wait in the waiting room as
+# bundles (one per prefix key; a job without one is a bundle of its own), and as many as the
+# ready workers' room allows are released into the streams at once; with fifo they go straight
+# to the streams. Returns {backlog before the jobs (streams and waiting room), or -1 when they
+# do not fit (nothing is added); jobs routed by affinity (first choice), by fallback (another
+# worker, or the shared stream as all were loaded), to the shared stream, in turn
+# (round_robin)}.
+_ADMIT = (
+    _BACKLOG
+    + SCHED
+    + _ROUTER
+    + """
+local shared, hash, set, turn_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, capacity, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local stale, routing, fair = tonumber(ARGV[4]), ARGV[5], ARGV[6] == 'fair'
+local S = sched_of(ARGV[7], tonumber(ARGV[8]))
+local tenant, level, weight = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+local FIRST = 12
+local jobs = (#ARGV - FIRST + 1) / 3
+local workers = {}
+if routing ~= 'shared' then workers = routable(hash, stale) end
+local members = redis.call('SMEMBERS', set)
+local needed = {}
+for _, stream in ipairs(members) do needed[#needed + 1] = stream end
+for _, w in ipairs(workers) do needed[#needed + 1] = w.stream end
+if fair then
+  for _, key in ipairs(sched_needs(S, {tenant})) do needed[#needed + 1] = key end
+end
+local missing = undeclared(needed)
+if missing then return missing end
+local total = ensure_group(shared, group)
+local backlog = {}
+for _, stream in ipairs(members) do
+  local b = backlog_of(stream, group)
+  backlog[stream] = b
+  total = total + (b or 0)
+end
+local waiting = 0
+if fair then waiting = sched_waiting(S) end
+if total + waiting >= capacity then
+  return {-1, 0, 0, 0, 0}
+end
+local order, by_key = {}, {}
+for i = 0, jobs - 1 do
+  local key = ARGV[FIRST + 3 * i]
+  local group_key = key
+  if fair and key == '' then group_key = '\\0' .. i end  -- a bundle of its own
+  if by_key[group_key] == nil then
+    by_key[group_key] = {key = key, deadline = tonumber(ARGV[FIRST + 3 * i + 1]), payloads = {}}
+    order[#order + 1] = group_key
+  end
+  local bundle = by_key[group_key]
+  bundle.deadline = math.min(bundle.deadline, tonumber(ARGV[FIRST + 3 * i + 1]))
+  table.insert(bundle.payloads, ARGV[FIRST + 3 * i + 2])
+end
+local R = router(shared, hash, set, turn_key, group, maxlen, stale, routing, backlog)
+if fair then
+  local now = redis_now()
+  for _, k in ipairs(order) do
+    local b = by_key[k]
+    sched_add(S, b.payloads, tenant, level, weight, b.deadline, b.key, now)
+  end
+  release(S, R, total, ready_room(hash, stale), now)
+else
+  for _, k in ipairs(order) do R.route(by_key[k].key, by_key[k].payloads) end
+end
+return {total + waiting, R.routed[1], R.routed[2], R.routed[3], R.routed[4]}
+"""
+)
+
+# A worker about to read: release bundles from the waiting room until the undelivered jobs of
+# the streams it reads cover its free slots. KEYS and ARGV as _ADMIT's up to the jobs' tenant
+# (ARGV[9] is the caller's own stream, '' for none; ARGV[10] its free slots). Returns the jobs
+# released.
+_RELEASE = (
+    _BACKLOG
+    + SCHED
+    + _ROUTER
+    + """
+local shared, hash, set, turn_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, maxlen = ARGV[1], ARGV[3]
+local stale, routing = tonumber(ARGV[4]), ARGV[5]
+local S = sched_of(ARGV[7], tonumber(ARGV[8]))
+local own, want = ARGV[9], tonumber(ARGV[10])
+if sched_waiting(S) <= 0 then return 0 end
+local workers = {}
+if routing ~= 'shared' then workers = routable(hash, stale) end
+local members = redis.call('SMEMBERS', set)
+local needed = {}
+for _, stream in ipairs(members) do needed[#needed + 1] = stream end
+for _, w in ipairs(workers) do needed[#needed + 1] = w.stream end
+for _, key in ipairs(sched_needs(S, {})) do needed[#needed + 1] = key end
+local missing = undeclared(needed)
+if missing then return missing end
+local backlog = {}
+for _, stream in ipairs(members) do backlog[stream] = backlog_of(stream, group) end
+local lag = 0
+for _, stream in ipairs({shared, own}) do
+  if stream ~= '' then
+    local b, held = backlog_of(stream, group)
+    if b ~= nil then lag = lag + b - held end
+  end
+end
+local R = router(shared, hash, set, turn_key, group, maxlen, stale, routing, backlog)
+return release(S, R, lag, want, redis_now())
 """
 )
 
@@ -331,13 +441,13 @@ end
 return out
 """
 
-# The backlog summed over the shared stream and the worker streams. KEYS: the shared stream,
-# the set of worker streams, then worker streams (those in the set, see UNDECLARED). ARGV:
-# group. Returns {pending, lag}.
+# The backlog summed over the shared stream, the worker streams and the waiting room (lag).
+# KEYS: the shared stream, the set of worker streams, the scheduler's hash, then worker streams
+# (those in the set, see UNDECLARED). ARGV: group. Returns {pending, lag}.
 _DEPTH = (
     _BACKLOG
     + """
-local pending, lag = 0, 0
+local pending, lag = 0, tonumber(redis.call('HGET', KEYS[3], 'waiting') or '0')
 local streams = redis.call('SMEMBERS', KEYS[2])
 local missing = undeclared(streams)
 if missing then return missing end
@@ -367,6 +477,10 @@ class StreamSettings:
     routing: Routing = "prefix"
     # A worker that has not reported its state for this long is gone (service.fleet.STALE_S).
     stale_s: float = 10.0
+    # fair: jobs wait in the model's waiting room and go to the streams in the order of
+    # service.scheduling (redis_scheduler); fifo: straight to the streams, in arrival order.
+    scheduling: Literal["fair", "fifo"] = "fair"
+    starvation_s: float = STARVATION_S
     # Admission waits for this many replicas to have the jobs (WAIT), at most wait_timeout_s.
     wait_replicas: int = 0
     wait_timeout_s: float = 1.0
@@ -457,6 +571,7 @@ class StreamQueue:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
         self._admit = client.register_script(LUA + _ADMIT)
+        self._release = client.register_script(LUA + _RELEASE)
         self._find_orphans = client.register_script(LUA + _ORPHANS)
         self._read = client.register_script(LUA + _READ)
         self._depth = client.register_script(LUA + _DEPTH)
@@ -504,29 +619,29 @@ class StreamQueue:
         if waited:
             self._ensure_listener()
             self._open(model, waited)  # before the jobs exist: no result can be missed
-        keyed: list[str] = []
+        keyed: list[str | float] = []
         for job in jobs:
             keyed.append(job.prefix_key or "")
+            keyed.append(job.deadline)
             keyed.append(
                 job.model_copy(
                     update={"reply_to": self._channel if job.id in waited else None}
                 ).model_dump_json()
             )
         settings = self._settings
+        first = jobs[0]  # a request's jobs share their tenancy (service.tenants)
 
         # With wait_replicas, WAIT on the same connection, right after: when it returns, the
         # replicas have every write up to the jobs (the replication stream is ordered). Without,
         # the script alone (a Redis Cluster has no wait_replicas, and its pipelines do not load
         # a script a node lacks).
-        async def admit(streams: list[str]) -> list[Any]:
-            fixed = [jobs_key(model), workers_key(model), streams_key(model), turn_key(model)]
-            keys = [*fixed, *streams]
+        async def admit(dynamic: list[str]) -> list[Any]:
+            keys = [*self._fixed_keys(model), *dynamic]
             args: list[Any] = [
-                GROUP,
-                settings.capacity,
-                settings.capacity * 4,
-                settings.stale_s,
-                settings.routing,
+                *self._script_args(model),
+                first.tenant,
+                PRIORITIES.index(first.priority),
+                first.weight,
                 *keyed,
             ]
             if not settings.wait_replicas:
@@ -666,6 +781,38 @@ class StreamQueue:
 
     # -- worker side -------------------------------------------------------------------------
 
+    def _fixed_keys(self, model: str) -> list[str]:
+        """The keys _ADMIT and _RELEASE declare before the dynamic ones."""
+        fixed = [jobs_key(model), workers_key(model), streams_key(model), turn_key(model)]
+        return [*fixed, *fixed_keys(model_prefix(model))]
+
+    def _script_args(self, model: str) -> list[Any]:
+        """The arguments _ADMIT and _RELEASE share (up to the jobs' tenant)."""
+        settings = self._settings
+        return [
+            GROUP,
+            settings.capacity,
+            settings.capacity * 4,
+            settings.stale_s,
+            settings.routing,
+            settings.scheduling,
+            model_prefix(model),
+            settings.starvation_s,
+        ]
+
+    async def _release_waiting(self, model: str, want: int) -> None:
+        """Before reading: jobs from the waiting room into the streams (fair scheduling), so
+        that the undelivered jobs of the streams this worker reads cover its free slots.
+        Whatever this worker's own setting: a gateway's decides where jobs wait."""
+        own = self.own_stream(model) or ""
+
+        async def release(dynamic: list[str]) -> list[Any]:
+            keys = [*self._fixed_keys(model), *dynamic]
+            args = [*self._script_args(model), own, want]
+            return [await available(self._release(keys=keys, args=args))]
+
+        await self._declaring(model, release)
+
     def _primary(self, model: str) -> list[str]:
         """The streams this worker always reads: its own (prefix routing) and the shared one,
         first one then the other in turn, so that neither starves the other."""
@@ -704,6 +851,7 @@ class StreamQueue:
                     self._events.redelivered(model)
             streams = primary + self._orphans.get(model, [])
             if len(reclaimed) < max_jobs:
+                await self._release_waiting(model, max_jobs - len(reclaimed))
                 fresh = _entries(
                     await available(
                         self._read(
@@ -991,7 +1139,7 @@ class StreamQueue:
         """Summed over the shared stream and the worker streams."""
 
         async def depth(streams: list[str]) -> list[Any]:
-            keys = [jobs_key(model), streams_key(model), *streams]
+            keys = [jobs_key(model), streams_key(model), sched_key(model_prefix(model)), *streams]
             return [await available(self._depth(keys=keys, args=[GROUP]))]
 
         reply = (await self._declaring(model, depth))[0]

@@ -93,7 +93,7 @@ async def test_a_worker_announces_the_stream_it_takes_routed_jobs_from(redis_url
                 break
             await asyncio.sleep(0.05)
         assert "stream" not in await state()  # loading: nothing is routed to it yet
-        announcer.take_routed_jobs(worker_stream_key("a", "a@host:1"), 16)
+        announcer.take_jobs(16, worker_stream_key("a", "a@host:1"))
         announcer.set("ready")
         for _ in range(100):
             if (await state()).get("status") == "ready":

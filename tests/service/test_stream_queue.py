@@ -78,6 +78,10 @@ def scripts_declare_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 ITEM = Trajectory.model_validate({"messages": [{"role": "user", "content": "x"}]})
 FAST = StreamSettings(capacity=1000, max_deliveries=2, reclaim_idle_s=0.3, sweep_s=0.5)
+# Where admission puts jobs, seen in the streams at once: fifo scheduling, which routes them at
+# admission (fair scheduling routes them the same way as it releases them from the waiting
+# room: tests/service/test_redis_scheduling.py).
+ROUTED = replace(FAST, scheduling="fifo")
 
 
 def jobs(request: str, n: int, timeout: float = 30) -> list[Job]:
@@ -391,7 +395,7 @@ async def test_the_items_of_a_prompt_go_to_the_worker_its_key_prefers(redis_url:
 
 async def test_a_loaded_worker_sends_a_prompt_to_the_next_then_to_any(redis_url: str) -> None:
     metrics = Metrics("gateway")
-    gateway = StreamQueue.from_url(redis_url, FAST, events=metrics)
+    gateway = StreamQueue.from_url(redis_url, ROUTED, events=metrics)
     await announce(gateway.client, "w0", concurrency=3)
     await announce(gateway.client, "w1", concurrency=3)
     first, second = preferred("r-p0", ["w0", "w1"])
@@ -418,7 +422,9 @@ async def test_a_loaded_worker_sends_a_prompt_to_the_next_then_to_any(redis_url:
 
 async def test_round_robin_deals_each_job_to_the_next_worker(redis_url: str) -> None:
     metrics = Metrics("gateway")
-    gateway = StreamQueue.from_url(redis_url, replace(FAST, routing="round_robin"), events=metrics)
+    gateway = StreamQueue.from_url(
+        redis_url, replace(ROUTED, routing="round_robin"), events=metrics
+    )
     names = ["w0", "w1"]
     for name in names:
         await announce(gateway.client, name, concurrency=2)  # load is ignored
@@ -453,13 +459,13 @@ async def test_capacity_counts_every_stream_of_the_model(redis_url: str) -> None
 async def test_shared_routing_and_unready_or_stale_workers_use_the_shared_stream(
     redis_url: str,
 ) -> None:
-    shared = StreamQueue.from_url(redis_url, replace(FAST, routing="shared"))
+    shared = StreamQueue.from_url(redis_url, replace(ROUTED, routing="shared"))
     await announce(shared.client, "w0", concurrency=100)
     await announce(shared.client, "w1", concurrency=100, status="loading")
     await announce(shared.client, "w2", concurrency=100, age=FAST.stale_s + 1)
     await shared.enqueue(keyed("a", prompts=2, per_prompt=2))
     assert await shared.client.xlen(jobs_key("m")) == 4
-    prefix = StreamQueue.from_url(redis_url, FAST)
+    prefix = StreamQueue.from_url(redis_url, ROUTED)
     await prefix.client.hdel(workers_key("m"), "w0")
     await prefix.enqueue(keyed("b", prompts=2, per_prompt=2))  # no routable worker
     assert await prefix.client.xlen(jobs_key("m")) == 8

@@ -1,0 +1,128 @@
+"""The fair scheduler of distributed mode (service.queue.redis_scheduler) against a real
+redis-server: jobs wait in the model's waiting room and go to the streams in service.scheduling's
+order, whichever gateway admitted them and whichever worker reads; bundles are never split; the
+ready workers' room bounds what is released; every script declares every key (KEY_CHECK)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from rmserve.service.jobs import Job
+from rmserve.service.protocol import ItemResult, Priority
+from rmserve.service.queue.redis_streams import StreamQueue, jobs_key
+from tests.service.test_stream_queue import (
+    FAST,
+    ITEM,
+    announce,
+    scripts_declare_every_key,  # noqa: F401  (autouse: every script checked for its keys)
+)
+
+
+def bundle(
+    request: str,
+    tenant: str,
+    n: int = 1,
+    weight: float = 1.0,
+    priority: Priority = "training",
+    timeout_s: float = 600,
+    prompt: bool = True,
+) -> list[Job]:
+    """A request of n jobs sharing a prompt (a GRPO group), or of n prompts."""
+    now = time.time()
+    return [
+        Job(id=f"{request}:{i}", model="m", index=i, item=ITEM, enqueued_at=now,
+            deadline=now + timeout_s, tenant=tenant, weight=weight, priority=priority,
+            prefix_key=f"{request}-p" if prompt else f"{request}-p{i}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def take(worker: StreamQueue, n: int) -> list[Job]:
+    jobs = await worker.fetch("m", n, wait_s=0.05)
+    for job in jobs:
+        await worker.complete(job, ItemResult(index=job.index, score=1.0))
+    return jobs
+
+
+async def test_saturating_tenants_get_items_by_weight_whichever_worker_reads(
+    redis_url: str,
+) -> None:
+    gateways = [StreamQueue.from_url(redis_url, FAST) for _ in range(2)]
+    for i in range(60):  # two gateways admit them, each tenant's 8-job groups alternating
+        await gateways[i % 2].enqueue(bundle(f"a{i}", "a", n=8, weight=3))
+        await gateways[(i + 1) % 2].enqueue(bundle(f"b{i}", "b", n=8))
+    workers = [StreamQueue.from_url(redis_url, FAST, name=f"w{i}") for i in range(2)]
+    served: Counter[str] = Counter()
+    for turn in range(40):  # 320 jobs, 5 rounds: both tenants have work waiting throughout
+        jobs = await take(workers[turn % 2], 8)
+        assert len({job.id.split(":")[0] for job in jobs}) == 1  # one group, whole
+        served.update(job.tenant for job in jobs)
+    assert abs(served["a"] / sum(served.values()) - 0.75) < 0.05, served
+    depth = await gateways[0].depth("m")
+    assert depth.lag == 960 - 320  # the rest waits (in the waiting room)
+    for queue in (*gateways, *workers):
+        await queue.close()
+
+
+async def test_a_small_tenant_waits_at_most_one_bundle_behind_a_large_backlog(
+    redis_url: str,
+) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    for i in range(14):  # a re-scoring batch of 14 x 64 jobs
+        await gateway.enqueue(bundle(f"big{i}", "a", n=64))
+    group = bundle("grpo", "b", n=16)
+    await gateway.enqueue(group)
+    worker = StreamQueue.from_url(redis_url, FAST, name="w")
+    before = 0
+    while True:
+        jobs = await take(worker, 64)
+        assert jobs, "the group never came"
+        if jobs[0].tenant == "b":  # the group whole, then what follows it
+            assert [job.id for job in jobs[:16]] == [job.id for job in group]
+            break
+        before += len(jobs)
+    assert before <= 64
+    await gateway.close()
+    await worker.close()
+
+
+async def test_higher_classes_first_and_earliest_deadline_first_within_a_tenant(
+    redis_url: str,
+) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await gateway.enqueue(bundle("batch", "c", priority="batch"))
+    await gateway.enqueue(bundle("late", "a", timeout_s=600))
+    await gateway.enqueue(bundle("soon", "a", timeout_s=60))
+    await gateway.enqueue(bundle("urgent", "b", priority="interactive"))
+    worker = StreamQueue.from_url(redis_url, FAST, name="w")
+    order = [job.id for _ in range(4) for job in await take(worker, 1)]
+    assert order == ["urgent:0", "soon:0", "late:0", "batch:0"]
+    await gateway.close()
+    await worker.close()
+
+
+async def test_admission_releases_only_what_the_ready_workers_can_take(redis_url: str) -> None:
+    gateway = StreamQueue.from_url(redis_url, FAST)
+    await announce(gateway.client, "w0", concurrency=4)
+    await gateway.enqueue(bundle("r", "a", n=10, prompt=False))
+    assert (
+        await gateway.client.xlen(jobs_key("m")) + await gateway.client.xlen("rmserve:{m}:jobs:w0")
+        == 4
+    )
+    depth = await gateway.depth("m")
+    assert (depth.pending, depth.lag) == (0, 10)
+    await gateway.close()
+
+
+async def test_fifo_scheduling_keeps_arrival_order(redis_url: str) -> None:
+    from dataclasses import replace
+
+    fifo = replace(FAST, scheduling="fifo")
+    gateway = StreamQueue.from_url(redis_url, fifo)
+    await gateway.enqueue(bundle("first", "a", priority="batch"))
+    await gateway.enqueue(bundle("second", "b", priority="interactive"))
+    worker = StreamQueue.from_url(redis_url, fifo, name="w")
+    assert [job.id for job in await take(worker, 2)] == ["first:0", "second:0"]
+    await gateway.close()
+    await worker.close()
