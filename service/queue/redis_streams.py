@@ -19,11 +19,11 @@ tag. Keys of different models are never touched together.
 
 A gateway enqueues all jobs of a request in one round trip (a Lua script, atomic across
 gateways: all or none, while the backlog summed over the model's streams and its waiting room is
-below the capacity: service.queue.base) and waits on its channel. With fair scheduling (the
-default) the jobs wait in the model's waiting room and are released into the streams in the
-fair scheduler's order as the workers have room (service.queue.redis_scheduler); with fifo they
-go straight to the streams. A gateway waits on its channel; a result announcement it missed (e.g. during a reconnect) is found by a slow sweep of
-the result keys, so nothing waits forever.
+below the capacity: service.queue.base). With fair scheduling (the default) the jobs wait in
+the model's waiting room and are released into the streams in the fair scheduler's order as the
+workers have room (service.queue.redis_scheduler); with fifo they go straight to the streams.
+The gateway waits on its channel; a result announcement it missed (e.g. during a reconnect) is
+found by a slow sweep of the result keys, so nothing waits forever.
 
 Routing (`routing="prefix"`): jobs with the same `prefix_key` (a hash of the item's prompt) go
 to the same worker, whose engine then computes the shared prompt once (vLLM prefix cache). The
