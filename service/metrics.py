@@ -117,7 +117,7 @@ class Metrics(HttpMetrics):
         self.queue_lag = gauge("rmserve_queue_lag", "jobs in the queue no worker has taken yet")
         self.routed_jobs = Counter(
             "rmserve_routed_jobs",
-            "jobs a gateway admitted, by route: affinity (to the worker their prompt prefers), "
+            "jobs put into the streams, by route: affinity (to the worker their prompt prefers), "
             "fallback (another, the preferred one being loaded), shared (to any worker), "
             "round_robin (to the next worker in turn)",
             ["model", "route"],

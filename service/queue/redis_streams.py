@@ -319,7 +319,7 @@ return {total + waiting, R.routed[1], R.routed[2], R.routed[3], R.routed[4]}
 # A worker about to read: release bundles from the waiting room until the undelivered jobs of
 # the streams it reads cover its free slots. KEYS and ARGV as _ADMIT's up to the jobs' tenant
 # (ARGV[9] is the caller's own stream, '' for none; ARGV[10] its free slots). Returns the jobs
-# released.
+# released by route, as _ADMIT's.
 _RELEASE = (
     _BACKLOG
     + SCHED
@@ -330,7 +330,7 @@ local group, maxlen = ARGV[1], ARGV[3]
 local stale, routing = tonumber(ARGV[4]), ARGV[5]
 local S = sched_of(ARGV[7], tonumber(ARGV[8]))
 local own, want = ARGV[9], tonumber(ARGV[10])
-if sched_waiting(S) <= 0 then return 0 end
+if sched_waiting(S) <= 0 then return {0, 0, 0, 0} end
 local workers = {}
 if routing ~= 'shared' then workers = routable(hash, stale) end
 local members = redis.call('SMEMBERS', set)
@@ -350,7 +350,8 @@ for _, stream in ipairs({shared, own}) do
   end
 end
 local R = router(shared, hash, set, turn_key, group, maxlen, stale, routing, backlog)
-return release(S, R, lag, want, redis_now())
+release(S, R, lag, want, redis_now())
+return R.routed
 """
 )
 
@@ -669,13 +670,11 @@ class StreamQueue:
                 f"required (RMSERVE_REDIS_WAIT_REPLICAS) confirmed the jobs within "
                 f"{settings.wait_timeout_s:g} s; they may still be scored"
             )
-        routes = (
-            ("affinity", affinity),
-            ("fallback", fallback),
-            ("shared", shared),
-            ("round_robin", turns),
-        )
-        for route, n in routes:
+        self._count_routes(model, [affinity, fallback, shared, turns])
+
+    def _count_routes(self, model: str, routed: list[int]) -> None:
+        """Jobs put into the streams by route (affinity, fallback, shared, round_robin)."""
+        for route, n in zip(("affinity", "fallback", "shared", "round_robin"), routed, strict=True):
             if n:
                 self._events.routed(model, route, n)
 
@@ -811,7 +810,8 @@ class StreamQueue:
             args = [*self._script_args(model), own, want]
             return [await available(self._release(keys=keys, args=args))]
 
-        await self._declaring(model, release)
+        routed = (await self._declaring(model, release))[0]
+        self._count_routes(model, [int(n) for n in routed])
 
     def _primary(self, model: str) -> list[str]:
         """The streams this worker always reads: its own (prefix routing) and the shared one,

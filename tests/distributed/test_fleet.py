@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from rmserve.service.queue.redis_streams import jobs_key
+from rmserve.service.queue.redis_streams import jobs_key, streams_key
 from tests.distributed.conftest import (
     RECLAIM_IDLE_S,
     Fleet,
@@ -102,8 +102,13 @@ def test_kill_9_of_a_worker_mid_batch_loses_nothing(fleet: Fleet) -> None:
     client.wait_for(100)
     kill_tree(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    held = redis.Redis.from_url(fleet.redis.url).xpending(jobs_key("tiny-rm"), "workers")
-    consumers = {c["name"].decode(): c["pending"] for c in held["consumers"]}
+    client_redis = redis.Redis.from_url(fleet.redis.url)
+    streams = [jobs_key("tiny-rm"), *client_redis.smembers(streams_key("tiny-rm"))]
+    consumers = {
+        c["name"].decode(): c["pending"]
+        for stream in streams
+        for c in client_redis.xpending(stream, "workers")["consumers"]
+    }
     assert any(name.endswith(f":{victim.process.pid}") for name in consumers), consumers
     client.exactly_once(500)
     assert client.finished_at is not None

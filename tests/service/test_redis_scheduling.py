@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 from rmserve.service.jobs import Job
+from rmserve.service.metrics import Metrics
 from rmserve.service.protocol import ItemResult, Priority
 from rmserve.service.queue.redis_streams import StreamQueue, jobs_key
 from tests.service.test_stream_queue import (
@@ -52,13 +53,21 @@ async def test_saturating_tenants_get_items_by_weight_whichever_worker_reads(
     for i in range(60):  # two gateways admit them, each tenant's 8-job groups alternating
         await gateways[i % 2].enqueue(bundle(f"a{i}", "a", n=8, weight=3))
         await gateways[(i + 1) % 2].enqueue(bundle(f"b{i}", "b", n=8))
-    workers = [StreamQueue.from_url(redis_url, FAST, name=f"w{i}") for i in range(2)]
+    metrics = Metrics("worker")
+    workers = [
+        StreamQueue.from_url(redis_url, FAST, name=f"w{i}", events=metrics) for i in range(2)
+    ]
     served: Counter[str] = Counter()
     for turn in range(40):  # 320 jobs, 5 rounds: both tenants have work waiting throughout
         jobs = await take(workers[turn % 2], 8)
         assert len({job.id.split(":")[0] for job in jobs}) == 1  # one group, whole
         served.update(job.tenant for job in jobs)
     assert abs(served["a"] / sum(served.values()) - 0.75) < 0.05, served
+    # What the workers released is counted by route (no worker announced: the shared stream).
+    routed = metrics.registry.get_sample_value(
+        "rmserve_routed_jobs_total", {"model": "m", "route": "shared"}
+    )
+    assert routed == 320
     depth = await gateways[0].depth("m")
     assert depth.lag == 960 - 320  # the rest waits (in the waiting room)
     for queue in (*gateways, *workers):
