@@ -77,6 +77,12 @@ local function sched_needs(S, extra)
   local needed, seen = {{}}, {{}}
   local tenants = redis.call('SMEMBERS', S.tenants)
   for _, t in ipairs(extra) do tenants[#tenants + 1] = t end
+  for level = 0, LEVELS - 1 do  -- the round robins name them too (even if the set lost one)
+    local raw = redis.call('HGET', S.sched, 'active:' .. level)
+    if raw then
+      for _, t in ipairs(cjson.decode(raw)) do tenants[#tenants + 1] = t end
+    end
+  end
   for _, t in ipairs(tenants) do
     if not seen[t] then
       seen[t] = true
@@ -156,15 +162,27 @@ local function sched_age(S, now)
 end
 -- The next bundle: by class, then the tenant in front of the round robin while its credit
 -- covers its first bundle (by deadline), else it goes to the back with a quantum more.
-local function sched_next(S)
+local sched_next
+sched_next = function(S)
   for level = 0, LEVELS - 1 do
     local active = active_of(S, level)
     if #active > 0 then
       local rotated = false
-      while true do
+      while #active > 0 do
         local tenant = active[1]
         local head = redis.call('ZRANGE', wait_of(S, level, tenant), 0, 0)[1]
-        local meta = cjson.decode(redis.call('HGET', S.bundles, head .. ':m'))
+        local raw = head and redis.call('HGET', S.bundles, head .. ':m')
+        if not raw then
+          -- Inconsistent (e.g. part of Redis's data lost): forget the entry, never fail.
+          if head then
+            redis.call('ZREM', wait_of(S, level, tenant), head)
+          else
+            deactivate(S, level, tenant)
+            table.remove(active, 1)
+          end
+          return sched_next(S)
+        end
+        local meta = cjson.decode(raw)
         local field = 'deficit:' .. level .. ':' .. tenant
         local deficit = tonumber(redis.call('HGET', S.sched, field) or '0')
         if deficit >= meta.n then
@@ -177,6 +195,8 @@ local function sched_next(S)
       end
     end
   end
+  -- Nothing waits: a count left over by an inconsistency must not hold admissions back.
+  redis.call('HSET', S.sched, 'waiting', 0)
   return nil, nil
 end
 -- Take a bundle out of the waiting room: its payloads.
