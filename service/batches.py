@@ -12,6 +12,7 @@ that started it (`owner`, its name): to any other it does not exist (404).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -252,7 +253,9 @@ class RedisBatchStore:
         try:
             submission = await self._scoring.enqueue(jobs)
         except BaseException:
-            await self._redis.delete(key)
+            # Redis may be what failed: then the key expires with its TTL.
+            with contextlib.suppress(QueueUnavailableError):
+                await available(self._redis.delete(key))
             raise
         if submission.cached:
             pipe = self._redis.pipeline(transaction=False)
