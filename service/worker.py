@@ -63,6 +63,9 @@ class Worker:
         self._metrics = metrics
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
+        # Jobs held beyond the free slots: the queue hands out a GRPO group whole, even when
+        # fewer slots were free. They free no slot when done, so the worker stays at its cap.
+        self._over = 0
         self._in_flight: dict[asyncio.Task[None], Job] = {}
         self._stopping = asyncio.Event()
         self.failure: str | None = None
@@ -93,6 +96,7 @@ class Worker:
                 await asyncio.sleep(1.0)
             else:
                 self._queue_back()
+            self._over += max(0, len(jobs) - reserved)
             for _ in range(reserved - len(jobs)):
                 self._slots.release()
             if self._stopping.is_set():  # stop() came during the fetch: hand these back
@@ -100,7 +104,7 @@ class Worker:
                     log.info("stopping: handed back %d jobs taken meanwhile", len(jobs))
                 await self._queue.release(jobs)
                 for _ in jobs:
-                    self._slots.release()
+                    self._free_slot()
                 return
             for job in jobs:
                 if job.deliveries > 1:
@@ -123,7 +127,7 @@ class Worker:
             await asyncio.wait(set(self._in_flight))
         if self._stopping.is_set():
             await self._queue.release([job])
-            self._slots.release()
+            self._free_slot()
             return
         await asyncio.wait({self._start(job)})
 
@@ -169,6 +173,13 @@ class Worker:
                 self._usage.record(job, result)
             await self._store(job, result)
         finally:
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A job is done: its slot is free, unless it was held beyond the slots."""
+        if self._over:
+            self._over -= 1
+        else:
             self._slots.release()
 
     async def _store(self, job: Job, result: ItemResult) -> None:

@@ -509,6 +509,26 @@ models: {skywork-rm: {deploy: {env: {VLLM_LOGGING_LEVEL: DEBUG}}}}
     )
 
 
+def test_scheduling_and_usage_retention_reach_gateway_and_workers(chart: helm.Chart) -> None:
+    defaults = rendered(chart, "defaults")
+    for main in (
+        container(gateway(defaults), "gateway"),
+        container(worker(defaults, "skywork-rm"), "worker"),
+    ):
+        assert env(main)["RMSERVE_SCHEDULING"] == "fair"
+        assert env(main)["RMSERVE_USAGE_RETENTION_DAYS"] == "90"
+    manifests = render(chart, values("scheduling: fifo\nusageRetentionDays: 30"))
+    for main in (
+        container(gateway(manifests), "gateway"),
+        container(worker(manifests, "skywork-rm"), "worker"),
+    ):
+        assert env(main)["RMSERVE_SCHEDULING"] == "fifo"
+        assert env(main)["RMSERVE_USAGE_RETENTION_DAYS"] == "30"
+    for wrong in ("scheduling: lifo", "usageRetentionDays: 0"):
+        with pytest.raises(helm.HelmError):
+            render(chart, values(wrong))
+
+
 def test_model_names_that_collide_in_kubernetes_are_refused(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmRenderError, match=r'"a\.b" and "a_b"|"a_b" and "a\.b"'):
         render(chart, {"models": {"a.b": {"kind": "math"}, "a_b": {"kind": "math"}}})

@@ -279,7 +279,7 @@ and the sentinels' ports, each once.
       name: {{ . }}
       key: {{ $root.Values.hfToken.key }}
 {{- end }}
-{{- $env := dict "RMSERVE_LOG_LEVEL" $root.Values.logLevel "RMSERVE_LOG_JSON" $root.Values.logJson }}
+{{- $env := dict "RMSERVE_LOG_LEVEL" $root.Values.logLevel "RMSERVE_LOG_JSON" $root.Values.logJson "RMSERVE_SCHEDULING" $root.Values.scheduling "RMSERVE_USAGE_RETENTION_DAYS" $root.Values.usageRetentionDays }}
 {{- $env = merge $env (include "rmserve.redisSettings" $root | fromYaml) }}
 {{- $env = merge (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.env | default dict)) $env }}
 {{- range $name := keys $env | sortAlpha }}
