@@ -6,9 +6,12 @@ within a class, earliest deadline first within a tenant.
   (a GRPO group). A bundle is taken whole, never split between fetches, so its items reach one
   engine together and share their prompt's computation.
 - **Classes.** `interactive` > `training` > `batch`: a worker takes from the highest class with
-  waiting work. Against starvation, a bundle ages: after `starvation_s` waiting in its class it
-  moves up one class (and again after as long in that one), so a lower class under a
-  saturating higher one still moves, at the higher class's tenant shares.
+  waiting work. Against starvation, a bundle ages: after `starvation_s` waiting in its class
+  behind a higher class's work it moves up one class (and again after as long in that one), so
+  a lower class under a saturating higher one still moves, at the higher class's tenant shares.
+  Only time spent behind higher work counts: when a class is the highest with work, its
+  bundles are being served by share and do not age (ageing them would favour the tenant served
+  least, undoing the weights within the class).
 - **Tenants.** Within a class, deficit round robin over the tenants with waiting work: the
   tenant in front takes bundles while its deficit covers their items, then goes to the back
   with `quantum * weight` more items of credit. Over time each tenant gets items in proportion
@@ -44,7 +47,7 @@ class _Waiting:
     jobs: list[Job] = field(compare=False)
     tenant: str = field(compare=False)
     level: int = field(compare=False)  # index in PRIORITIES: its class now (it ages upwards)
-    since: float = field(compare=False)  # when it entered that class
+    since: float = field(compare=False, default=0.0)  # its class's blocked clock at entry
 
 
 @dataclass
@@ -72,6 +75,10 @@ class FairScheduler:
         self._starvation_s = starvation_s
         self._classes = [_Class() for _ in PRIORITIES]
         self._gone: set[int] = set()  # seqs of bundles taken or moved, still in an arrivals
+        # Per class: seconds it has had work waiting behind a higher class's (its ageing clock),
+        # and when that was last brought up to date.
+        self._blocked = [0.0] * len(PRIORITIES)
+        self._clock: float | None = None
         self._seq = itertools.count()
         self._jobs = 0
 
@@ -90,7 +97,7 @@ class FairScheduler:
         for job in jobs:
             key = job.prefix_key if job.prefix_key is not None else f"\0{job.id}"
             bundles.setdefault(key, []).append(job)
-        now = time.time() if now is None else now
+        self._tick(time.time() if now is None else now)
         for bundle in bundles.values():
             first = bundle[0]
             self._weights[first.tenant] = first.weight
@@ -103,7 +110,6 @@ class FairScheduler:
                     jobs=bundle,
                     tenant="" if fifo else first.tenant,
                     level=0 if fifo else PRIORITIES.index(first.priority),
-                    since=now,
                 )
             )
             self._jobs += len(bundle)
@@ -143,20 +149,32 @@ class FairScheduler:
             cls.deficit[waiting.tenant] = self._credit(waiting.tenant)
         heapq.heappush(queue, waiting)
         if waiting.level > 0:  # the top class does not age
+            waiting.since = self._blocked[waiting.level]
             cls.arrivals.append(waiting)
 
+    def _tick(self, now: float) -> None:
+        """Run the ageing clocks of the classes below one with work, up to `now`."""
+        if self._clock is not None and now > self._clock:
+            above = False
+            for level, cls in enumerate(self._classes):
+                if above:
+                    self._blocked[level] += now - self._clock
+                above = above or bool(cls.active)
+        self._clock = now if self._clock is None else max(self._clock, now)
+
     def _age(self, now: float) -> None:
-        """Bundles that waited starvation_s in their class move up one."""
+        """Bundles that waited starvation_s behind higher classes move up one."""
+        self._tick(now)
         for level in range(1, len(self._classes)):
             arrivals = self._classes[level].arrivals
             while arrivals:
                 oldest = arrivals[0]
                 if oldest.seq in self._gone:
                     self._gone.discard(arrivals.popleft().seq)
-                elif now - oldest.since >= self._starvation_s:
+                elif self._blocked[level] - oldest.since >= self._starvation_s:
                     self._pop(oldest)
                     self._gone.discard(arrivals.popleft().seq)
-                    oldest.level, oldest.since = level - 1, now
+                    oldest.level = level - 1
                     oldest.seq = next(self._seq)
                     self._push(oldest)
                 else:

@@ -11,14 +11,16 @@ affinity), and from then on delivered, reclaimed and dead-lettered by the stream
 
     rmserve:{<model>}:sched              hash: waiting (jobs), seq, active:<level> (the round
                                          robin of tenants, JSON), deficit:<level>:<tenant>,
-                                         weight:<tenant>
+                                         weight:<tenant>, blocked:<level> (seconds the class
+                                         waited behind a higher one's work), clock
     rmserve:{<model>}:bundles            hash: <id> (the jobs' payloads, JSON), <id>:m (tenant,
                                          level, deadline, prefix key, size)
     rmserve:{<model>}:tenants            set of the tenants that have had jobs waiting
     rmserve:{<model>}:wait:<l>:<tenant>  sorted set: the tenant's bundles of class l, by
                                          deadline (ids are zero-padded arrival numbers)
-    rmserve:{<model>}:age:<l>            sorted set: bundles of class l > 0 by when they entered
-                                         it (ageing: after starvation_s they move up a class)
+    rmserve:{<model>}:age:<l>            sorted set: bundles of class l > 0 by the class's blocked
+                                         clock when they entered it (ageing: after starvation_s
+                                         behind higher work they move up a class)
 
 Every key is declared in KEYS: the wait keys of every tenant the set names, and of the tenant
 being admitted (see redis_streams.UNDECLARED).
@@ -124,11 +126,28 @@ local function deactivate(S, level, tenant)
   set_active(S, level, kept)
   redis.call('HDEL', S.sched, 'deficit:' .. level .. ':' .. tenant)
 end
-local function enter(S, id, meta, now)
+local function blocked_of(S, level)
+  return tonumber(redis.call('HGET', S.sched, 'blocked:' .. level) or '0')
+end
+-- Run the ageing clocks of the classes below one with work, up to `now` (service.scheduling).
+local function sched_tick(S, now)
+  local last = tonumber(redis.call('HGET', S.sched, 'clock') or '')
+  if last and now > last then
+    local above = false
+    for level = 0, LEVELS - 1 do
+      if above then
+        redis.call('HINCRBYFLOAT', S.sched, 'blocked:' .. level, now - last)
+      end
+      above = above or redis.call('HEXISTS', S.sched, 'active:' .. level) == 1
+    end
+  end
+  if not last or now > last then redis.call('HSET', S.sched, 'clock', now) end
+end
+local function enter(S, id, meta)
   local key = wait_of(S, meta.l, meta.t)
   if redis.call('EXISTS', key) == 0 then activate(S, meta.l, meta.t) end
   redis.call('ZADD', key, meta.d, id)
-  if meta.l > 0 then redis.call('ZADD', S.age[meta.l], now, id) end
+  if meta.l > 0 then redis.call('ZADD', S.age[meta.l], blocked_of(S, meta.l), id) end
 end
 local function leave(S, id, meta)
   local key = wait_of(S, meta.l, meta.t)
@@ -144,19 +163,21 @@ local function sched_add(S, payloads, tenant, level, weight, deadline, key, now)
   local meta = {{t = tenant, l = level, d = deadline, k = key, n = #payloads}}
   redis.call('HSET', S.bundles, id, cjson.encode(payloads), id .. ':m', cjson.encode(meta))
   redis.call('HINCRBY', S.sched, 'waiting', #payloads)
-  enter(S, id, meta, now)
+  sched_tick(S, now)
+  enter(S, id, meta)
 end
--- Bundles that waited starvation_s in their class move up one.
+-- Bundles that waited starvation_s behind higher classes move up one.
 local function sched_age(S, now)
+  sched_tick(S, now)
   for level = 1, LEVELS - 1 do
-    local old = redis.call('ZRANGEBYSCORE', S.age[level], '-inf', now - S.starvation,
-      'LIMIT', 0, 256)
+    local old = redis.call('ZRANGEBYSCORE', S.age[level], '-inf',
+      blocked_of(S, level) - S.starvation, 'LIMIT', 0, 256)
     for _, id in ipairs(old) do
       local meta = cjson.decode(redis.call('HGET', S.bundles, id .. ':m'))
       leave(S, id, meta)
       meta.l = level - 1
       redis.call('HSET', S.bundles, id .. ':m', cjson.encode(meta))
-      enter(S, id, meta, now)
+      enter(S, id, meta)
     end
   end
 end

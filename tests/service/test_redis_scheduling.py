@@ -5,6 +5,7 @@ ready workers' room bounds what is released; every script declares every key (KE
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import replace
@@ -108,6 +109,30 @@ async def test_higher_classes_first_and_earliest_deadline_first_within_a_tenant(
     worker = StreamQueue.from_url(redis_url, FAST, name="w")
     order = [job.id for _ in range(4) for job in await take(worker, 1)]
     assert order == ["urgent:0", "soon:0", "late:0", "batch:0"]
+    await gateway.close()
+    await worker.close()
+
+
+async def test_only_time_behind_a_higher_class_ages_a_bundle(redis_url: str) -> None:
+    """starvation_s of 1 s. B's bundles wait longer than that in the highest class with work,
+    and keep their place by weight (aged, they would all go before A's); the batch bundle
+    waits as long behind training work, and moves up to be served in turn with it."""
+    settings = replace(FAST, starvation_s=1.0)
+    gateway = StreamQueue.from_url(redis_url, settings)
+    worker = StreamQueue.from_url(redis_url, settings, name="w")
+    for i in range(20):
+        await gateway.enqueue(bundle(f"b{i}", "b", n=8))
+    await asyncio.sleep(1.5)
+    for i in range(20):
+        await gateway.enqueue(bundle(f"a{i}", "a", n=8, weight=3))
+    await gateway.enqueue(bundle("batch", "c", priority="batch"))
+    served: Counter[str] = Counter()
+    for _ in range(8):  # two rounds
+        served.update(job.tenant for job in await take(worker, 8))
+    assert served == Counter({"a": 48, "b": 16}), served
+    await asyncio.sleep(1.5)  # the batch bundle has waited behind training work: it moves up
+    order = [job.tenant for _ in range(9) for job in await take(worker, 8)]  # within a round
+    assert "c" in order, order
     await gateway.close()
     await worker.close()
 
